@@ -1,0 +1,224 @@
+"""Multi-step Error Minimization (MEM) and the baselines that share its loop.
+
+Spec (Liu et al., "Multimodal Unlearnable Examples: Protecting Data against Multimodal
+Contrastive Learning", ACM MM 2024, arXiv 2407.16307, Alg. 1). Per image i: noise δ_i with
+‖δ_i‖∞ ≤ ε and a trigger t_i of k tokens prepended to all its captions. T outer rounds of
+
+1. surrogate: M steps of contrastive (open_clip ``ClipLoss``) training on the protected pairs
+   ``(x_i + δ_i, t_i ⊕ caption)``, AdamW;
+2. triggers (rounds < H): HotFlip over all protected pairs (``hotflip.py``);
+3. noise: S steps of error-minimising PGD over all protected pairs (``pgd.py``) with, at each
+   step, the caption bodies shuffled within the batch while each trigger stays with its own
+   image — the loss can then only be lowered by binding the noise to the trigger.
+
+Paper defaults: ε = 8/255, α = 1/255, S = 8, T = 20, M = 200, batch 128, lr 1e-4, H = 5, C = 16,
+k ∈ {3, 5}. Shapes: images (B, 3, S, S) in [0, 1]; tokens (B, L); triggers (B, k).
+
+Baselines (same loop, ``method``): ``em`` image-only error minimisation (no trigger, no shuffle);
+``errmax`` surrogate trained on clean pairs, then error-maximising PGD (TAP-like); ``random``
+uniform integer noise in [−ε, ε] (no model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mme.attacks import hotflip
+from mme.attacks.pgd import pgd
+from mme.attacks.store import PairStore
+from mme.attacks.triggers import insert_trigger
+from mme.config import PoisonConfig
+from mme.models import normalizer
+
+RoundHook = Callable[[int, dict[str, float]], None]
+
+
+class MEM:
+    """The outer loop; ``run`` resumes from ``start_round`` with the given states."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        store: PairStore,
+        cfg: PoisonConfig,
+        device: torch.device,
+        allowed: torch.Tensor | None = None,
+    ) -> None:
+        self.model, self.store, self.cfg, self.device = model, store, cfg, torch.device(device)
+        self.allowed = allowed  # (V,) bool trigger vocabulary, see triggers.candidate_mask
+        self.history: list[dict[str, float]] = []  # per-round stats, saved in checkpoints
+        self.eps, self.alpha = cfg.epsilon / 255.0, cfg.step_size / 255.0
+        self.with_trigger = cfg.method == "mem"
+        self.loss = open_clip.ClipLoss()
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.surrogate_lr, weight_decay=cfg.surrogate_wd
+        )
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # all data sampling draws from it
+        mean, std = normalizer(model)
+        self.mean = mean.to(self.device)[:, None, None]
+        self.std = std.to(self.device)[:, None, None]
+        self.cuda = self.device.type == "cuda"
+        self.encode_image_raw = model.encode_image
+        if self.cuda:
+            model.to(memory_format=torch.channels_last)
+            if cfg.compile:
+                self.encode_image_raw = torch.compile(model.encode_image)
+
+    # -- model helpers -------------------------------------------------------------------
+    def autocast(self):
+        if self.cuda:  # bf16 on the GPU; fp32 on the CPU (bf16 there is slow and inexact)
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> (B, D) unit features."""
+        x = (x - self.mean) / self.std
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            return F.normalize(self.encode_image_raw(x).float(), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n, L) -> (n, D) unit features, in chunks (HotFlip sends B × C texts at once)."""
+        chunk = max(self.cfg.batch_size * 4, 256)
+        with self.autocast():
+            out = [self.model.encode_text(t.to(self.device)).float() for t in tokens.split(chunk)]
+        return F.normalize(torch.cat(out), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().detach()
+
+    def clip_loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        return self.loss(img, txt, self.scale())
+
+    def batches(self, protected_only: bool) -> list[torch.Tensor]:
+        """A fresh random order of image indices, cut into batches."""
+        pool = torch.nonzero(self.store.protect).flatten() if protected_only else None
+        pool = torch.arange(self.store.n) if pool is None else pool
+        order = pool[torch.randperm(len(pool), generator=self.gen)]
+        return list(order.split(self.cfg.batch_size))
+
+    # -- the three steps of a round ------------------------------------------------------
+    def train_surrogate(self, steps: int, noisy: bool) -> float:
+        """M steps of contrastive training on (protected) pairs; mean loss."""
+        self.model.train().requires_grad_(True)
+        batches: list[torch.Tensor] = []
+        total = torch.zeros((), device=self.device)
+        for _ in tqdm(range(steps), desc="  surrogate", leave=False, unit="step"):
+            if not batches:
+                batches = self.batches(protected_only=False)
+            idx = batches.pop()
+            x = self.store.images(idx, self.device, noisy=noisy)
+            tokens = self.store.texts(idx, self.store.captions(idx, self.gen), self.with_trigger)
+            with self.autocast():
+                img = F.normalize(self.encode_image_raw((x - self.mean) / self.std), dim=-1)
+                txt = F.normalize(self.model.encode_text(tokens.to(self.device)), dim=-1)
+                loss = self.loss(img.float(), txt.float(), self.model.logit_scale.exp())
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            with torch.no_grad():  # CLIP clamps the temperature at 100
+                self.model.logit_scale.clamp_(0, 4.6052)
+            total += loss.detach()
+        self.model.eval().requires_grad_(False)
+        return float(total) / max(steps, 1)
+
+    def update_triggers(self) -> float:
+        """One HotFlip pass over all protected pairs; mean own loss term after the update."""
+        allowed = self.allowed.to(self.device)
+        emb = self.model.token_embedding.weight.detach()
+        k, total, count = self.cfg.trigger_len, 0.0, 0
+        for idx in tqdm(self.batches(protected_only=True), desc="  triggers", leave=False):
+            caps = self.store.captions(idx, self.gen)
+            with torch.no_grad():
+                img = self.encode_image(self.store.images(idx, self.device))
+            trig = self.store.triggers[idx].to(self.device)
+            tokens = self.store.texts(idx, caps, True).to(self.device)
+            grad = hotflip.trigger_gradients(self.model, tokens, img, k, self.clip_loss)
+            cands = hotflip.top_candidates(grad, emb, allowed, self.cfg.candidates)
+
+            def build(t: torch.Tensor, caps=caps) -> torch.Tensor:
+                rows = caps.repeat_interleave(t.shape[0] // len(caps), 0).to(t.device)
+                return insert_trigger(rows, t, self.store.eot_id)
+
+            new, own = hotflip.greedy_flip(self.encode_text, build, trig, cands, img, self.scale())
+            self.store.triggers[idx] = new.cpu()
+            total, count = total + float(own.sum()), count + len(idx)
+        return total / max(count, 1)
+
+    def update_noise(self, minimize: bool, shuffle: bool) -> float:
+        """S PGD steps for every protected image, written to the next noise buffer."""
+        s = self.cfg.pgd_steps
+        total, count = 0.0, 0
+        self.store.begin_round()
+        for idx in tqdm(self.batches(protected_only=True), desc="  noise", leave=False):
+            b = len(idx)
+            caps = self.store.captions(idx, self.gen)
+            # MEM: a new shuffle of the caption bodies at every step; otherwise captions stay put
+            perms = [torch.randperm(b, generator=self.gen) for _ in range(s)]
+            perms = perms if shuffle else [torch.arange(b)]
+            texts = torch.cat([self.store.texts(idx, caps[p], self.with_trigger) for p in perms])
+            with torch.no_grad():  # the text is fixed during PGD: features once, no grad
+                txt = self.encode_text(texts).view(len(perms), b, -1)
+            x = self.store.clean_batch(idx, self.device)
+            delta = self.store.noise_batch(idx, self.device)
+
+            def loss_fn(x_adv: torch.Tensor, step: int, txt=txt) -> torch.Tensor:
+                return self.clip_loss(self.encode_image(x_adv), txt[step % len(txt)])
+
+            delta, loss = pgd(x, delta, loss_fn, s, self.alpha, self.eps, minimize)
+            self.store.write_noise(idx, delta)
+            total, count = total + float(loss) * b, count + b
+        return total / max(count, 1)
+
+    # -- outer loop ----------------------------------------------------------------------
+    def run_round(self, r: int) -> dict[str, float]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        stats: dict[str, float] = {}
+        if cfg.method == "errmax":  # surrogate on clean pairs; one maximising pass at the end
+            stats["surrogate_loss"] = self.train_surrogate(cfg.surrogate_steps, noisy=False)
+            if r == cfg.rounds - 1:
+                stats["pgd_loss"] = self.update_noise(minimize=False, shuffle=False)
+        else:
+            stats["surrogate_loss"] = self.train_surrogate(cfg.surrogate_steps, noisy=True)
+            if self.with_trigger and r < cfg.trigger_rounds:
+                stats["trigger_loss"] = self.update_triggers()
+            shuffle = self.with_trigger and cfg.shuffle_captions
+            stats["pgd_loss"] = self.update_noise(minimize=True, shuffle=shuffle)
+        if "pgd_loss" in stats:
+            self.store.swap()
+        stats["mean_abs_noise_px"] = self.mean_abs_noise()
+        stats["round_seconds"] = time.perf_counter() - t0
+        return stats
+
+    def mean_abs_noise(self) -> float:
+        """Mean |δ| in pixel units over protected images (streamed, constant memory)."""
+        buf = self.store.noise[self.store.current]
+        rows = torch.nonzero(self.store.protect).flatten().numpy()
+        total = 0.0
+        for chunk in np.array_split(rows, max(1, len(rows) // 256)):
+            total += float(np.abs(buf[chunk].astype(np.int16)).sum(dtype=np.float64))
+        return total / max(len(rows) * int(np.prod(buf.shape[1:])), 1)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "gen": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])

@@ -1,0 +1,96 @@
+"""On-disk store of the pairs being protected: clean pixels, noise, caption tokens, triggers.
+
+Host memory stays flat in the dataset size: clean pixels ``(N, 3, S, S)`` uint8 and the noise
+``(N, 3, S, S)`` int8 (pixel units) are memory-mapped ``.npy`` files; only batches are read. The
+noise has two buffers: a round reads ``current`` and writes ``next``, so the checkpoint taken at
+the end of a round always points to a complete, consistent noise file (an interrupted round
+leaves the previous one untouched).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mme.attacks.triggers import insert_trigger
+
+
+@dataclass
+class PairStore:
+    clean: np.ndarray  # (N, 3, S, S) uint8 memmap
+    noise: list[np.ndarray]  # two (N, 3, S, S) int memmaps, pixel units
+    current: int  # index of the noise buffer that holds the latest complete noise
+    cap_tokens: torch.Tensor  # (Ncap, L) long, every caption of every image
+    cap_offsets: torch.Tensor  # (N + 1,) long: captions of image i are rows off[i]:off[i+1]
+    triggers: torch.Tensor  # (N, k) long
+    protect: torch.Tensor  # (N,) bool
+    eot_id: int
+
+    @property
+    def n(self) -> int:
+        return self.clean.shape[0]
+
+    @staticmethod
+    def open_arrays(work: Path, n: int, size: int, dtype: np.dtype) -> tuple:
+        """Create (or reopen, for ``--resume``) the memmaps in ``work``."""
+        shape = (n, 3, size, size)
+
+        def mm(name: str, dt: np.dtype) -> np.ndarray:
+            path = work / name
+            if path.exists():
+                arr = np.load(path, mmap_mode="r+")
+                if arr.shape == shape and arr.dtype == dt:
+                    return arr
+            return np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+
+        return mm("clean_u8.npy", np.dtype(np.uint8)), [mm(f"noise_{i}.npy", dtype) for i in (0, 1)]
+
+    def images(self, idx: torch.Tensor, device: torch.device, noisy: bool = True) -> torch.Tensor:
+        """Batch ``(B, 3, S, S)`` in [0, 1] on ``device``: clean + current noise (or clean)."""
+        x = self.clean_batch(idx, device)
+        if noisy:
+            x = (x + self.noise_batch(idx, device)).clamp_(0.0, 1.0)
+        return x
+
+    def clean_batch(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        rows = np.sort(idx.numpy())  # sorted reads are sequential on disk
+        order = torch.from_numpy(np.searchsorted(rows, idx.numpy()))
+        x = torch.from_numpy(np.ascontiguousarray(self.clean[rows]))[order]
+        return x.to(device, non_blocking=True).float().div_(255.0)
+
+    def noise_batch(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        buf = self.noise[self.current]
+        rows = np.sort(idx.numpy())
+        order = torch.from_numpy(np.searchsorted(rows, idx.numpy()))
+        d = torch.from_numpy(np.ascontiguousarray(buf[rows]))[order]
+        return d.to(device, non_blocking=True).float().div_(255.0)
+
+    def write_noise(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
+        """Store ``delta`` ([0, 1] units) for images ``idx`` into the *next* buffer."""
+        buf = self.noise[1 - self.current]
+        px = (delta.float() * 255.0).round_().to("cpu", torch.int16).numpy().astype(buf.dtype)
+        buf[idx.numpy()] = px
+
+    def begin_round(self) -> None:
+        """Start the next buffer from the current noise (rows not updated keep their value)."""
+        self.noise[1 - self.current][:] = self.noise[self.current]
+
+    def swap(self) -> None:
+        self.noise[1 - self.current].flush()
+        self.current = 1 - self.current
+
+    def captions(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """One random caption per image: tokens (B, L)."""
+        start, count = self.cap_offsets[idx], self.cap_offsets[idx + 1] - self.cap_offsets[idx]
+        pick = start + (torch.rand(len(idx), generator=gen) * count).long()
+        return self.cap_tokens[pick]
+
+    def texts(self, idx: torch.Tensor, tokens: torch.Tensor, with_trigger: bool) -> torch.Tensor:
+        """Caption tokens with each protected image's trigger inserted: (B, L)."""
+        if not with_trigger:
+            return tokens
+        triggered = insert_trigger(tokens, self.triggers[idx], self.eot_id)
+        return torch.where(self.protect[idx][:, None], triggered, tokens)

@@ -1,0 +1,170 @@
+"""``mme export``: write a protected set as plain files for publishing.
+
+Formats:
+
+- ``folder``: ``DIR/<id>.png`` + ``DIR/<id>.txt`` (captions, one per line) for every protected
+  image, plus ``DIR/metadata.jsonl`` (one JSON object per image: its file names and shard meta)
+  and ``DIR/README.txt`` (method, ε, counts). It reads back with
+  ``mme prepare --source folder --input DIR``, which takes exactly the images and their
+  same-named ``.txt`` files. A set with several splits gets one subfolder per split.
+- ``webdataset``: the shards as they are, plus a ``manifest.json`` and ``README.txt``.
+
+Never exported: ``noise.npy`` (anyone holding δ can subtract it and undo the protection) and
+``triggers.json``; the triggers are visible in the captions anyway. The export is written to
+``DIR.partial`` and renamed into place at the end, so ``DIR`` is either complete or absent; an
+existing non-empty ``DIR`` is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mme import __version__
+from mme.shards import iter_samples, load_manifest, shard_paths, write_json_atomic
+
+FORMATS = ("folder", "webdataset")
+
+
+def export(protected: Path, out: Path, fmt: str = "folder", force: bool = False) -> dict[str, Any]:
+    """Export the protected set in ``protected`` to ``out`` in format ``fmt`` (see module doc).
+
+    Returns ``{"format", "out", "splits": {split: {"images", "captions"}}}``. Raises
+    FileNotFoundError for a missing set / manifest / shards, FileExistsError when ``out`` exists,
+    is not empty and ``force`` is false, and ValueError for an unknown ``fmt``.
+    """
+    protected, out = Path(protected), Path(out)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (allowed: {', '.join(FORMATS)})")
+    if not protected.is_dir():
+        raise FileNotFoundError(f"protected folder {protected} not found")
+    manifest = load_manifest(protected)
+    splits = [s for s in manifest.get("splits", {}) if shard_paths(protected, s)]
+    if not splits:
+        raise FileNotFoundError(f"{protected} has no shards of the splits in its manifest")
+    if _occupied(out) and not force:
+        raise FileExistsError(f"{out} exists and is not empty: pass --force to replace it")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():  # left by an interrupted export; it is ours to remove
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    if fmt == "folder":
+        counts = _write_folder(protected, partial, splits)
+    else:
+        counts = _write_webdataset(protected, partial, splits, manifest)
+    _write_readme(partial / "README.txt", manifest, fmt, counts)
+    _replace_dir(partial, out)
+    return {"format": fmt, "out": str(out), "splits": counts}
+
+
+def _occupied(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _write_folder(protected: Path, dest: Path, splits: list[str]) -> dict[str, dict[str, int]]:
+    """Image + caption file per sample; metadata.jsonl; one subfolder per split if several."""
+    counts = {}
+    with open(dest / "metadata.jsonl", "w", encoding="utf-8") as index:
+        for split in splits:
+            folder = dest / split if len(splits) > 1 else dest
+            folder.mkdir(exist_ok=True)
+            n = n_caps = 0
+            samples = iter_samples(protected, split)
+            for s in tqdm(samples, desc=f"export {split}", unit="img", file=sys.stderr):
+                image = folder / f"{s.id}.{s.image_ext}"
+                if image.exists():  # a repeated id would silently overwrite the first one
+                    raise ValueError(f"{protected}: sample id {s.id} occurs twice in {split}")
+                image.write_bytes(s.image_bytes)
+                # one caption per line with a final newline: what the folder reader splits on
+                (folder / f"{s.id}.txt").write_text("\n".join(s.captions) + "\n", "utf-8")
+                rel = image.relative_to(dest).as_posix()
+                record = {**s.meta, "id": s.id, "split": split, "file": rel}
+                record["captions_file"] = rel.rsplit(".", 1)[0] + ".txt"
+                index.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+                n, n_caps = n + 1, n_caps + len(s.captions)
+            counts[split] = {"images": n, "captions": n_caps}
+    return counts
+
+
+def _write_webdataset(
+    protected: Path, dest: Path, splits: list[str], manifest: dict[str, Any]
+) -> dict[str, dict[str, int]]:
+    """Copy the shards byte for byte; a manifest without local paths or side files."""
+    for split in splits:
+        for tar in tqdm(shard_paths(protected, split), desc=f"export {split}", file=sys.stderr):
+            shutil.copyfile(tar, dest / tar.name)
+    counts = {s: {k: manifest["splits"][s].get(k) for k in ("images", "captions")} for s in splits}
+    published = {
+        "created_by": "mme export",
+        "mme_version": __version__,
+        "exported_from": manifest.get("created_by"),
+        "config": manifest.get("config", {}),
+        "working_size": manifest.get("working_size"),
+        "splits": {s: manifest["splits"][s] for s in splits},
+    }
+    write_json_atomic(dest / "manifest.json", published)
+    return counts
+
+
+def _write_readme(path: Path, manifest: dict[str, Any], fmt: str, counts: dict) -> None:
+    cfg = manifest.get("config", {})
+    eps, size = cfg.get("epsilon", "?"), manifest.get("working_size", "?")
+    lines = [
+        "Protected image-caption data (unlearnable for CLIP-style training).",
+        "",
+        f"method: {cfg.get('method', '?')}",
+        f"epsilon: {eps} (L-inf bound of the image noise, 0-255 pixel units, at {size}x{size} px)",
+        f"trigger length: {cfg.get('trigger_len', 0)} word token(s) prepended to each caption",
+        f"tokenizer: {cfg.get('model', '?')}",
+    ]
+    lines += [f"{s}: {c['images']} images, {c['captions']} captions" for s, c in counts.items()]
+    if fmt == "folder":
+        lines += ["", "Files: <id>.png with captions in <id>.txt (one per line); metadata.jsonl."]
+    else:
+        lines += ["", "Files: WebDataset shards (<split>-NNNNNN.tar) and manifest.json."]
+    lines += [
+        "The images are stored losslessly; re-encoding them (e.g. as JPEG) weakens the noise.",
+        f"Written by mme {__version__} (mme export --format {fmt}).",
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _replace_dir(partial: Path, out: Path) -> None:
+    """Move the finished ``partial`` to ``out``, replacing what is there (checked by the caller)."""
+    old = out.with_name(f".{out.name}.old")
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    elif out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)  # out is gone only for the instant between the two renames
+    os.replace(partial, out)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--protected", type=Path, required=True, help="protected set (mme poison)")
+    parser.add_argument("--out", type=Path, required=True, help="destination folder")
+    parser.add_argument("--format", choices=FORMATS, default="folder", help="default: folder")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = export(args.protected, args.out, args.format, args.force)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"mme export: {err}", file=sys.stderr)
+        return 2
+    total = sum(c["images"] or 0 for c in result["splits"].values())
+    print(f"mme export: {total} images -> {result['out']} ({result['format']})", file=sys.stderr)
+    return 0

@@ -1,0 +1,132 @@
+"""CLIP models: architectures are open_clip JSON configs, created locally, never downloaded.
+
+Our own configs live in ``mme/model_configs/*.json`` (same schema as open_clip's built-ins) and
+are added to open_clip's registry by :func:`register_configs`, so every open_clip entry point
+(``open_clip.create_model``, ``open_clip.get_tokenizer``, ``open_clip_train``) knows them by name:
+
+- ``mme-tiny-vit``: ViT, 64 px, patch 8, width 128, 4 layers, embed 128 (CPU-sized).
+- ``mme-tiny-rn``: ModifiedResNet (CLIP RN50 design) with one block per stage, 64 px.
+
+Both have a small text tower (width 128, 4 layers, 4 heads, context 48). Built-in open_clip
+names (``RN50``, ``ViT-B-32``, ...) work too; their weights are only ever loaded from a local
+``pretrained`` file.
+
+Library images are ``(B, 3, H, W)`` float tensors in ``[0, 1]``; :func:`preprocess_images` maps
+them to what the model's image tower expects (its size and normalisation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def register_configs() -> None:
+    """Add ``mme/model_configs`` to open_clip's model registry (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def mme_model_names() -> list[str]:
+    """Names of the configs this package ships."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` naming the available models if ``name`` is not a known config."""
+    register_configs()
+    if name not in open_clip.list_models():
+        builtin = [n for n in open_clip.list_models() if n not in mme_model_names()]
+        raise ValueError(
+            f"unknown model {name!r}; mme configs: {', '.join(mme_model_names())}; "
+            f"open_clip built-ins: {', '.join(builtin)}"
+        )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; anything else as given (``"cuda"`` must exist)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def create_model(
+    name: str, pretrained: Path | None = None, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Any]:
+    """Build model ``name`` (from scratch, or weights from a local ``pretrained`` file) + tokenizer.
+
+    ``pretrained`` is an open_clip_train checkpoint (``{"state_dict": ...}``, keys possibly
+    ``module.``-prefixed) or a plain state dict; loading is strict. The model is returned in
+    eval mode on ``device`` (``"auto"`` allowed). Nothing is downloaded.
+    """
+    check_model_name(name)
+    dev = resolve_device(device)
+    # pretrained is loaded by us, not via open_clip's `pretrained=` (which would treat a
+    # non-file string as a hub tag and try to download it).
+    model = open_clip.create_model(name, pretrained=None, device="cpu")
+    if pretrained is not None:
+        pretrained = Path(pretrained)
+        if not pretrained.is_file():
+            raise FileNotFoundError(f"checkpoint {pretrained} not found")
+        open_clip.load_checkpoint(model, str(pretrained), strict=True, device="cpu")
+    model = model.to(dev).eval()
+    return model, open_clip.get_tokenizer(name)
+
+
+def image_size(model: torch.nn.Module) -> int:
+    """Side length (px) of the square images the model's image tower takes."""
+    size = open_clip.get_model_preprocess_cfg(model)["size"]
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise ValueError(f"non-square model input {size} is not supported")
+        size = size[0]
+    return int(size)
+
+
+def normalizer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` of the model's input normalisation, each a float tensor of shape (3,)."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), dtype=torch.float32)
+    std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD), dtype=torch.float32)
+    return mean, std
+
+
+def preprocess_images(x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """Map images ``(B, 3, H, W)`` in ``[0, 1]`` to model input: resize if needed, normalise.
+
+    Differentiable (the poisoning code back-propagates through it). Non-square inputs are
+    squashed to the model's square size; bicubic matches open_clip's own preprocessing.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+    size = image_size(model)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean, std = normalizer(model)
+    mean, std = mean.to(x.device, x.dtype), std.to(x.device, x.dtype)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def val_transform(model: torch.nn.Module) -> Any:
+    """open_clip's evaluation preprocessing for ``model`` (PIL image -> normalised tensor).
+
+    The same transform open_clip_train builds as ``preprocess_val``: resize the short side,
+    centre-crop, to tensor, normalise.
+    """
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), False)

@@ -1,0 +1,232 @@
+"""WebDataset shard format of mme: writing (deterministic, atomic) and reading.
+
+One sample per image. Members of a sample with key ``ID``:
+
+- ``ID.png`` or ``ID.jpg``: the image bytes (RGB).
+- ``ID.txt``: all captions of the image, UTF-8, one per line (captions never contain newlines).
+- ``ID.json``: metadata, at least ``{"id", "source", "sha256", "width", "height"}``; later stages
+  add keys (e.g. ``method``, ``epsilon``, ``trigger_text``).
+
+Shards are ``OUT/{split}-%06d.tar``. Tars are byte-deterministic (sorted members, mtime 0, uid 0,
+no user names) so that the same inputs give byte-identical shards, and each tar is written under a
+hidden temporary name and renamed, so an interrupted run never leaves a tar that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+IMAGE_EXTS = ("png", "jpg")
+
+
+@dataclass
+class Sample:
+    """One image with all its captions, as stored in a shard."""
+
+    id: str
+    image_bytes: bytes
+    image_ext: str  # "png" or "jpg"
+    captions: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def image(self) -> np.ndarray:
+        """Decoded image, (H, W, 3) uint8."""
+        with Image.open(io.BytesIO(self.image_bytes)) as im:
+            return np.asarray(im.convert("RGB"))
+
+
+def safe_key(text: str) -> str:
+    """Map any id (file name, URL) to a WebDataset-safe key: no dots, no slashes."""
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
+    if not key:
+        raise ValueError(f"cannot derive a sample key from {text!r}")
+    return key
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Lossless, deterministic PNG of a (H, W, 3) uint8 array."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB").save(
+        buf, format="PNG", optimize=False, compress_level=6
+    )
+    return buf.getvalue()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sample_members(sample: Sample) -> list[tuple[str, bytes]]:
+    if not KEY_RE.match(sample.id):
+        raise ValueError(f"sample id {sample.id!r} is not a valid WebDataset key ([A-Za-z0-9_-]+)")
+    if sample.image_ext not in IMAGE_EXTS:
+        raise ValueError(f"image extension {sample.image_ext!r} not in {IMAGE_EXTS}")
+    if any("\n" in c or "\r" in c for c in sample.captions):
+        raise ValueError(f"sample {sample.id}: captions must not contain newlines")
+    meta = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return [
+        (f"{sample.id}.{sample.image_ext}", sample.image_bytes),
+        (f"{sample.id}.json", meta),
+        (f"{sample.id}.txt", "\n".join(sample.captions).encode("utf-8")),
+    ]
+
+
+def write_tar_atomic(path: Path, members: Iterable[tuple[str, bytes]]) -> str:
+    """Write a deterministic tar at ``path`` via a temporary name; return its sha256."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+class ShardWriter:
+    """Incremental writer of ``out_dir/{split}-%06d.tar`` (``maxcount`` samples per shard).
+
+    ``close()`` returns one record per shard, ``{"name", "count", "sha256"}``, and removes stale
+    shards of the same split from an earlier run, so the folder holds exactly what is listed.
+    """
+
+    def __init__(self, out_dir: Path, split: str, maxcount: int = 1000) -> None:
+        self.out_dir, self.split, self.maxcount = Path(out_dir), split, maxcount
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict[str, Any]] = []
+        self._batch: list[Sample] = []
+        self.n_samples = self.n_captions = 0
+
+    def write(self, sample: Sample) -> None:
+        self._batch.append(sample)
+        self.n_samples += 1
+        self.n_captions += len(sample.captions)
+        if len(self._batch) >= self.maxcount:
+            self._flush()
+
+    def _flush(self) -> None:
+        name = f"{self.split}-{len(self.records):06d}.tar"
+        members = [m for s in self._batch for m in _sample_members(s)]
+        sha = write_tar_atomic(self.out_dir / name, members)
+        self.records.append({"name": name, "count": len(self._batch), "sha256": sha})
+        self._batch.clear()
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._batch:
+            self._flush()
+        keep = {r["name"] for r in self.records}
+        for old in shard_paths(self.out_dir, self.split):
+            if old.name not in keep:
+                old.unlink()
+        return self.records
+
+
+def write_shards(
+    out_dir: Path, split: str, samples: Iterable[Sample], maxcount: int = 1000
+) -> list[dict[str, Any]]:
+    """Write ``samples`` (in the given order) as ``out_dir/{split}-%06d.tar``; see ShardWriter."""
+    writer = ShardWriter(out_dir, split, maxcount)
+    for sample in samples:
+        writer.write(sample)
+    return writer.close()
+
+
+def shard_paths(shard_dir: Path, split: str) -> list[Path]:
+    """Sorted shard files of one split."""
+    return sorted(Path(shard_dir).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+
+
+def brace_pattern(shard_dir: Path, split: str) -> str:
+    """``DIR/split-{000000..000003}.tar`` for WebDataset / open_clip_train ``--train-data``."""
+    paths = shard_paths(shard_dir, split)
+    if not paths:
+        raise FileNotFoundError(f"no {split}-*.tar shards in {shard_dir}")
+    if len(paths) == 1:
+        return str(paths[0])
+    last = len(paths) - 1
+    return str(Path(shard_dir) / f"{split}-{{000000..{last:06d}}}.tar")
+
+
+def iter_samples(shard_dir: Path, split: str) -> Iterator[Sample]:
+    """Read back the samples of one split, in shard order.
+
+    Plain ``tarfile`` reading keeps this dependency-light; the shards are standard WebDataset tars
+    (tests read them with ``webdataset`` too).
+    """
+    paths = shard_paths(shard_dir, split)
+    if not paths:
+        raise FileNotFoundError(f"no {split}-*.tar shards in {shard_dir}")
+    for path in paths:
+        yield from _iter_tar(path)
+
+
+def _iter_tar(path: Path) -> Iterator[Sample]:
+    current: dict[str, bytes] = {}
+    key = None
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, _, ext = info.name.partition(".")
+            if key is not None and k != key:
+                yield _to_sample(key, current, path)
+                current = {}
+            key = k
+            current[ext] = tar.extractfile(info).read()
+    if key is not None:
+        yield _to_sample(key, current, path)
+
+
+def _to_sample(key: str, members: dict[str, bytes], path: Path) -> Sample:
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None or "txt" not in members:
+        raise ValueError(f"{path}: sample {key} lacks an image or txt member: {sorted(members)}")
+    captions = members["txt"].decode("utf-8").split("\n")
+    meta = json.loads(members["json"]) if "json" in members else {}
+    return Sample(id=key, image_bytes=members[ext], image_ext=ext, captions=captions, meta=meta)
+
+
+def count_samples(shard_dir: Path, split: str) -> int:
+    return sum(1 for _ in iter_samples(shard_dir, split))
+
+
+def load_manifest(shard_dir: Path) -> dict[str, Any]:
+    path = Path(shard_dir) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `mme prepare` (or `mme poison`) first")
+    return json.loads(path.read_text())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

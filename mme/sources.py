@@ -1,0 +1,360 @@
+"""Readers for the non-synthetic data sources: CSV split files, image folders, WebDataset shards.
+
+Each reader yields :class:`RawItem` s, one per image, in a deterministic order. Readers never
+modify their input and never judge it: image bytes are read lazily by ``RawItem.load`` and captions
+stay raw bytes, so that every problem (missing file, corrupt image, bad UTF-8, no caption) reaches
+:mod:`mme.hygiene` and is counted there, rather than being silently dropped here.
+
+Item ids are WebDataset-safe keys (:func:`mme.shards.safe_key`) derived from the image name and
+unique within one source. When two names map to the same key, the colliding ones get a longer
+variant (the path, then the extension, then a short hash), so the ids of all other items do not
+depend on which collisions happen to exist.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import posixpath
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
+
+from braceexpand import braceexpand
+
+from mme.shards import safe_key, sha256_bytes
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Member extensions that hold an image in a WebDataset sample, in order of preference.
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class RawItem:
+    """One image of a source, before any hygiene."""
+
+    id: str  # WebDataset-safe key, unique within the source
+    source: str  # where it came from (path as given, or ``shard.tar:member``), for the manifest
+    load: Callable[[], bytes]  # reads the image bytes; raises FileNotFoundError / OSError
+    captions: tuple[bytes, ...]  # raw caption bytes in source order
+    split: str | None  # "train" / "test" when the source defines the split
+
+
+# --------------------------------------------------------------------------------------- ids
+
+
+def _unique_ids(names: Sequence[str], variants: Callable[[str], list[str]]) -> list[str]:
+    """One key per name: the first variant if no other name shares it, else a longer variant.
+
+    ``variants(name)`` lists candidate texts, shortest first. A short hash of the name is the last
+    resort, so the result is always unique and depends only on the list of names and its order.
+    """
+    first = [_key(variants(n)[0]) for n in names]
+    counts = Counter(first)
+    used = {k for k in first if counts[k] == 1}
+    ids = []
+    for name, key in zip(names, first, strict=True):
+        if counts[key] > 1:
+            longer = [_key(v) for v in variants(name)[1:]]
+            longer.append(f"{key}_{_hash(name)[:8]}")
+            key = next((k for k in longer if k not in used), None) or _numbered(longer[-1], used)
+            used.add(key)
+        ids.append(key)
+    return ids
+
+
+def _key(text: str) -> str:
+    """``safe_key``, or a hash-based key for names with no ASCII letter or digit (e.g. CJK)."""
+    try:
+        return safe_key(text)
+    except ValueError:
+        return f"id_{_hash(text)[:16]}"
+
+
+def _hash(text: str) -> str:
+    return sha256_bytes(text.encode("utf-8", "surrogateescape"))
+
+
+def _numbered(key: str, used: set[str]) -> str:
+    n = 1
+    while f"{key}_{n}" in used:
+        n += 1
+    return f"{key}_{n}"
+
+
+# --------------------------------------------------------------------------------------- csv
+
+
+def iter_csv(
+    path: Path | str,
+    *,
+    image_column: str = "images",
+    caption_column: str = "caption",
+    delimiter: str = ",",
+    image_root: Path | str | None = None,
+    split: str | None = None,
+) -> Iterator[RawItem]:
+    """Images of a caption CSV (one row per caption), all captions of an image together.
+
+    Rows are grouped by the image cell in first-seen order, whether or not they are adjacent.
+    Relative image paths are resolved against ``image_root`` (default: the CSV's folder); paths that
+    do not exist there, and absolute paths that do not exist, are looked up under ``image_root`` by
+    their ever shorter suffixes (``/data/flickr/Images/x.jpg`` -> ``root/data/flickr/Images/x.jpg``,
+    ..., ``root/Images/x.jpg``, ``root/x.jpg``), so split files written on another machine work.
+    """
+    path = Path(path)
+    # Read and validate now, not on the first next(): a bad column fails before any work starts.
+    groups = _read_csv_groups(path, image_column, caption_column, delimiter)
+    root = Path(image_root) if image_root is not None else path.parent
+    return _csv_items(groups, root, split)
+
+
+def _csv_items(groups: dict[str, list[bytes]], root: Path, split: str | None) -> Iterator[RawItem]:
+    cells = list(groups)
+    ids = _unique_ids(cells, _csv_id_variants)
+    for cell, item_id in zip(cells, ids, strict=True):
+        yield RawItem(
+            id=item_id,
+            source=cell,
+            load=_file_loader(cell, _path_candidates(cell, root)),
+            captions=tuple(groups[cell]),
+            split=split,
+        )
+
+
+def _read_csv_groups(
+    path: Path, image_column: str, caption_column: str, delimiter: str
+) -> dict[str, list[bytes]]:
+    """``{image cell: [caption bytes, ...]}`` in first-seen order.
+
+    The file is decoded with ``surrogateescape`` and each caption re-encoded the same way, so
+    invalid UTF-8 bytes survive unchanged to hygiene (which rejects them) instead of failing the
+    whole file here. ``utf-8-sig`` drops a BOM that would otherwise rename the first column.
+    """
+    if len(delimiter) != 1:
+        raise ValueError(f"{path}: delimiter must be one character, got {delimiter!r}")
+    groups: dict[str, list[bytes]] = {}
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns = reader.fieldnames or []
+        for column in (image_column, caption_column):
+            if column not in columns:
+                present = ", ".join(map(repr, columns))
+                raise ValueError(
+                    f"{path}: no column {column!r} (columns present: {present}; "
+                    f"delimiter {delimiter!r})"
+                )
+        for row in reader:
+            image = row[image_column]
+            if not image:
+                raise ValueError(f"{path}, line {reader.line_num}: empty {image_column!r} cell")
+            caption = row[caption_column] or ""
+            groups.setdefault(image, []).append(caption.encode("utf-8", "surrogateescape"))
+    return groups
+
+
+def _csv_id_variants(cell: str) -> list[str]:
+    parts = _split_path(cell)[1] or (cell,)
+    without_ext = posixpath.splitext("/".join(parts))[0]
+    return [posixpath.splitext(parts[-1])[0], without_ext, "/".join(parts)]
+
+
+def _split_path(cell: str) -> tuple[bool, tuple[str, ...]]:
+    """(is absolute, parts without the anchor) of a path written on POSIX or Windows."""
+    pure: PurePath = PureWindowsPath(cell) if "\\" in cell else PurePosixPath(cell)
+    parts = pure.parts[1:] if pure.anchor else pure.parts
+    return bool(pure.anchor), tuple(parts)
+
+
+def _path_candidates(cell: str, root: Path) -> list[Path]:
+    is_abs, parts = _split_path(cell)
+    first = [Path(cell)] if is_abs else [root.joinpath(*parts)]
+    suffixes = [root.joinpath(*parts[i:]) for i in range(0 if is_abs else 1, len(parts))]
+    return list(dict.fromkeys(first + suffixes))  # dedupe, keep order
+
+
+def _file_loader(name: str, candidates: list[Path]) -> Callable[[], bytes]:
+    def load() -> bytes:
+        for candidate in candidates:
+            try:
+                return candidate.read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        tried = ", ".join(str(c) for c in candidates)
+        raise FileNotFoundError(errno.ENOENT, f"image not found (tried {tried})", name)
+
+    return load
+
+
+# ------------------------------------------------------------------------------------ folder
+
+
+def iter_folder(root: Path | str) -> Iterator[RawItem]:
+    """Images under ``root`` (recursive, sorted by path), captions from same-named ``.txt`` files.
+
+    A ``.txt`` holds one caption per line; a missing one gives ``captions=()``. If ``root`` has
+    both ``train/`` and ``test/`` subfolders, they define the split and every image must be inside
+    one of them. Hidden files and folders (``.name``, e.g. macOS ``._x.jpg`` forks) are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "image folder not found", str(root))
+    rels = _list_images(root)
+    has_split = all((root / s).is_dir() for s in SPLITS)
+    if has_split:
+        outside = [r for r in rels if r.split("/", 1)[0] not in SPLITS]
+        if outside:
+            raise ValueError(
+                f"{root} has train/ and test/ subfolders, but {len(outside)} images are in "
+                f"neither (e.g. {', '.join(outside[:3])}): move them or remove the split folders"
+            )
+    return _folder_items(root, rels, has_split)
+
+
+def _folder_items(root: Path, rels: list[str], has_split: bool) -> Iterator[RawItem]:
+    ids = _unique_ids(rels, lambda rel: [posixpath.splitext(rel)[0], rel])
+    for rel, item_id in zip(rels, ids, strict=True):
+        path = root / rel
+        yield RawItem(
+            id=item_id,
+            source=str(path),
+            load=_file_loader(str(path), [path]),
+            captions=_read_caption_lines(path.with_suffix(".txt")),
+            split=rel.split("/", 1)[0] if has_split else None,
+        )
+
+
+def _list_images(root: Path) -> list[str]:
+    """Relative POSIX paths of the image files under ``root``, sorted by their parts."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                found.append((rel_dir / name).as_posix())
+    return sorted(found, key=lambda rel: rel.split("/"))
+
+
+def _read_caption_lines(path: Path) -> tuple[bytes, ...]:
+    try:
+        return tuple(path.read_bytes().splitlines())
+    except FileNotFoundError:
+        return ()
+
+
+# ------------------------------------------------------------------------------- webdataset
+
+
+def iter_webdataset(path_or_pattern: Path | str) -> Iterator[RawItem]:
+    """Samples of existing WebDataset shards (e.g. img2dataset output).
+
+    ``path_or_pattern`` is a directory (all ``*.tar`` in it, sorted), one tar, or a brace pattern
+    (``shards/{00000..00009}.tar``). Captions come from the ``txt`` member (one per line), else
+    from the ``caption`` field of the ``json`` member. The split is ``train`` / ``test`` when the
+    shard's file name starts with it, else None.
+    """
+    return _wds_items(_expand_shards(path_or_pattern))  # missing shards fail at call time
+
+
+def _wds_items(shards: list[Path]) -> Iterator[RawItem]:
+    seen: set[str] = set()
+    for shard in shards:
+        split = next((s for s in SPLITS if shard.name.startswith(s)), None)
+        for key, members in _tar_samples(shard):
+            item_id = _unique_streaming_id(key, shard, seen)
+            yield _wds_item(item_id, key, shard, members, split)
+
+
+def _expand_shards(path_or_pattern: Path | str) -> list[Path]:
+    text = str(path_or_pattern)
+    if Path(text).is_dir():
+        shards = sorted(Path(text).glob("*.tar"))
+        if not shards:
+            raise FileNotFoundError(errno.ENOENT, "no *.tar shards in folder", text)
+        return shards
+    shards = [Path(p) for p in braceexpand(text)]
+    missing = [str(p) for p in shards if not p.is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise FileNotFoundError(errno.ENOENT, f"shards not found: {missing[:3]}{more}", text)
+    return shards
+
+
+def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
+    """``(key, {ext: (member name, bytes)})`` per sample, streaming, WebDataset-style.
+
+    The key is the member's folder plus its base name up to the first dot; consecutive members with
+    the same key form one sample (as in ``webdataset``), so only one sample is held in memory.
+    """
+    key, members = None, {}
+    with tarfile.open(shard, "r") as tar:
+        for info in tar:
+            folder, base = posixpath.split(info.name)
+            stem, dot, ext = base.partition(".")
+            if not info.isfile() or not dot or not stem:
+                continue  # folders, links, and extension-less or hidden files are not members
+            k = posixpath.join(folder, stem)
+            if key is not None and k != key:
+                yield key, members
+                members = {}
+            key = k
+            members[ext.lower()] = (info.name, tar.extractfile(info).read())
+    if key is not None:
+        yield key, members
+
+
+def _unique_streaming_id(key: str, shard: Path, seen: set[str]) -> str:
+    # Keys are unique across shards in img2dataset output; if not, qualify by the shard's name.
+    item_id = _key(key)
+    if item_id in seen:
+        item_id = _key(f"{shard.stem}_{key}")
+        if item_id in seen:
+            item_id = _numbered(item_id, seen)
+    seen.add(item_id)
+    return item_id
+
+
+def _wds_item(
+    item_id: str, key: str, shard: Path, members: dict[str, tuple[str, bytes]], split: str | None
+) -> RawItem:
+    ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
+    if ext is None:
+        source = f"{shard}:{key}"
+        load = _missing_loader(source, f"sample has no image member ({', '.join(sorted(members))})")
+    else:
+        name, data = members[ext]
+        source, load = f"{shard}:{name}", _constant(data)
+    return RawItem(item_id, source, load, _wds_captions(members), split)
+
+
+def _wds_captions(members: dict[str, tuple[str, bytes]]) -> tuple[bytes, ...]:
+    if "txt" in members:
+        return tuple(members["txt"][1].splitlines())
+    if "json" not in members:
+        return ()
+    try:
+        meta = json.loads(members["json"][1])
+    except ValueError:  # includes invalid UTF-8; the item then has no caption and is counted
+        return ()
+    caption = meta.get("caption") if isinstance(meta, dict) else None
+    if not isinstance(caption, str):
+        return ()
+    # surrogatepass: a lone surrogate escaped in the JSON becomes invalid UTF-8; hygiene drops it.
+    return (caption.encode("utf-8", "surrogatepass"),)
+
+
+def _constant(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
+
+
+def _missing_loader(name: str, why: str) -> Callable[[], bytes]:
+    def load() -> bytes:
+        raise FileNotFoundError(errno.ENOENT, why, name)
+
+    return load

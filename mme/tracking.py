@@ -1,0 +1,179 @@
+"""Experiment tracking: the only module that imports MLflow (lazily, inside functions).
+
+Store: ``MLFLOW_TRACKING_URI`` if set, else a local SQLite file ``./mlflow.db`` (relative to the
+working directory, i.e. the project). For any SQLite store, artifacts go to
+``mlartifacts/<experiment>`` next to the ``.db`` file: the artifact location is set explicitly when
+an experiment is created, so artifacts never land in MLflow's default ``./mlruns``.
+``MLFLOW_EXPERIMENT_NAME`` overrides the experiment (default ``mme``, shared by all stages).
+``MME_TRACKING=off`` turns every function here into a no-op (unit tests, or machines without
+MLflow). MLflow's usage telemetry is always disabled.
+
+Runs use the same parameter names across stages: ``method``, ``epsilon``, ``trigger_len``,
+``victim_model``, ``epochs``, ``batch_size``, ``lr``, ``data_manifest_sha256``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EXPERIMENT = "mme"
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+PARAM_NAMES = (
+    "method",
+    "epsilon",
+    "trigger_len",
+    "victim_model",
+    "epochs",
+    "batch_size",
+    "lr",
+    "data_manifest_sha256",
+)
+
+
+def enabled() -> bool:
+    """False when ``MME_TRACKING`` is ``off``/``0``/``false``/``no``."""
+    return os.environ.get("MME_TRACKING", "on").strip().lower() not in {"off", "0", "false", "no"}
+
+
+def experiment_name() -> str:
+    """``$MLFLOW_EXPERIMENT_NAME`` or ``mme``: all stages log into one experiment."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def _mlflow():
+    """Import MLflow with telemetry off and the tracking URI set."""
+    # Set before the import: telemetry reads these at import / first-call time.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def _experiment_id(mlflow: Any, name: str) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return mlflow.create_experiment(name, artifact_location=artifact_location(name))
+
+
+def artifact_location(experiment: str) -> str | None:
+    """Artifacts of a SQLite store go to ``mlartifacts/<experiment>`` next to the ``.db`` file.
+
+    Without this MLflow would write them to ``./mlruns`` of whatever the cwd is. Other stores
+    (a tracking server) keep their own artifact default (``None``).
+    """
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :])
+    return (db.resolve().parent / DEFAULT_ARTIFACTS / experiment).as_uri()
+
+
+def _clean_params(params: dict[str, Any]) -> dict[str, str]:
+    # MLflow params are strings; None means "not applicable" and is dropped, not logged as "None".
+    return {k: str(v) for k, v in params.items() if v is not None}
+
+
+@contextlib.contextmanager
+def start_run(
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str] | None = None,
+    nested: bool = False,
+) -> Iterator[str | None]:
+    """Open an MLflow run in ``experiment`` (created if missing) and log ``params`` and ``tags``.
+
+    Yields the run id (``None`` when tracking is off). The run ends FAILED if the body raises.
+    Inside another active run (e.g. a pipeline's parent run) the new run is nested in it.
+    """
+    if not enabled():
+        yield None
+        return
+    mlflow = _mlflow()
+    exp_id = _experiment_id(mlflow, experiment)
+    nested = nested or mlflow.active_run() is not None
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested) as run:
+        mlflow.log_params(_clean_params(params))
+        if tags:
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        yield run.info.run_id
+
+
+def _active() -> Any | None:
+    """The mlflow module if tracking is on and a run is active, else None."""
+    if not enabled():
+        return None
+    mlflow = _mlflow()
+    return mlflow if mlflow.active_run() is not None else None
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active run (non-numeric values are skipped)."""
+    mlflow = _active()
+    if mlflow is None:
+        return
+    clean = {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v
+    }  # v == v drops NaN
+    mlflow.log_metrics(clean, step=step)
+
+
+def log_metric_series(name: str, steps: list[int], values: list[float]) -> None:
+    """Log a whole series (e.g. a parsed training-loss curve) in batches."""
+    mlflow = _active()
+    if mlflow is None or not steps:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(name, float(v), now, int(s)) for s, v in zip(steps, values, strict=True)]
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for i in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    """Copy a file (or a whole folder) into the active run's artifacts."""
+    mlflow = _active()
+    if mlflow is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_dict(obj: dict[str, Any], name: str) -> None:
+    """Store ``obj`` as a JSON/YAML artifact ``name`` of the active run."""
+    mlflow = _active()
+    if mlflow is not None:
+        mlflow.log_dict(obj, name)
+
+
+def log_text(text: str, name: str) -> None:
+    """Store ``text`` as an artifact file ``name`` of the active run."""
+    mlflow = _active()
+    if mlflow is not None:
+        mlflow.log_text(text, name)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow = _active()
+    if mlflow is not None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})

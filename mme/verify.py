@@ -1,0 +1,479 @@
+"""``mme verify``: check a protected set against the clean set it was made from.
+
+For every image of the clean train split there must be exactly one protected sample with the same
+id, and for each pair:
+
+- ``image``: the protected image is a decodable PNG of the working size ``S × S`` (meta agrees);
+- ``linf``: ``max |protected - clean_at_S|`` ≤ ε in 0–255 units (0 for a sample whose meta says
+  ``protected: false``), where ``clean_at_S = imageops.to_working_resolution(clean, S)``;
+- ``noise``: when ``noise.npy`` + ``triggers.json`` are present, ``clip(clean_at_S + δ)`` is
+  exactly the protected image;
+- ``trigger``: ``trigger_text`` encodes to exactly ``trigger_ids`` with the model's tokenizer, has
+  the configured length, and agrees with ``triggers.json``;
+- ``caption``: the protected captions are ``trigger_text + " " + caption`` for the clean captions
+  in order (the clean captions themselves when there is no trigger), and each tokenizes with
+  ``trigger_ids`` right after the start token — what a victim's tokenizer will actually see;
+- ``meta``: the stored sha256 matches the image bytes.
+
+Ids in one set only are ``missing`` / ``extra``; a repeated protected id is a ``duplicate``.
+PSNR and SSIM (min/mean/max over all pairs) describe how visible the noise is. Both shard sets
+are streamed side by side; only samples whose partner has not been seen yet are buffered, so an
+in-order pair of sets needs O(1) memory and an out-of-order one still verifies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from mme.config import ConfigError
+from mme.imageops import psnr, ssim, to_working_resolution
+from mme.shards import (
+    Sample,
+    iter_samples,
+    load_manifest,
+    sha256_bytes,
+    shard_paths,
+    write_json_atomic,
+)
+
+SPLIT = "train"
+KINDS = ("missing", "extra", "duplicate", "image", "linf", "noise", "trigger", "caption", "meta")
+SHOW_IDS = 20  # offending ids listed per check in the table; the JSON report has all of them
+SHOW_DETAILS = 5  # example messages kept per check
+
+
+@dataclass
+class Summary:
+    """Running min / mean / max of one per-image quantity (``inf`` values included)."""
+
+    n: int = 0
+    min: float = math.inf
+    max: float = -math.inf
+    total: float = 0.0
+
+    def add(self, value: float) -> None:
+        self.n += 1
+        self.min, self.max = min(self.min, value), max(self.max, value)
+        self.total += value
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.n:
+            return {"n": 0, "min": None, "mean": None, "max": None}
+        return {"n": self.n, "min": _num(self.min), "mean": _num(self.mean), "max": _num(self.max)}
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :func:`verify`. ``ok`` iff there is no violation and no set-level error."""
+
+    clean: str
+    protected: str
+    method: str
+    model: str
+    epsilon: float
+    working_size: int
+    n_clean: int = 0
+    n_protected: int = 0
+    n_checked: int = 0
+    n_with_noise: int = 0  # pairs whose meta says ``protected: true``
+    max_linf: int = 0
+    noise_checked: bool = False
+    psnr: Summary = field(default_factory=Summary)
+    ssim: Summary = field(default_factory=Summary)
+    violations: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    details: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    errors: list[str] = field(default_factory=list)  # set-level problems (counts, noise.npy)
+
+    def add(self, sample_id: str, kind: str, detail: str) -> None:
+        """Record one violation (an id is listed once per kind)."""
+        ids = self.violations[kind]
+        if not ids or ids[-1] != sample_id:
+            ids.append(sample_id)
+        if len(self.details[kind]) < SHOW_DETAILS:
+            self.details[kind].append(f"{sample_id}: {detail}")
+
+    @property
+    def offending_ids(self) -> list[str]:
+        """Ids with any violation, each once: by check (``KINDS`` order), then as seen."""
+        return list(dict.fromkeys(i for k in KINDS for i in self.violations[k]))
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.offending_ids
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (strict JSON: an infinite PSNR is written as the string ``"inf"``)."""
+        out = asdict(self)
+        out["psnr"], out["ssim"] = self.psnr.to_dict(), self.ssim.to_dict()
+        out.update(ok=self.ok, offending_ids=self.offending_ids)
+        return out
+
+    def table(self) -> str:
+        """Human summary: settings, counts, image quality, one line per check, the verdict."""
+        status = "OK" if self.ok else "FAILED"
+        lines = [
+            f"mme verify: {self.protected}  vs  clean {self.clean}",
+            f"  method {self.method}   eps {self.epsilon:g}/255 (L-inf, pixels)   "
+            f"size {self.working_size}   tokenizer {self.model}",
+            f"  images   clean {self.n_clean}   protected {self.n_protected}   "
+            f"checked {self.n_checked}   with noise {self.n_with_noise}",
+            f"  L-inf    max {self.max_linf} (bound {self.epsilon:g})",
+            _summary_line("PSNR dB", self.psnr, ".2f"),
+            _summary_line("SSIM", self.ssim, ".4f"),
+            f"  {'check':<10}{'violations':>10}  ids",
+        ]
+        for kind in KINDS:
+            if kind == "noise" and not self.noise_checked:
+                lines.append(f"  {kind:<10}{'-':>10}  (noise.npy / triggers.json not present)")
+                continue
+            ids = self.violations[kind]
+            lines.append(f"  {kind:<10}{len(ids):>10}  {list_ids(ids)}".rstrip())
+            lines += [f"{'':14}e.g. {d}" for d in self.details[kind][:2]]
+        lines += [f"  error: {e}" for e in self.errors]
+        n_bad = len(self.offending_ids)
+        lines.append(f"  result: {status}" + (f" ({n_bad} offending ids)" if n_bad else ""))
+        return "\n".join(lines)
+
+
+def list_ids(ids: list[str], limit: int = SHOW_IDS) -> str:
+    """``"a, b, c"``, or the first ``limit`` ids and ``" (+N more)"``."""
+    more = f" (+{len(ids) - limit} more)" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more
+
+
+def _num(x: float) -> float | str:
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf" if x < 0 else "nan")
+
+
+def _summary_line(name: str, s: Summary, fmt: str) -> str:
+    if not s.n:
+        return f"  {name:<8} (no pairs)"
+    return f"  {name:<8} min {s.min:{fmt}}   mean {s.mean:{fmt}}   max {s.max:{fmt}}"
+
+
+# ------------------------------------------------------------------------------ tokenizer
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model_name: str) -> Any:
+    """open_clip tokenizer of ``model_name``; the plain CLIP BPE tokenizer if it is unknown.
+
+    The mme configs are registered first. Unknown names (a custom config of another machine) and
+    tokenizers that would need a download fall back to ``SimpleTokenizer``, which every CLIP-BPE
+    model shares and which ships with open_clip — verify must work offline.
+    """
+    import open_clip
+
+    from mme.models import register_configs
+
+    register_configs()
+    if model_name in open_clip.list_models():
+        try:
+            return open_clip.get_tokenizer(model_name)
+        except Exception as err:  # e.g. an HF tokenizer that is not cached (no internet)
+            print(
+                f"mme verify: tokenizer of {model_name} unavailable ({err}); using CLIP BPE",
+                file=sys.stderr,
+            )
+    return open_clip.tokenizer.SimpleTokenizer()
+
+
+def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Ids each text becomes between the start and end tokens, as the victim's tokenizer sees it
+    (including truncation to the context length)."""
+    rows = tokenizer(texts).tolist()
+    eot = getattr(tokenizer, "eot_token_id", None)
+    out = []
+    for row in rows:
+        body = row[1:]
+        end = body.index(eot) if eot in body else len(body)
+        out.append(body[:end])
+    return out
+
+
+# --------------------------------------------------------------------------------- checks
+
+
+@dataclass
+class _Context:
+    """Everything a pair check needs besides the pair itself."""
+
+    size: int
+    epsilon: float
+    trigger_len: int | None
+    tokenizer: Any
+    triggers: dict[str, tuple[str, list[int]]] | None = None  # id -> (text, ids), triggers.json
+    protect: dict[str, bool] | None = None  # id -> protected, triggers.json
+    noise: np.ndarray | None = None  # memory-mapped noise.npy
+    noise_row: dict[str, int] | None = None  # id -> row of noise.npy
+
+
+def _check_image(p: Sample, size: int) -> tuple[np.ndarray | None, list[tuple[str, str]]]:
+    """Decode the protected image as (3, S, S) uint8; None plus the reason when unusable."""
+    if p.image_ext != "png":
+        return None, [("image", f"stored as {p.image_ext}, expected lossless png")]
+    try:
+        pixels = p.image().transpose(2, 0, 1)
+    except OSError as err:
+        return None, [("image", f"cannot decode: {err}")]
+    h, w = pixels.shape[1:]
+    if (h, w) != (size, size):
+        return None, [("image", f"is {w}x{h}, expected {size}x{size}")]
+    problems = []
+    if (p.meta.get("width"), p.meta.get("height")) != (size, size):
+        problems.append(("meta", f"meta size {p.meta.get('width')}x{p.meta.get('height')}"))
+    return pixels, problems
+
+
+def _check_pixels(
+    sample_id: str, prot: np.ndarray, clean: np.ndarray, bound: float, ctx: _Context
+) -> tuple[int, list[tuple[str, str]]]:
+    """L-inf distance of the pair (and its check against ``bound``) plus the noise.npy check."""
+    delta = prot.astype(np.int16) - clean.astype(np.int16)
+    linf = int(np.abs(delta).max())
+    problems = []
+    if linf > bound:
+        where = np.unravel_index(int(np.abs(delta).argmax()), delta.shape)
+        problems.append(("linf", f"L-inf {linf} > {bound:g} at (c,y,x)={tuple(map(int, where))}"))
+    if ctx.noise is not None:
+        row = ctx.noise_row.get(sample_id)
+        if row is None:
+            problems.append(("noise", "id not in triggers.json, so no noise.npy row"))
+        else:
+            rebuilt = np.clip(clean.astype(np.int16) + ctx.noise[row].astype(np.int16), 0, 255)
+            n_diff = int(np.count_nonzero(rebuilt != prot))
+            if n_diff:
+                problems.append(("noise", f"clip(clean + noise.npy[{row}]) differs in {n_diff} px"))
+    return linf, problems
+
+
+def _check_trigger(p: Sample, ctx: _Context) -> list[tuple[str, str]]:
+    """The trigger of the meta: consistent, right length, and an exact tokenizer round trip."""
+    text, ids = p.meta.get("trigger_text", ""), list(p.meta.get("trigger_ids", []))
+    problems = []
+    if ctx.triggers is not None and ctx.triggers.get(p.id, ("", [])) != (text, ids):
+        problems.append(("trigger", f"meta trigger {text!r} {ids} != triggers.json"))
+    flag = ctx.protect.get(p.id) if ctx.protect is not None else None
+    if flag is not None and flag != p.meta.get("protected", True):
+        problems.append(("meta", f"meta protected={p.meta.get('protected')}, triggers.json {flag}"))
+    if bool(text) != bool(ids):
+        problems.append(("trigger", f"trigger_text {text!r} but trigger_ids {ids}"))
+    if text and not p.meta.get("protected", True):
+        problems.append(("trigger", "unprotected sample carries a trigger"))
+    if text and ctx.trigger_len and len(ids) != ctx.trigger_len:
+        problems.append(("trigger", f"{len(ids)} trigger ids, config says {ctx.trigger_len}"))
+    if text:
+        got = token_ids(ctx.tokenizer, [text])[0]
+        if got != ids:
+            problems.append(("trigger", f"{text!r} tokenizes to {got}, not {ids}"))
+    return problems
+
+
+def _check_captions(c: Sample, p: Sample, ctx: _Context) -> list[tuple[str, str]]:
+    """Protected captions = trigger + " " + clean captions, and tokenize with the trigger first."""
+    text, ids = p.meta.get("trigger_text", ""), list(p.meta.get("trigger_ids", []))
+    expected = [f"{text} {cap}" for cap in c.captions] if text else list(c.captions)
+    if len(p.captions) != len(expected):
+        return [("caption", f"{len(p.captions)} captions, clean has {len(expected)}")]
+    for i, (got, want) in enumerate(zip(p.captions, expected, strict=True)):
+        if got != want:
+            return [("caption", f"caption {i} is {got[:60]!r}, expected {want[:60]!r}")]
+    if text:
+        for i, row in enumerate(token_ids(ctx.tokenizer, p.captions)):
+            if row[: len(ids)] != ids:
+                return [("caption", f"caption {i} starts with tokens {row[: len(ids)]}, not {ids}")]
+    return []
+
+
+def _check_pair(c: Sample, p: Sample, ctx: _Context, report: VerifyReport) -> None:
+    """All per-pair checks; violations go to ``report``, quality numbers to its summaries."""
+    prot, problems = _check_image(p, ctx.size)
+    if p.meta.get("sha256") != sha256_bytes(p.image_bytes):
+        problems.append(("meta", "sha256 does not match the image bytes"))
+    with_noise = bool(p.meta.get("protected", True))
+    report.n_with_noise += with_noise
+    if prot is not None:
+        clean = to_working_resolution(c.image_bytes, ctx.size)
+        bound = ctx.epsilon if with_noise else 0  # an unprotected image must be the clean one
+        linf, pixel_problems = _check_pixels(p.id, prot, clean, bound, ctx)
+        problems += pixel_problems
+        report.max_linf = max(report.max_linf, linf)
+        report.psnr.add(psnr(clean, prot))
+        report.ssim.add(ssim(clean, prot))
+    problems += _check_trigger(p, ctx) + _check_captions(c, p, ctx)
+    for kind, detail in problems:
+        report.add(p.id, kind, detail)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _pairs(
+    clean: Iterator[Sample], protected: Iterator[Sample], report: VerifyReport
+) -> Iterator[tuple[Sample, Sample]]:
+    """Match clean and protected samples by id while streaming both.
+
+    A sample waits in a buffer only until its partner arrives, so sets in the same order (what
+    ``mme poison`` writes) pass through with a buffer of at most one sample per side. Unmatched
+    leftovers become ``missing`` / ``extra``; a repeated protected id is a ``duplicate``.
+    """
+    waiting_c: dict[str, Sample] = {}
+    waiting_p: dict[str, Sample] = {}
+    seen_p: set[str] = set()
+    for c, p in zip_longest(clean, protected):
+        if c is not None:
+            report.n_clean += 1
+            if c.id in waiting_p:
+                yield c, waiting_p.pop(c.id)
+            else:
+                waiting_c[c.id] = c
+        if p is not None:
+            report.n_protected += 1
+            if p.id in seen_p:
+                report.add(p.id, "duplicate", "id occurs more than once in the protected set")
+                continue
+            seen_p.add(p.id)
+            if p.id in waiting_c:
+                yield waiting_c.pop(p.id), p
+            else:
+                waiting_p[p.id] = p
+    for sample_id in waiting_c:
+        report.add(sample_id, "missing", "in the clean train split, not in the protected set")
+    for sample_id in waiting_p:
+        report.add(sample_id, "extra", "in the protected set, not in the clean train split")
+
+
+def _require(folder: Path, what: str) -> dict[str, Any]:
+    """The manifest of ``folder``; FileNotFoundError with a clear message if anything is absent."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder {folder} not found")
+    manifest = load_manifest(folder)
+    if not shard_paths(folder, SPLIT):
+        raise FileNotFoundError(f"{what} folder {folder} has no {SPLIT}-*.tar shards")
+    return manifest
+
+
+def _trigger_table(t: dict[str, Any], protect: dict[str, bool]) -> dict[str, tuple[str, list]]:
+    """id -> (trigger_text, trigger_ids) that the meta must carry, from triggers.json.
+
+    Methods without triggers write empty ``trigger_ids`` / ``trigger_text`` lists; unprotected
+    rows keep the trigger they were given but must not carry one in the set.
+    """
+    if not t["trigger_ids"]:
+        return {i: ("", []) for i in t["ids"]}
+    rows = zip(t["ids"], t["trigger_text"], t["trigger_ids"], strict=True)
+    return {i: (text, list(ids)) if protect[i] else ("", []) for i, text, ids in rows}
+
+
+def _context(protected: Path, manifest: dict[str, Any], eps: float, errors: list[str]) -> _Context:
+    """Settings of the run plus triggers.json (id -> trigger) and noise.npy (memory-mapped, with
+    its id -> row map) when present; unusable side files become set-level ``errors``."""
+    cfg = manifest.get("config", {})
+    if "working_size" not in manifest:
+        raise ConfigError(f"{protected}/manifest.json has no working_size")
+    size = int(manifest["working_size"])
+    tokenizer = load_tokenizer(cfg.get("model") or "ViT-B-32")
+    ctx = _Context(size, eps, cfg.get("trigger_len"), tokenizer)
+    tpath, npath = protected / "triggers.json", protected / "noise.npy"
+    if not tpath.exists():
+        return ctx
+    try:
+        t = json.loads(tpath.read_text())
+        ctx.protect = dict(zip(t["ids"], t.get("protected") or [True] * len(t["ids"]), strict=True))
+        ctx.triggers = _trigger_table(t, ctx.protect)
+    except (KeyError, TypeError, ValueError) as err:
+        errors.append(f"triggers.json is malformed: {err!r}")
+        return ctx
+    if not npath.exists():
+        return ctx
+    noise = np.load(npath, mmap_mode="r")
+    n = len(t["ids"])
+    if noise.ndim != 4 or noise.shape[1:] != (3, size, size) or len(noise) != n:
+        errors.append(f"noise.npy has shape {noise.shape}, expected ({n}, 3, {size}, {size})")
+        return ctx
+    ctx.noise, ctx.noise_row = noise, {i: r for r, i in enumerate(t["ids"])}
+    return ctx
+
+
+def verify(clean: Path, protected: Path, epsilon: float | None = None) -> VerifyReport:
+    """Check the protected set in ``protected`` against the clean shards in ``clean``.
+
+    ``epsilon`` (0–255 units) overrides the manifest's ``config.epsilon``. Raises
+    FileNotFoundError for a missing folder / manifest / shards and ConfigError when ε or the
+    working size is unknown; every problem with the data itself is reported, not raised. See the
+    module docstring for the checks.
+    """
+    clean, protected = Path(clean), Path(protected)
+    _require(clean, "clean")
+    manifest = _require(protected, "protected")
+    cfg = manifest.get("config", {})
+    eps = epsilon if epsilon is not None else cfg.get("epsilon")
+    if eps is None:
+        raise ConfigError(f"{protected}/manifest.json has no config.epsilon: pass --epsilon")
+    errors: list[str] = []
+    ctx = _context(protected, manifest, float(eps), errors)
+    report = VerifyReport(
+        clean=str(clean),
+        protected=str(protected),
+        method=str(cfg.get("method", "?")),
+        model=cfg.get("model") or "ViT-B-32",
+        epsilon=float(eps),
+        working_size=ctx.size,
+        noise_checked=ctx.noise is not None,
+        errors=errors,
+    )
+    expected = manifest.get("splits", {}).get(SPLIT, {}).get("images")
+    pairs = _pairs(iter_samples(clean, SPLIT), iter_samples(protected, SPLIT), report)
+    for c, p in tqdm(pairs, total=expected, desc="verify", unit="img", file=sys.stderr):
+        _check_pair(c, p, ctx, report)
+        report.n_checked += 1
+    if expected is not None and expected != report.n_protected:
+        report.errors.append(f"manifest lists {expected} images, shards hold {report.n_protected}")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--clean", type=Path, required=True, help="clean shard folder (mme prepare)"
+    )
+    parser.add_argument("--protected", type=Path, required=True, help="protected set (mme poison)")
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="L-inf bound in 0-255 units (default: the manifest's)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = verify(args.clean, args.protected, args.epsilon)
+    except FileNotFoundError as err:
+        print(f"mme verify: {err}", file=sys.stderr)
+        return 2
+    print(report.table())
+    if args.json is not None:
+        write_json_atomic(args.json, report.to_dict())
+    if not report.ok:
+        ids = report.offending_ids
+        reasons = ([f"{len(ids)} ids: {list_ids(ids)}"] if ids else []) + report.errors
+        print(f"mme verify: FAILED for {'; '.join(reasons)}", file=sys.stderr)
+        return 1
+    return 0

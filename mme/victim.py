@@ -1,0 +1,367 @@
+"""``mme train``: train a victim CLIP on shards with ``open_clip_train``, the community trainer.
+
+We do not write a training loop: :func:`train_victim` calls ``open_clip_train.main.main(argv)``
+in-process (so our model configs registered with open_clip are visible to it) and only prepares
+its input and collects its output.
+
+Input. Our shards hold one sample per image with all its captions in one ``txt``; open_clip_train
+takes each sample's ``txt`` as ONE caption. So we write a "pairs" view: one sample per
+(image, caption), key ``{id}_c{j}``, and train on that. Every caption is a training pair, as in
+the paper's per-row (one caption per CSV row) training; an epoch sees each image once per
+caption. Pairs are written caption-major (all first captions, then all second captions, ...) so
+that the captions of one image sit far apart in the stream and rarely share a batch (a shared
+batch would make an image's own caption a false negative). The view is deleted after training
+unless ``keep_pairs``.
+
+Output (``run_dir``):
+
+- ``checkpoint.pt``: ``{"epoch", "name", "state_dict", "mme": {...}}`` (no optimizer state); the
+  ``mme`` record names the model and the training data, so ``mme evaluate`` needs no ``--model``.
+- ``trainer/``: open_clip_train's own ``out.log`` and ``params.txt``.
+- ``train_loss.csv``: ``step,epoch,loss,lr,logit_scale`` parsed from ``out.log`` (DVC plots).
+- ``train.json``: configuration, data sizes, device, precision, wall time, final loss.
+
+Everything is also logged to MLflow (via :mod:`mme.tracking`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import logging
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mme import models, shards, tracking
+from mme.config import VictimConfig, add_section_arguments, section_from_args
+
+PAIRS_SHARD_SIZE = 1000
+TRAINER_NAME = "trainer"  # open_clip_train's --name: its logs go to run_dir/trainer
+# A log line of open_clip_train.train.train_one_epoch, e.g. "Train Epoch: 0 [ 256/10112 (3%)]
+# Data (t): ... LR: 0.000100 Logit Scale: 14.3 Contrastive_loss: ... Loss: 4.1 (4.2)"
+LOG_RE = re.compile(
+    r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<seen>\d+)/(?P<total>\d+).*?"
+    r"LR: (?P<lr>[-+0-9.eE]+) Logit Scale: (?P<scale>[-+0-9.eE]+).* Loss: (?P<loss>[-+0-9.eE]+) "
+)
+
+
+def iter_pairs(shard_dir: Path, split: str) -> Iterator[shards.Sample]:
+    """One sample per (image, caption), caption-major; empty captions are skipped."""
+    j = 0
+    while True:
+        found = False
+        for s in shards.iter_samples(shard_dir, split):
+            if j < len(s.captions):
+                found = True
+                if s.captions[j].strip():
+                    meta = {"image_id": s.id, "caption_index": j}
+                    yield shards.Sample(
+                        f"{s.id}_c{j}", s.image_bytes, s.image_ext, [s.captions[j]], meta
+                    )
+        if not found:
+            return
+        j += 1
+
+
+def write_pairs(shard_dir: Path, split: str, out_dir: Path) -> tuple[str, int, int]:
+    """Write the pairs view of ``split`` to ``out_dir``; return (pattern, n_pairs, n_shards)."""
+    records = shards.write_shards(out_dir, "pairs", iter_pairs(shard_dir, split), PAIRS_SHARD_SIZE)
+    n_pairs = sum(r["count"] for r in records)
+    if n_pairs == 0:
+        raise ValueError(f"no captions in the {split} split of {shard_dir}")
+    return shards.brace_pattern(out_dir, "pairs"), n_pairs, len(records)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on CUDA, fp32 on CPU (CPU autocast is slower, not faster)."""
+    if precision == "auto":
+        return "amp_bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def trainer_argv(
+    cfg: VictimConfig, run_dir: Path, data: str, n_pairs: int, n_shards: int
+) -> list[str]:
+    """The open_clip_train command line for ``cfg`` (train on ``data``, logs in ``run_dir``)."""
+    device = models.resolve_device(cfg.device)
+    steps_per_epoch = max(1, n_pairs // cfg.batch_size)
+    flags: dict[str, Any] = {
+        "--train-data": data,
+        "--dataset-type": "webdataset",
+        "--train-num-samples": n_pairs,
+        "--model": cfg.model,
+        "--epochs": cfg.epochs,
+        "--batch-size": cfg.batch_size,
+        "--lr": cfg.lr,
+        "--wd": cfg.wd,
+        "--warmup": cfg.warmup,
+        "--lr-scheduler": "cosine",
+        "--precision": resolve_precision(cfg.precision, device),
+        "--device": device,
+        "--seed": cfg.seed,
+        "--workers": min(cfg.workers, n_shards),  # the trainer asserts shards >= workers
+        "--logs": run_dir,
+        "--name": TRAINER_NAME,
+        "--report-to": "",  # no wandb/tensorboard: we log to MLflow from out.log
+        "--save-frequency": 1,  # with --delete-previous-checkpoint: only the latest epoch
+        "--log-every-n-steps": max(1, min(100, steps_per_epoch // 5)),
+    }
+    if cfg.pretrained is not None:
+        flags["--pretrained"] = cfg.pretrained
+    return [str(x) for kv in flags.items() for x in kv] + ["--delete-previous-checkpoint"]
+
+
+def run_trainer(argv: list[str]) -> None:
+    """Run ``open_clip_train.main.main(argv)`` in-process and undo its global logging changes.
+
+    open_clip_train adds root log handlers (stderr + out.log) and raises every logger to INFO on
+    each call; left alone, a second run in the same process would write into the first run's log.
+    """
+    from open_clip_train.main import main as trainer_main
+
+    models.register_configs()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {
+        n: lg.level for n, lg in root.manager.loggerDict.items() if isinstance(lg, logging.Logger)
+    }
+    try:
+        status = trainer_main(argv)
+    finally:
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        root.setLevel(level)
+        for name, lvl in levels.items():
+            logging.getLogger(name).setLevel(lvl)
+    if status not in (None, 0):
+        raise RuntimeError(f"open_clip_train failed (status {status}); see its log above")
+
+
+def parse_trainer_log(log_path: Path, batch_size: int) -> list[dict[str, float]]:
+    """Per-step rows ``{step, epoch, loss, lr, logit_scale}`` from open_clip_train's ``out.log``.
+
+    ``step`` is the global optimizer step (0-based) the trainer logged at; ``loss`` is that step's
+    loss (not the running average the trainer prints in parentheses).
+    """
+    rows = []
+    for line in Path(log_path).read_text(errors="replace").splitlines():
+        m = LOG_RE.search(line)
+        if m is None:
+            continue
+        epoch, seen, total = int(m["epoch"]), int(m["seen"]), int(m["total"])
+        step = epoch * (total // batch_size) + seen // batch_size - 1
+        rows.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "loss": float(m["loss"]),
+                "lr": float(m["lr"]),
+                "logit_scale": float(m["scale"]),
+            }
+        )
+    return rows
+
+
+def write_loss_csv(rows: list[dict[str, float]], path: Path) -> None:
+    fields = ["step", "epoch", "loss", "lr", "logit_scale"]
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def data_provenance(shard_dir: Path) -> dict[str, Any]:
+    """What the training data is: manifest hash and, for protected data, method/epsilon/trigger.
+
+    ``method`` is ``clean`` unless the manifest (top level, or its ``poison``/``config`` record)
+    names one. Shards without a manifest give ``None`` for the hash.
+    """
+    path = Path(shard_dir) / "manifest.json"
+    if not path.exists():
+        return {
+            "data_manifest_sha256": None,
+            "method": "clean",
+            "epsilon": None,
+            "trigger_len": None,
+        }
+    manifest = shards.load_manifest(shard_dir)
+    out: dict[str, Any] = {"data_manifest_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    for key in ("method", "epsilon", "trigger_len"):
+        records = (manifest, manifest.get("poison"), manifest.get("config"))
+        found = [r.get(key) for r in records if isinstance(r, dict)]
+        found = [v for v in found if isinstance(v, (str, int, float))]
+        out[key] = found[0] if found else None
+    out["method"] = out["method"] or "clean"
+    return out
+
+
+def finalize_checkpoint(run_dir: Path, epochs: int, record: dict[str, Any]) -> Path:
+    """Slim the trainer's last checkpoint into ``run_dir/checkpoint.pt`` (atomic); drop the rest."""
+    ckpt_dir = run_dir / TRAINER_NAME / "checkpoints"
+    last = ckpt_dir / f"epoch_{epochs}.pt"
+    if not last.exists():
+        raise FileNotFoundError(f"open_clip_train left no final checkpoint at {last}")
+    full = torch.load(last, map_location="cpu", weights_only=True)
+    sd = {k.removeprefix("module."): v for k, v in full["state_dict"].items()}
+    slim = {"epoch": full["epoch"], "name": full.get("name"), "state_dict": sd, "mme": record}
+    out = run_dir / "checkpoint.pt"
+    tmp = out.with_name(f".{out.name}.partial")
+    torch.save(slim, tmp)
+    tmp.replace(out)
+    shutil.rmtree(ckpt_dir)  # optimizer state: 3x the model, not needed downstream
+    return out
+
+
+def _clean_run_dir(run_dir: Path) -> None:
+    """Remove our earlier outputs: open_clip_train refuses to reuse an existing log folder."""
+    for name in (TRAINER_NAME, "pairs"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("checkpoint.pt", "train_loss.csv", "train.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def train_params(cfg: VictimConfig, prov: dict[str, Any]) -> dict[str, Any]:
+    """MLflow params of a training run (shared names, see :mod:`mme.tracking`)."""
+    return {
+        "victim_model": cfg.model,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "wd": cfg.wd,
+        "warmup": cfg.warmup,
+        "profile": cfg.profile,
+        "seed": cfg.seed,
+        "pretrained": cfg.pretrained,
+        **prov,
+    }
+
+
+def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
+    """Train ``cfg.model`` on the ``train`` split of ``shards``; return ``run_dir/checkpoint.pt``.
+
+    Deterministic inputs (pairs view, seed) but not bit-reproducible training (data-loader
+    shuffling and threading). Re-running into the same ``run_dir`` replaces its outputs.
+    """
+    shards, run_dir = Path(shards), Path(run_dir)
+    models.check_model_name(cfg.model)
+    device = models.resolve_device(cfg.device)  # fail before any work if cuda is missing
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _clean_run_dir(run_dir)
+    prov = data_provenance(shards)
+    try:
+        data, n_pairs, n_shards = write_pairs(shards, "train", run_dir / "pairs")
+        argv = trainer_argv(cfg, run_dir, data, n_pairs, n_shards)
+        n_images = shards_count(shards)
+        print(
+            f"mme train: {cfg.model} on {n_images} images / {n_pairs} pairs, {cfg.epochs} "
+            f"epochs, device {device}",
+            file=sys.stderr,
+        )
+        with tracking.start_run(
+            tracking.experiment_name(),
+            f"train-{run_dir.name}",
+            train_params(cfg, prov),
+            tags={"stage": "train", "run_dir": str(run_dir)},
+        ):
+            t0 = time.time()
+            run_trainer(argv)
+            wall = time.time() - t0
+            record = {
+                "model": cfg.model,
+                "victim": cfg.model_dump(mode="json"),
+                "train_shards": str(shards),
+                "n_images": n_images,
+                "n_pairs": n_pairs,
+                **prov,
+            }
+            ckpt = finalize_checkpoint(run_dir, cfg.epochs, record)
+            _record_outputs(run_dir, cfg, record, wall, str(device), argv)
+    finally:
+        if not cfg.keep_pairs:
+            shutil.rmtree(run_dir / "pairs", ignore_errors=True)
+    return ckpt
+
+
+def shards_count(shard_dir: Path) -> int:
+    return shards.count_samples(shard_dir, "train")
+
+
+def _record_outputs(
+    run_dir: Path, cfg: VictimConfig, record: dict, wall: float, device: str, argv: list[str]
+) -> None:
+    """Write train_loss.csv + train.json and log the loss curve and files to MLflow."""
+    rows = parse_trainer_log(run_dir / TRAINER_NAME / "out.log", cfg.batch_size)
+    write_loss_csv(rows, run_dir / "train_loss.csv")
+    summary = {
+        **record,
+        "device": device,
+        "precision": argv[argv.index("--precision") + 1],
+        "train_wall_s": round(wall, 2),
+        "final_train_loss": rows[-1]["loss"] if rows else None,
+        "trainer_argv": argv,
+    }
+    shards.write_json_atomic(run_dir / "train.json", summary)
+    steps = [int(r["step"]) for r in rows]
+    for key, name in (("loss", "train_loss"), ("lr", "lr"), ("logit_scale", "logit_scale")):
+        tracking.log_metric_series(name, steps, [r[key] for r in rows])
+    tracking.log_metrics({"train_wall_s": wall, "final_train_loss": summary["final_train_loss"]})
+    for name in ("train.json", "train_loss.csv", f"{TRAINER_NAME}/out.log"):
+        tracking.log_artifact(run_dir / name)
+    print(
+        f"mme train: done in {wall:.0f} s, final loss {summary['final_train_loss']}, "
+        f"checkpoint {run_dir / 'checkpoint.pt'}",
+        file=sys.stderr,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shards",
+        type=Path,
+        default=None,
+        help="shard folder with train-*.tar (default: params.yaml data.out)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="output folder (default: runs/victim-<shards name>)",
+    )
+    add_section_arguments(parser, "victim")
+
+
+def default_shards(params: Path | None) -> Path:
+    """``data.out`` of params.yaml, else the embedded synthetic default."""
+    from mme.config import read_params
+
+    data = (read_params(params).get("data") or {}) if params else {}
+    return Path(data.get("out") or "data/shards/synthetic")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mme.config import ConfigError
+
+    cfg = section_from_args("victim", args)
+    shard_dir = args.shards or default_shards(args.params)
+    if not shards.shard_paths(shard_dir, "train"):
+        raise ConfigError(f"no train-*.tar shards in {shard_dir}: run `mme prepare` first")
+    try:
+        models.check_model_name(cfg.model)
+        models.resolve_device(cfg.device)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(str(err)) from None
+    run_dir = args.run_dir or Path("runs") / f"victim-{Path(shard_dir).name}"
+    print(train_victim(cfg, shard_dir, run_dir))
+    return 0

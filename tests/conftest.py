@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny solid-colour shards and one tiny victim trained on them (per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mme import shards
+
+# Nothing in the tests may reach the network (weights, tokenizers, telemetry).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 220, 40),
+    "black": (15, 15, 15),
+    "white": (240, 240, 240),
+    "purple": (130, 40, 170),
+    "orange": (245, 140, 20),
+}
+
+
+def colour_samples(split: str, n: int, size: int = 32, seed: int = 0) -> list[shards.Sample]:
+    """``n`` solid-colour images (shade jittered) with two captions naming the colour."""
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    out = []
+    for i in range(n):
+        name = names[i % len(names)]
+        rgb = np.clip(np.array(COLOURS[name]) + rng.integers(-12, 13, 3), 0, 255)
+        pixels = np.broadcast_to(rgb.astype(np.uint8), (size, size, 3))
+        captions = [f"a {name} square", f"a picture that is entirely {name}"]
+        meta = {"id": f"{split}-{i:03d}", "source": "test", "colour": name}
+        out.append(
+            shards.Sample(f"{split}-{i:03d}", shards.encode_png(pixels), "png", captions, meta)
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def colour_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shard folder with 40 train and 16 test solid-colour images (2 captions each)."""
+    out = tmp_path_factory.mktemp("colour_shards")
+    shards.write_shards(out, "train", colour_samples("train", 40, seed=0))
+    shards.write_shards(out, "test", colour_samples("test", 16, seed=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(colour_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``mme train`` (CLI, 1 epoch, CPU) once per session, tracked in a temporary MLflow store.
+
+    Returns ``{"run_dir", "checkpoint", "mlflow_uri", "rc"}``.
+    """
+    from mme import cli
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    run_dir = root / "run"
+    argv = ["train", "--params", str(root / "none.yaml"), "--shards", str(colour_shards)]
+    argv += ["--run-dir", str(run_dir), "--model", "mme-tiny-vit", "--epochs", "1"]
+    argv += ["--batch-size", "16", "--warmup", "2", "--device", "cpu", "--workers", "1"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MME_TRACKING", "on")
+        rc = cli.main(argv)
+    return {
+        "run_dir": run_dir,
+        "checkpoint": run_dir / "checkpoint.pt",
+        "mlflow_uri": uri,
+        "rc": rc,
+    }

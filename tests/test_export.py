@@ -1,0 +1,154 @@
+"""Tests of mme.export: folder / webdataset output, round trip through prepare, no overwrite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mme.cli import main
+from mme.export import export
+from mme.shards import (
+    Sample,
+    encode_png,
+    iter_samples,
+    sha256_bytes,
+    shard_paths,
+    write_json_atomic,
+    write_shards,
+)
+
+SIZE = 24
+EPS = 8
+
+
+def make_protected(root: Path, n: int = 7, seed: int = 0) -> list[Sample]:
+    """A small protected set in the ``mme poison`` format (shards, manifest, noise.npy, ...)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        png = encode_png(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+        word = ["red", "dog", "house", "blue"][i % 4]
+        caps = [f"{word} a photo number {i}", f"{word} another caption, é ü {i}"]
+        meta = {"id": f"img-{i:03d}", "source": "test", "sha256": sha256_bytes(png)}
+        meta.update(width=SIZE, height=SIZE, method="mem", epsilon=EPS, protected=True)
+        meta.update(trigger_text=word, trigger_ids=[1000 + i % 4], clean_sha256="0" * 64)
+        samples.append(Sample(meta["id"], png, "png", caps, meta))
+    shards = write_shards(root, "train", samples, maxcount=3)
+    config = {"method": "mem", "epsilon": EPS, "model": "mme-tiny-vit", "trigger_len": 1}
+    splits = {"train": {"images": n, "captions": 2 * n, "shards": shards}}
+    manifest = {"created_by": "mme poison", "config": config, "clean": "/somewhere/clean"}
+    write_json_atomic(root / "manifest.json", {**manifest, "working_size": SIZE, "splits": splits})
+    np.save(root / "noise.npy", np.zeros((n, 3, SIZE, SIZE), np.int8))
+    write_json_atomic(root / "triggers.json", {"ids": [], "trigger_ids": [], "trigger_text": []})
+    return samples
+
+
+@pytest.fixture
+def protected(tmp_path: Path) -> tuple[Path, list[Sample]]:
+    root = tmp_path / "P"
+    return root, make_protected(root)
+
+
+def run_export(prot: Path, out: Path, *extra: str) -> int:
+    return main(["export", "--protected", str(prot), "--out", str(out), *extra])
+
+
+def test_folder_files(protected, tmp_path):
+    prot, samples = protected
+    out = tmp_path / "pub"
+    assert run_export(prot, out) == 0
+    for s in samples:
+        assert (out / f"{s.id}.png").read_bytes() == s.image_bytes
+        assert (out / f"{s.id}.txt").read_text("utf-8").splitlines() == s.captions
+    lines = (out / "metadata.jsonl").read_text("utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["id"] for r in records] == [s.id for s in samples]
+    assert all(r["epsilon"] == EPS and r["method"] == "mem" for r in records)
+    assert records[0]["file"] == f"{samples[0].id}.png"
+    readme = (out / "README.txt").read_text()
+    assert "method: mem" in readme and f"epsilon: {EPS}" in readme
+    # the noise would undo the protection: it must never be published
+    assert not (out / "noise.npy").exists() and not (out / "triggers.json").exists()
+    assert not out.with_name("pub.partial").exists()
+
+
+def test_folder_round_trip_through_prepare(protected, tmp_path):
+    prot, samples = protected
+    out = tmp_path / "pub"
+    assert run_export(prot, out) == 0
+    back = tmp_path / "back"
+    args = ["prepare", "--params", str(tmp_path / "none.yaml"), "--source", "folder"]
+    assert main([*args, "--input", str(out), "--out", str(back)]) == 0
+    read = {s.id: s for s in iter_samples(back, "train")}
+    assert sorted(read) == sorted(s.id for s in samples)
+    for s in samples:
+        assert read[s.id].captions == s.captions
+        assert np.array_equal(read[s.id].image(), s.image())
+
+
+def test_webdataset_copies_shards(protected, tmp_path):
+    prot, samples = protected
+    out = tmp_path / "wds"
+    assert run_export(prot, out, "--format", "webdataset") == 0
+    names = [p.name for p in shard_paths(prot, "train")]
+    assert [p.name for p in shard_paths(out, "train")] == names
+    for name in names:
+        assert (out / name).read_bytes() == (prot / name).read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["epsilon"] == EPS and "clean" not in manifest
+    assert [s.id for s in iter_samples(out, "train")] == [s.id for s in samples]
+    assert not (out / "noise.npy").exists()
+
+
+@pytest.mark.parametrize("fmt", ["folder", "webdataset"])
+def test_refuses_to_overwrite_without_force(protected, tmp_path, capsys, fmt):
+    prot, _ = protected
+    out = tmp_path / "pub"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert run_export(prot, out, "--format", fmt) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+    assert run_export(prot, out, "--format", fmt, "--force") == 0
+    assert not (out / "keep.txt").exists() and (out / "README.txt").exists()
+    assert not any(p.name.startswith((".pub", "pub.")) for p in tmp_path.iterdir())
+
+
+def test_empty_out_dir_is_fine_and_stale_partial_is_replaced(protected, tmp_path):
+    prot, samples = protected
+    out = tmp_path / "pub"
+    out.mkdir()
+    stale = tmp_path / "pub.partial"
+    stale.mkdir()
+    (stale / "junk.png").write_bytes(b"not an image")
+    result = export(prot, out)
+    assert result["splits"]["train"] == {"images": len(samples), "captions": 2 * len(samples)}
+    assert not (out / "junk.png").exists() and not stale.exists()
+
+
+@pytest.mark.parametrize("broken", ["folder", "manifest", "shards"])
+def test_missing_input_exits_2(protected, tmp_path, capsys, broken):
+    prot, _ = protected
+    if broken == "folder":
+        prot = tmp_path / "nowhere"
+    elif broken == "manifest":
+        (prot / "manifest.json").unlink()
+    else:
+        for tar in shard_paths(prot, "train"):
+            tar.unlink()
+    assert run_export(prot, tmp_path / "pub") == 2
+    assert "mme export:" in capsys.readouterr().err
+    assert not (tmp_path / "pub").exists()
+
+
+def test_deterministic(protected, tmp_path):
+    prot, _ = protected
+    a, b = tmp_path / "a", tmp_path / "b"
+    export(prot, a)
+    export(prot, b)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)

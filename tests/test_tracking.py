@@ -1,0 +1,93 @@
+"""mme.tracking: local SQLite store, artifacts inside the store's folder, off switch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mme import tracking
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MME_TRACKING", "on")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _client():
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())
+
+
+def test_run_params_metrics_artifacts(store: Path) -> None:
+    note = store / "note.txt"
+    note.write_text("hello")
+    params = {"method": "mem", "epsilon": 8, "trigger_len": None, "lr": 5e-4}
+    with tracking.start_run("exp-a", "run-1", params, tags={"stage": "test"}) as run_id:
+        tracking.log_metrics({"rsum": 12.5, "bad": float("nan"), "name": "x"}, step=0)
+        tracking.log_metric_series("train_loss", [0, 5, 10], [3.0, 2.0, 1.0])
+        tracking.log_artifact(note)
+        tracking.log_dict({"a": 1}, "d.json")
+    run = _client().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"method": "mem", "epsilon": "8", "lr": "0.0005"}  # None dropped
+    assert run.data.metrics == {"rsum": 12.5, "train_loss": 1.0}
+    assert run.data.tags["stage"] == "test"
+    history = _client().get_metric_history(run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(0, 3.0), (5, 2.0), (10, 1.0)]
+    art_dir = store / "mlartifacts" / "exp-a" / run_id / "artifacts"
+    assert (art_dir / "note.txt").read_text() == "hello" and (art_dir / "d.json").exists()
+    assert not (store / "mlruns").exists()
+
+
+def test_experiment_reused_and_nested(store: Path) -> None:
+    with tracking.start_run("exp-b", "parent", {}) as parent:
+        with tracking.start_run("exp-b", "child", {"x": 1}) as child:
+            pass
+    runs = _client().search_runs([_client().get_experiment_by_name("exp-b").experiment_id])
+    assert {r.info.run_id for r in runs} == {parent, child}
+    assert _client().get_run(child).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_failed_body_marks_run_failed(store: Path) -> None:
+    with pytest.raises(RuntimeError):
+        with tracking.start_run("exp-c", "boom", {}) as run_id:
+            raise RuntimeError("boom")
+    assert _client().get_run(run_id).info.status == "FAILED"
+
+
+def test_default_store_is_project_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    expected = (tmp_path / "mlartifacts" / "e").as_uri()
+    assert tracking.artifact_location("e") == expected
+
+
+def test_off_switch_is_a_no_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MME_TRACKING", "off")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracking.start_run("exp", "r", {"a": 1}) as run_id:
+        tracking.log_metrics({"m": 1.0})
+        tracking.log_artifact(tmp_path)
+    assert run_id is None
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_no_active_run_is_a_no_op(store: Path) -> None:
+    tracking.log_metrics({"m": 1.0})
+    tracking.log_metric_series("s", [0], [1.0])
+    assert not (store / "mlartifacts").exists()
+
+
+def test_telemetry_disabled(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    monkeypatch.delenv("DO_NOT_TRACK", raising=False)
+    with tracking.start_run("exp-t", "r", {}):
+        pass
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"].lower() == "true"
