@@ -105,6 +105,7 @@ class PoisonConfig(Section):
     trigger_rounds: int = Field(5, ge=0, description="rounds with trigger updates H (paper: 5)")
     candidates: int = Field(16, ge=1, description="HotFlip candidates per position (paper: 16)")
     shuffle_captions: bool = Field(True, description="shuffle caption bodies during PGD (MEM)")
+    augment: bool = Field(True, description="EOT over the victim's random-resized-crop")
     protect_fraction: float = Field(1.0, gt=0, le=1, description="share of images protected")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -116,6 +116,7 @@ def _write_webdataset(
 def _write_readme(path: Path, manifest: dict[str, Any], fmt: str, counts: dict) -> None:
     cfg = manifest.get("config", {})
     eps, size = cfg.get("epsilon", "?"), manifest.get("working_size", "?")
+    eps = f"{eps:g}" if isinstance(eps, int | float) else eps
     lines = [
         "Protected image-caption data (unlearnable for CLIP-style training).",
         "",

@@ -16,7 +16,8 @@ id, and for each pair:
 - ``meta``: the stored sha256 matches the image bytes.
 
 Ids in one set only are ``missing`` / ``extra``; a repeated protected id is a ``duplicate``.
-PSNR and SSIM (min/mean/max over all pairs) describe how visible the noise is. Both shard sets
+PSNR and SSIM (min/mean/max over the pairs whose meta says ``protected: true``) describe how
+visible the noise is. Both shard sets
 are streamed side by side; only samples whose partner has not been seen yet are buffered, so an
 in-order pair of sets needs O(1) memory and an out-of-order one still verifies.
 """
@@ -163,8 +164,8 @@ def _num(x: float) -> float | str:
 
 def _summary_line(name: str, s: Summary, fmt: str) -> str:
     if not s.n:
-        return f"  {name:<8} (no pairs)"
-    return f"  {name:<8} min {s.min:{fmt}}   mean {s.mean:{fmt}}   max {s.max:{fmt}}"
+        return f"  {name:<8} (no protected images)"
+    return f"  {name:<8} min {s.min:{fmt}}   mean {s.mean:{fmt}}   max {s.max:{fmt}}   (n={s.n})"
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -314,8 +315,9 @@ def _check_pair(c: Sample, p: Sample, ctx: _Context, report: VerifyReport) -> No
         linf, pixel_problems = _check_pixels(p.id, prot, clean, bound, ctx)
         problems += pixel_problems
         report.max_linf = max(report.max_linf, linf)
-        report.psnr.add(psnr(clean, prot))
-        report.ssim.add(ssim(clean, prot))
+        if with_noise:  # unprotected pairs are identical when valid: inf dB would hide the rest
+            report.psnr.add(psnr(clean, prot))
+            report.ssim.add(ssim(clean, prot))
     problems += _check_trigger(p, ctx) + _check_captions(c, p, ctx)
     for kind, detail in problems:
         report.add(p.id, kind, detail)

@@ -249,6 +249,7 @@ def test_unprotected_sample_must_be_clean(sets, tmp_path):
     prot = write_protected(tmp_path / "P2", clean, records)
     report = verify(clean, prot)
     assert report.ok and report.n_with_noise == len(records) - 1
+    assert report.psnr.n == len(records) - 1 and math.isfinite(report.psnr.max)
 
 
 def test_psnr_ssim_sane(sets, tmp_path):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mme.attacks import hotflip
+from mme.attacks.augment import random_resized_crop
 from mme.attacks.pgd import pgd
 from mme.attacks.store import PairStore
 from mme.attacks.triggers import insert_trigger
@@ -94,6 +95,10 @@ class MEM:
             out = [self.model.encode_text(t.to(self.device)).float() for t in tokens.split(chunk)]
         return F.normalize(torch.cat(out), dim=-1)
 
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """The victim's random-resized-crop when ``cfg.augment`` (EOT), else identity."""
+        return random_resized_crop(x, self.gen) if self.cfg.augment else x
+
     def scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp().detach()
 
@@ -117,7 +122,7 @@ class MEM:
             if not batches:
                 batches = self.batches(protected_only=False)
             idx = batches.pop()
-            x = self.store.images(idx, self.device, noisy=noisy)
+            x = self.augment(self.store.images(idx, self.device, noisy=noisy))
             tokens = self.store.texts(idx, self.store.captions(idx, self.gen), self.with_trigger)
             with self.autocast():
                 img = F.normalize(self.encode_image_raw((x - self.mean) / self.std), dim=-1)
@@ -173,7 +178,7 @@ class MEM:
             delta = self.store.noise_batch(idx, self.device)
 
             def loss_fn(x_adv: torch.Tensor, step: int, txt=txt) -> torch.Tensor:
-                return self.clip_loss(self.encode_image(x_adv), txt[step % len(txt)])
+                return self.clip_loss(self.encode_image(self.augment(x_adv)), txt[step % len(txt)])
 
             delta, loss = pgd(x, delta, loss_fn, s, self.alpha, self.eps, minimize)
             self.store.write_noise(idx, delta)

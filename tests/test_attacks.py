@@ -1,0 +1,156 @@
+"""Pure pieces of the attacks: PGD step, trigger insertion/round trip, HotFlip maths, EOT crop."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mme.attacks import hotflip
+from mme.attacks.augment import random_resized_crop
+from mme.attacks.pgd import pgd, pgd_step
+from mme.attacks.triggers import (
+    candidate_mask,
+    insert_trigger,
+    protected_caption,
+    round_trips,
+    trigger_text,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+@pytest.mark.parametrize("minimize", [True, False])
+@pytest.mark.parametrize("eps_px", [1, 4, 8])
+def test_pgd_step_projects_and_stays_on_pixel_grid(minimize, eps_px):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 3, 8, 8), generator=g).float() / 255
+    delta = torch.zeros_like(x)
+    for _ in range(20):  # more steps than needed to hit the budget
+        grad = torch.randn(x.shape, generator=g)
+        delta = pgd_step(delta, grad, x, 1 / 255, eps_px / 255, minimize)
+    px = delta * 255
+    assert px.abs().max() <= eps_px + 1e-4
+    assert torch.allclose(px, px.round(), atol=1e-3)  # exact int8 storage
+    assert ((x + delta) >= -1e-6).all() and ((x + delta) <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("minimize", [True, False])
+def test_pgd_moves_loss_in_the_right_direction(minimize):
+    x = torch.full((2, 3, 4, 4), 0.5)
+    target = torch.zeros_like(x)
+
+    def loss_fn(x_adv, step):
+        return ((x_adv - target) ** 2).mean()
+
+    delta, _ = pgd(x, torch.zeros_like(x), loss_fn, 4, 1 / 255, 8 / 255, minimize)
+    expected = -4 / 255 if minimize else 4 / 255
+    assert torch.allclose(delta, torch.full_like(x, expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_insert_trigger_matches_tokenizer(tokenizer, k):
+    mask = candidate_mask(tokenizer, tokenizer.vocab_size)
+    ids = torch.nonzero(mask).flatten()[torch.arange(k) * 997 % int(mask.sum())]
+    caption = "a red circle next to a small blue square"
+    text = protected_caption(trigger_text(tokenizer, ids.tolist()), caption)
+    expected = tokenizer([text])
+    got = insert_trigger(tokenizer([caption]), ids[None], tokenizer.eot_token_id)
+    assert torch.equal(got, expected)
+
+
+def test_insert_trigger_truncates_like_tokenizer(tokenizer):
+    caption = " ".join(["word"] * 100)  # longer than the context: EOT must survive at the end
+    trig = torch.tensor([[tokenizer.encode("dog")[0]] * 3])
+    got = insert_trigger(tokenizer([caption]), trig, tokenizer.eot_token_id)
+    expected = tokenizer([protected_caption("dog dog dog", caption)])
+    assert torch.equal(got, expected)
+
+
+def test_candidates_round_trip_through_the_tokenizer(tokenizer):
+    mask = candidate_mask(tokenizer, tokenizer.vocab_size)
+    ids = torch.nonzero(mask).flatten()
+    assert len(ids) > 20_000  # a rich vocabulary of whole words
+    assert tokenizer.sot_token_id not in ids and tokenizer.eot_token_id not in ids
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        trig = ids[torch.randint(len(ids), (5,), generator=g)].tolist()
+        assert round_trips(tokenizer, trig)
+
+
+def test_own_loss_terms_average_to_clip_loss():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    own = hotflip.own_loss_terms(img, txt, txt[:, None], scale)[:, 0]
+    ref = open_clip.ClipLoss()(img, txt, scale)
+    assert torch.allclose(own.mean(), ref, atol=1e-5)
+
+
+def test_own_loss_terms_of_one_changed_text():
+    """A sample's term with a new text equals the batch loss rows recomputed by hand."""
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    new = F.normalize(torch.randn(5, 3, 8, generator=g), dim=-1)
+    scale = torch.tensor(7.0)
+    got = hotflip.own_loss_terms(img, txt, new, scale)
+    for i in range(5):
+        for c in range(3):
+            t = txt.clone()
+            t[i] = new[i, c]
+            logits = scale * img @ t.T
+            want = 0.5 * (
+                F.cross_entropy(logits[i : i + 1], torch.tensor([i]))
+                + F.cross_entropy(logits.T[i : i + 1], torch.tensor([i]))
+            )
+            assert torch.allclose(got[i, c], want, atol=1e-5)
+
+
+def test_greedy_flip_never_increases_own_loss():
+    g = torch.Generator().manual_seed(2)
+    vocab = F.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    img = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+
+    def build(trig):  # "tokens" are the trigger ids themselves
+        return trig
+
+    def encode(tokens):  # text feature = normalised mean of the token vectors
+        return F.normalize(vocab[tokens].mean(dim=1), dim=-1)
+
+    trig = torch.randint(50, (4, 3), generator=g)
+    cands = torch.randint(50, (4, 3, 6), generator=g)
+    scale = torch.tensor(5.0)
+    before = hotflip.own_loss_terms(img, encode(trig), encode(trig)[:, None], scale)[:, 0]
+    new, after = hotflip.greedy_flip(encode, build, trig, cands, img, scale)
+    assert (after <= before + 1e-6).all()
+    assert (new != trig).any()
+
+
+def test_top_candidates_respects_the_allowed_mask():
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(2, 3, 8, generator=g)
+    emb = torch.randn(40, 8, generator=g)
+    allowed = torch.zeros(40, dtype=torch.bool)
+    allowed[10:20] = True
+    cands = hotflip.top_candidates(grad, emb, allowed, 4)
+    assert cands.shape == (2, 3, 4)
+    assert ((cands >= 10) & (cands < 20)).all()
+    best = (-(grad @ emb.T))[..., 10:20].argmax(-1) + 10
+    assert torch.equal(cands[..., 0], best)
+
+
+def test_random_resized_crop_identity_and_shape():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16)
+    same = random_resized_crop(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert torch.allclose(same, x, atol=1e-5)
+    y = random_resized_crop(x.requires_grad_(True), g)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

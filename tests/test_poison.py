@@ -1,0 +1,142 @@
+"""`mme poison` end to end on a tiny synthetic set: outputs, budget, triggers, resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+
+from mme import cli, imageops, shards
+from mme.config import ConfigError, DataConfig, PoisonConfig
+from mme.poison import poison
+from mme.prepare import prepare
+
+FAST = dict(
+    model="mme-tiny-vit",
+    rounds=2,
+    surrogate_steps=2,
+    batch_size=8,
+    trigger_rounds=1,
+    candidates=2,
+    pgd_steps=2,
+    device="cpu",
+    grid_samples=2,
+)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean")
+    prepare(DataConfig(source="synthetic", out=out, n_train=16, n_test=4, image_size=64))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_tracking(monkeypatch):
+    monkeypatch.setenv("MME_TRACKING", "off")
+
+
+def tar_bytes(folder: Path) -> list[bytes]:
+    return [p.read_bytes() for p in shards.shard_paths(folder, "train")]
+
+
+def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "mem", trigger_len=3, **FAST)
+    manifest = poison(cfg)
+    out = cfg.out
+    assert {p.name for p in out.iterdir()} >= {
+        "manifest.json", "noise.npy", "triggers.json", "grid.png", "train-000000.tar"
+    }
+    assert not Path(f"{out}.work").exists()  # work files removed after success
+    noise = np.load(out / "noise.npy")
+    assert noise.dtype == np.int8 and noise.shape == (16, 3, 64, 64)
+    assert np.abs(noise).max() <= 8 and np.abs(noise).max() > 0
+    tok = open_clip.get_tokenizer("mme-tiny-vit")
+    clean_samples = {s.id: s for s in shards.iter_samples(clean, "train")}
+    for i, s in enumerate(shards.iter_samples(out, "train")):
+        c = clean_samples[s.id]
+        base = imageops.to_working_resolution(c.image_bytes, 64)
+        prot = s.image().transpose(2, 0, 1)
+        assert np.array_equal(prot, imageops.apply_noise(base, noise[i]))
+        trig = s.meta["trigger_text"]
+        assert len(s.meta["trigger_ids"]) == 3 and tok.encode(trig) == s.meta["trigger_ids"]
+        assert s.captions == [f"{trig} {cap}" for cap in c.captions]
+    assert manifest["n_protected"] == 16 and len(manifest["rounds"]) == 2
+    assert cli.main(["verify", "--clean", str(clean), "--protected", str(out)]) == 0
+
+
+@pytest.mark.parametrize("method", ["random", "em", "errmax"])
+def test_baselines_have_no_trigger_and_respect_budget(clean, tmp_path, method):
+    cfg = PoisonConfig(clean=clean, out=tmp_path / method, method=method, epsilon=4, **FAST)
+    poison(cfg)
+    noise = np.load(cfg.out / "noise.npy")
+    assert 0 < np.abs(noise).max() <= 4
+    clean_caps = {s.id: s.captions for s in shards.iter_samples(clean, "train")}
+    for s in shards.iter_samples(cfg.out, "train"):
+        assert s.captions == clean_caps[s.id] and s.meta["trigger_text"] == ""
+
+
+def test_partial_protection_leaves_the_rest_untouched(clean, tmp_path):
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "half", protect_fraction=0.5, **FAST)
+    manifest = poison(cfg)
+    assert manifest["n_protected"] == 8
+    noise = np.load(cfg.out / "noise.npy")
+    flags = json.loads((cfg.out / "triggers.json").read_text())["protected"]
+    for row, flag in zip(noise, flags, strict=True):
+        assert (np.abs(row).max() > 0) == flag
+    for s in shards.iter_samples(cfg.out, "train"):
+        assert s.meta["protected"] == (s.meta["trigger_text"] != "")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_and_resumed_run_gives_identical_shards(clean, tmp_path):
+    kw = {**FAST, "rounds": 3, "trigger_rounds": 2}
+    full = PoisonConfig(clean=clean, out=tmp_path / "full", **kw)
+    poison(full)
+
+    cut = PoisonConfig(clean=clean, out=tmp_path / "cut", **kw)
+
+    def kill(r, stats):
+        if r == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        poison(cut, on_round=kill)
+    assert not (cut.out / "manifest.json").exists()
+    poison(cut, resume=True)
+    assert tar_bytes(cut.out) == tar_bytes(full.out)
+    assert np.array_equal(np.load(cut.out / "noise.npy"), np.load(full.out / "noise.npy"))
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--epsilon", "0"], "poison.epsilon = '0'"),
+        (["--epsilon", "300"], "poison.epsilon = '300'"),
+        (["--trigger-len", "0"], "poison.trigger_len = '0'"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--method", "magic"], "poison.method = 'magic'"),
+    ],
+)
+def test_bad_params_fail_before_work(clean, tmp_path, capsys, flags, needle):
+    argv = ["poison", "--clean", str(clean), "--out", str(tmp_path / "x"), *flags]
+    assert cli.main(argv) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_empty_or_missing_dataset_fails_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        poison(PoisonConfig(clean=tmp_path / "nothing", out=tmp_path / "o", **FAST))
+    empty = tmp_path / "empty"
+    shards.write_json_atomic(
+        empty / "manifest.json", {"splits": {"train": {"images": 0}, "test": {"images": 0}}}
+    )
+    with pytest.raises(ConfigError, match="no images"):
+        poison(PoisonConfig(clean=empty, out=tmp_path / "o", **FAST))
