@@ -9,9 +9,10 @@ takes each sample's ``txt`` as ONE caption. So we write a "pairs" view: one samp
 (image, caption), key ``{id}_c{j}``, and train on that. Every caption is a training pair, as in
 the paper's per-row (one caption per CSV row) training; an epoch sees each image once per
 caption. Pairs are written caption-major (all first captions, then all second captions, ...) so
-that the captions of one image sit far apart in the stream and rarely share a batch (a shared
-batch would make an image's own caption a false negative). The view is deleted after training
-unless ``keep_pairs``.
+that one image's captions sit far apart in the stream; the trainer's shard + sample shuffling then
+mixes them much like the paper's shuffled rows (where two captions of one image can also meet in a
+batch, one becoming a false negative of the other). The view is deleted after training unless
+``keep_pairs``.
 
 Output (``run_dir``):
 
@@ -112,7 +113,7 @@ def trainer_argv(
         "--name": TRAINER_NAME,
         "--report-to": "",  # no wandb/tensorboard: we log to MLflow from out.log
         "--save-frequency": 1,  # with --delete-previous-checkpoint: only the latest epoch
-        "--log-every-n-steps": max(1, min(100, steps_per_epoch // 5)),
+        "--log-every-n-steps": max(1, min(100, steps_per_epoch // 20)),
     }
     if cfg.pretrained is not None:
         flags["--pretrained"] = cfg.pretrained
@@ -141,8 +142,11 @@ def run_trainer(argv: list[str]) -> None:
                 root.removeHandler(h)
                 h.close()
         root.setLevel(level)
-        for name, lvl in levels.items():
-            logging.getLogger(name).setLevel(lvl)
+        for name, lg in root.manager.loggerDict.items():
+            if name in levels:
+                lg.setLevel(levels[name])
+            elif isinstance(lg, logging.Logger) and lg.level == logging.INFO:
+                lg.setLevel(logging.NOTSET)  # created during the run, raised to INFO by it
     if status not in (None, 0):
         raise RuntimeError(f"open_clip_train failed (status {status}); see its log above")
 

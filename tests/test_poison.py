@@ -48,7 +48,11 @@ def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
     manifest = poison(cfg)
     out = cfg.out
     assert {p.name for p in out.iterdir()} >= {
-        "manifest.json", "noise.npy", "triggers.json", "grid.png", "train-000000.tar"
+        "manifest.json",
+        "noise.npy",
+        "triggers.json",
+        "grid.png",
+        "train-000000.tar",
     }
     assert not Path(f"{out}.work").exists()  # work files removed after success
     noise = np.load(out / "noise.npy")
