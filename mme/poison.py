@@ -241,6 +241,8 @@ def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None =
         t_gen = time.perf_counter() - t0
         records, n_captions = write_outputs(cfg, store, ids, captions, source_sha, tokenizer)
         manifest = output_manifest(cfg, clean_manifest, store, records, n_captions, mem, t_gen)
+        shards.write_json_atomic(Path(cfg.out) / "manifest.json", manifest)
+        manifest["verify"] = verify_outputs(cfg)
         manifest["seconds_total"] = time.perf_counter() - t0
         shards.write_json_atomic(Path(cfg.out) / "manifest.json", manifest)
         log_outputs(cfg, manifest)
@@ -286,18 +288,32 @@ def output_manifest(cfg, clean_manifest, store, records, n_captions, mem, t_gen)
     }
 
 
+def verify_outputs(cfg: PoisonConfig) -> dict[str, Any]:
+    """Run ``mme verify`` on the fresh output; a violation here is a bug, so it stops the run."""
+    from mme.verify import verify
+
+    report = verify(cfg.clean, cfg.out)
+    if not report.ok:
+        raise RuntimeError(f"protected set failed verification:\n{report.table()}")
+    d = report.to_dict()
+    return {k: d[k] for k in ("ok", "max_linf", "n_checked", "n_with_noise", "psnr", "ssim")}
+
+
 def log_outputs(cfg: PoisonConfig, manifest: dict) -> None:
     from mme import tracking
 
-    out = Path(cfg.out)
-    tracking.log_metrics(
-        {
-            "seconds_generation": manifest["seconds_generation"],
-            "n_protected": manifest["n_protected"],
-        }
-    )
+    keys = ("seconds_generation", "n_protected", "distinct_triggers")
+    summary = manifest["verify"]
+    metrics = {k: manifest[k] for k in keys} | {
+        "verify_max_linf": summary["max_linf"],
+        "verify_ok": float(summary["ok"]),
+    }
+    for q in ("psnr", "ssim"):
+        if summary[q]["n"] and summary[q]["mean"] != "inf":
+            metrics[f"verify_{q}_mean"] = summary[q]["mean"]
+    tracking.log_metrics(metrics)
     for name in ("grid.png", "manifest.json", "triggers.json"):
-        tracking.log_artifact(out / name)
+        tracking.log_artifact(Path(cfg.out) / name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

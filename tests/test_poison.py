@@ -69,6 +69,7 @@ def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
         assert len(s.meta["trigger_ids"]) == 3 and tok.encode(trig) == s.meta["trigger_ids"]
         assert s.captions == [f"{trig} {cap}" for cap in c.captions]
     assert manifest["n_protected"] == 16 and len(manifest["rounds"]) == 2
+    assert manifest["verify"]["ok"] and manifest["verify"]["max_linf"] <= 8
     assert cli.main(["verify", "--clean", str(clean), "--protected", str(out)]) == 0
 
 
@@ -144,3 +145,22 @@ def test_empty_or_missing_dataset_fails_clearly(tmp_path):
     )
     with pytest.raises(ConfigError, match="no images"):
         poison(PoisonConfig(clean=empty, out=tmp_path / "o", **FAST))
+
+
+def test_poison_is_tracked_in_mlflow(clean, tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MME_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "tracked", **FAST)
+    poison(cfg)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    (run,) = [r for r in runs if r.info.run_name == "poison-mem"]
+    assert run.data.params["method"] == "mem" and run.data.params["trigger_len"] == "3"
+    assert run.data.params["epsilon"] == "8.0"
+    assert {"surrogate_loss", "mean_abs_noise_px", "verify_ok"} <= set(run.data.metrics)
+    client = mlflow.MlflowClient(uri)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"grid.png", "manifest.json", "triggers.json"} <= names
