@@ -6,8 +6,19 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
+# dvc.yaml's stages call `mme`: the venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv run test test-fast lint format lock clean
+# Servers: local only, state inside the project (.prefect/, mlflow.db, mlartifacts/).
+HOST         ?= 127.0.0.1
+PREFECT_PORT ?= 4200
+MLFLOW_PORT  ?= 5000
+PREFECT_ENV  := PREFECT_HOME=$(CURDIR)/.prefect \
+	PREFECT_API_URL=http://$(HOST):$(PREFECT_PORT)/api \
+	PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+
+.PHONY: venv run report test test-fast lint format lock clean prefect-server serve mlflow-ui
 
 venv: $(STAMP)
 
@@ -19,9 +30,27 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Main job on the embedded default dataset.
+# Main job on the embedded default dataset: the DVC pipeline (dvc.yaml, params.yaml), its MLflow
+# runs nested in one parent run, then the clean vs protected table.
 run: venv
-	$(BIN)/mme prepare
+	MME_PARENT_RUN=make-run-$$(date +%Y%m%d-%H%M%S) $(BIN)/dvc repro
+	$(BIN)/mme report
+
+report: venv
+	$(BIN)/mme report
+
+# Prefect API + UI on http://$(HOST):$(PREFECT_PORT) (foreground; Ctrl-C stops it).
+prefect-server: venv
+	$(PREFECT_ENV) $(BIN)/prefect server start --host $(HOST) --port $(PREFECT_PORT)
+
+# Serve mme-pipeline/default and reevaluate/scheduled against that server (foreground).
+serve: venv
+	$(PREFECT_ENV) $(BIN)/python -m flows.serve
+
+# MLflow UI on http://$(HOST):$(MLFLOW_PORT) over the project's store.
+mlflow-ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--host $(HOST) --port $(MLFLOW_PORT)
 
 test: venv lint
 	$(BIN)/python -m pytest -q

@@ -68,7 +68,7 @@ class DataConfig(Section):
 VICTIM_PROFILES: dict[str, dict[str, Any]] = {
     "fast": {
         "model": "mme-tiny-vit",
-        "epochs": 6,
+        "epochs": 4,
         "batch_size": 128,
         "lr": 1e-3,
         "wd": 0.1,
@@ -137,6 +137,9 @@ class VictimConfig(Section):
     )
     seed: int = 0
     workers: int = Field(1, ge=0, description="data loader worker processes")
+    threads: int = Field(
+        0, ge=0, description="torch CPU threads (0: torch default); 1 when jobs share the CPU"
+    )
     keep_pairs: bool = Field(False, description="keep the expanded one-caption-per-sample shards")
 
     @model_validator(mode="before")
@@ -156,11 +159,48 @@ class EvaluateConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class TrackingConfig(Section):
+    """``tracking:`` section — where the orchestrators (DVC, Prefect) log: one experiment per
+    dataset. The stage modules themselves read ``$MLFLOW_EXPERIMENT_NAME``; ``dvc.yaml`` and the
+    flows set it from here."""
+
+    experiment: str = Field("mme", min_length=1, description="MLflow experiment (the dataset)")
+
+
+class ReportConfig(Section):
+    """``report:`` section — ``mme report``: the comparison table of evaluated victims."""
+
+    experiment: str | None = Field(None, description="MLflow experiment (None: all)")
+    datasets: list[Path] = Field(
+        default_factory=list,
+        description="keep only runs trained on the current version of these folders ([]: all)",
+    )
+    out: Path | None = Field(None, description="also write the Markdown table here")
+
+
+class ReevaluateConfig(Section):
+    """``reevaluate:`` section — the ``reevaluate`` flow: check a published protected set against
+    a list of victims. Each ``victims`` entry overrides keys of the ``victim:`` section (``{}`` is
+    the pipeline's own victim), so adding an architecture is one line (``- model: RN50``)."""
+
+    protected: Path = Field(Path("data/protected/mem"), description="protected set folder")
+    rev: str | None = Field(None, description="git/DVC revision of `protected` (None: workspace)")
+    clean: Path = Field(
+        Path("data/shards/synthetic"), description="clean shards with the test split"
+    )
+    runs: Path = Field(Path("runs/reevaluate"), description="victim run folders go here")
+    cron: str = Field("0 3 * * *", description="schedule of the `reevaluate/scheduled` deployment")
+    victims: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "data": DataConfig,
     "poison": PoisonConfig,
     "victim": VictimConfig,
     "evaluate": EvaluateConfig,
+    "tracking": TrackingConfig,
+    "report": ReportConfig,
+    "reevaluate": ReevaluateConfig,
 }
 
 
@@ -200,6 +240,24 @@ def load_section(
         return SECTIONS[section](**values)
     except ValidationError as err:
         raise ConfigError(format_validation_error(section, err)) from None
+
+
+def reevaluation_victims(params_path: Path | None = DEFAULT_PARAMS) -> list[VictimConfig]:
+    """The ``reevaluate.victims`` of ``params_path``, each merged over its ``victim:`` section."""
+    raw = read_params(params_path) if params_path else {}
+    base = dict(raw.get("victim") or {})
+    entries = load_section("reevaluate", params_path).victims
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            out.append(VictimConfig(**{**base, **entry}))
+        except ValidationError as err:
+            raise ConfigError(
+                format_validation_error("victim", err).replace(
+                    "victim.", f"reevaluate.victims[{i}]."
+                )
+            ) from None
+    return out
 
 
 def add_section_arguments(parser: Any, section: str, skip: tuple[str, ...] = ()) -> None:

@@ -148,6 +148,29 @@ def eval_params(
     return params
 
 
+def evaluate_and_log(
+    cfg: EvaluateConfig,
+    checkpoint: Path,
+    shard_dir: Path,
+    split: str = "test",
+    model: str | None = None,
+    out: Path | None = None,
+) -> dict[str, float]:
+    """:func:`evaluate_checkpoint` inside an MLflow ``evaluate`` run (params: the victim, its
+    training data and the test data); writes ``out`` (metrics JSON) when given."""
+    record = checkpoint_record(checkpoint)
+    name = resolve_model_name(model, record)
+    params = eval_params(record, name, checkpoint, shard_dir, split)
+    run_name = f"evaluate-{Path(checkpoint).parent.name}"
+    with tracking.start_run(tracking.experiment_name(), run_name, params, {"stage": "evaluate"}):
+        metrics = evaluate_checkpoint(cfg, checkpoint, name, shard_dir, split)
+        tracking.log_metrics(metrics)
+        if out is not None:
+            shards.write_json_atomic(out, metrics)
+            tracking.log_artifact(out)
+    return metrics
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
@@ -189,13 +212,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as err:
         raise ConfigError(str(err)) from None
     out = args.out or checkpoint.parent / "metrics.json"
-    params = eval_params(record, name, checkpoint, shard_dir, args.split)
-    run_name = f"evaluate-{checkpoint.parent.name}"
-    with tracking.start_run(tracking.experiment_name(), run_name, params, {"stage": "evaluate"}):
-        metrics = evaluate_checkpoint(cfg, checkpoint, name, shard_dir, args.split)
-        shards.write_json_atomic(out, metrics)
-        tracking.log_metrics(metrics)
-        tracking.log_artifact(out)
+    metrics = evaluate_and_log(cfg, checkpoint, shard_dir, args.split, name, out)
     print(format_table(metrics))
     print(f"mme evaluate: wrote {out}", file=sys.stderr)
     return 0

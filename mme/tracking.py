@@ -10,6 +10,11 @@ MLflow). MLflow's usage telemetry is always disabled.
 
 Runs use the same parameter names across stages: ``method``, ``epsilon``, ``trigger_len``,
 ``victim_model``, ``epochs``, ``batch_size``, ``lr``, ``data_manifest_sha256``.
+
+Parent runs: inside an active run (a Prefect flow's pipeline run) a new run is nested in it, in
+the parent's experiment. Across processes (DVC runs each stage as its own command)
+``$MME_PARENT_RUN`` (else ``$DVC_EXP_NAME``, which ``dvc exp run`` sets) names a parent run: the
+first stage creates it in the experiment, later stages find it by its ``mme.parent`` tag.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ PARAM_NAMES = (
     "lr",
     "data_manifest_sha256",
 )
+PARENT_TAG = "mme.parent"
 
 
 def enabled() -> bool:
@@ -104,13 +110,84 @@ def start_run(
         yield None
         return
     mlflow = _mlflow()
-    exp_id = _experiment_id(mlflow, experiment)
-    nested = nested or mlflow.active_run() is not None
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested) as run:
-        mlflow.log_params(_clean_params(params))
-        if tags:
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
-        yield run.info.run_id
+    active = mlflow.active_run()
+    parent_id = None
+    if active is not None:
+        # MLflow only shows nesting within one experiment: a child joins its parent's.
+        exp_id, nested = active.info.experiment_id, True
+    else:
+        exp_id = _experiment_id(mlflow, experiment)
+        parent_id = _named_parent(mlflow, exp_id)
+    with mlflow.start_run(
+        experiment_id=exp_id, run_name=run_name, nested=nested, parent_run_id=parent_id
+    ) as run:
+        status = "FAILED"
+        try:
+            mlflow.log_params(_clean_params(params))
+            if tags:
+                mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            yield run.info.run_id
+            status = "FINISHED"
+        finally:
+            if parent_id is not None:  # the parent spans its children: ends with the latest
+                mlflow.MlflowClient().set_terminated(parent_id, status)
+
+
+def parent_run_name() -> str | None:
+    """The cross-process parent run's name: ``$MME_PARENT_RUN``, else ``$DVC_EXP_NAME``."""
+    return os.environ.get("MME_PARENT_RUN") or os.environ.get("DVC_EXP_NAME") or None
+
+
+def _named_parent(mlflow: Any, exp_id: str) -> str | None:
+    """Id of the run tagged ``mme.parent = parent_run_name()`` in ``exp_id`` (created if new)."""
+    name = parent_run_name()
+    if not name:
+        return None
+    client = mlflow.MlflowClient()
+    found = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{name}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {PARENT_TAG: name, "stage": "pipeline", "mlflow.runName": name}
+    return client.create_run(exp_id, tags=tags, run_name=name).info.run_id
+
+
+def search_runs(filter_string: str = "", experiment: str | None = None) -> list[dict[str, Any]]:
+    """Finished runs matching an MLflow ``filter_string`` in ``experiment`` (None: all), newest
+    first, as plain dicts ``{run_id, run_name, experiment, start_time, params, metrics, tags}``.
+
+    Empty when tracking is off or the experiment does not exist.
+    """
+    if not enabled():
+        return []
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    if experiment is None:
+        experiments = client.search_experiments()
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        experiments = [exp] if exp is not None else []
+    if not experiments:
+        return []
+    names = {e.experiment_id: e.name for e in experiments}
+    status = "attributes.status = 'FINISHED'"
+    runs = mlflow.search_runs(
+        experiment_ids=list(names),
+        filter_string=f"{filter_string} and {status}" if filter_string else status,
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    return [
+        {
+            "run_id": r.info.run_id,
+            "run_name": r.info.run_name,
+            "experiment": names.get(r.info.experiment_id, r.info.experiment_id),
+            "start_time": r.info.start_time,
+            "params": dict(r.data.params),
+            "metrics": dict(r.data.metrics),
+            "tags": dict(r.data.tags),
+        }
+        for r in runs
+    ]
 
 
 def _active() -> Any | None:

@@ -28,6 +28,7 @@ Everything is also logged to MLflow (via :mod:`mme.tracking`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import logging
@@ -118,6 +119,24 @@ def trainer_argv(
     if cfg.pretrained is not None:
         flags["--pretrained"] = cfg.pretrained
     return [str(x) for kv in flags.items() for x in kv] + ["--delete-previous-checkpoint"]
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the body with ``n`` torch intra-op threads (0: leave as is).
+
+    Why: on a small shared CPU, two jobs that each spin up one thread per core slow each other
+    down ~10x (OpenMP threads wait on each other); one thread each keeps both near full speed.
+    """
+    if n <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_trainer(argv: list[str]) -> None:
@@ -280,7 +299,8 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
             tags={"stage": "train", "run_dir": str(run_dir)},
         ):
             t0 = time.time()
-            run_trainer(argv)
+            with cpu_threads(cfg.threads):
+                run_trainer(argv)
             wall = time.time() - t0
             record = {
                 "model": cfg.model,

@@ -1,0 +1,53 @@
+"""Flow ``reevaluate``: check a published protected dataset against (new) victim models.
+
+Given the protected set (a folder, or its path at a git/DVC revision) and the victims listed in
+params.yaml (``reevaluate.victims``, read when the run starts, so a victim added to the file
+is picked up by the next scheduled run), it trains and evaluates every victim that has no
+``evaluate`` result for that dataset version in MLflow yet, and returns the updated table.
+``flows/serve.py`` deploys it as ``reevaluate/scheduled`` (cron ``reevaluate.cron``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows.tasks import (
+    evaluate_uncached,
+    fetch_task,
+    pending_task,
+    plan_task,
+    reevaluate_params,
+    report_task,
+    train_uncached,
+    version_task,
+)
+from mme import tracking
+from mme.config import VictimConfig
+
+
+@flow(name="reevaluate", log_prints=True)
+def reevaluate(
+    params: Path = Path("params.yaml"),
+    protected: Path | None = None,
+    rev: str | None = None,
+    victims: list[VictimConfig] | None = None,
+) -> str:
+    """Train + evaluate the victims of ``params`` (or ``victims``) not yet evaluated on the
+    protected set (``protected``/``rev`` override params.yaml); returns the Markdown table."""
+    plan = plan_task(params, protected, rev, victims)
+    dataset = fetch_task(plan.cfg.protected, plan.cfg.rev, plan.cfg.runs)
+    version = version_task(dataset)
+    todo = pending_task(version, plan.victims, plan.experiment, plan.cfg.runs)
+    run_name = f"reevaluate-{version[:8]}"
+    params_ = reevaluate_params(version, plan, len(todo))
+    with tracking.start_run(plan.experiment, run_name, params_, {"stage": "reevaluate"}):
+        for victim, run_dir in todo:
+            checkpoint = train_uncached(victim, dataset, run_dir)
+            evaluate_uncached(plan.evaluate, checkpoint, plan.cfg.clean)
+    return report_task(plan.experiment, [dataset])
+
+
+if __name__ == "__main__":
+    reevaluate()

@@ -1,0 +1,209 @@
+"""Prefect tasks: thin typed wrappers of the ``mme`` stage functions, shared by the flows.
+
+Caching. A task's result is reused when its cache key matches an earlier run's: the key hashes
+the task's source code, its configuration and the *content* of its inputs (the sha256 of an
+input dataset's ``manifest.json``, of a checkpoint file, of the CSVs of a csv source), so a
+changed upstream dataset re-runs everything downstream even at the same path. Outputs live on
+disk: after deleting them, run once with ``PREFECT_TASKS_REFRESH_CACHE=true``.
+
+Retries: only on the tasks that do I/O that can fail transiently (reading the input dataset,
+``dvc get``, the MLflow store); a failed poison or training run would fail again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
+from pydantic import BaseModel
+
+from mme import report
+from mme.config import (
+    DataConfig,
+    EvaluateConfig,
+    PoisonConfig,
+    ReevaluateConfig,
+    VictimConfig,
+    load_section,
+    reevaluation_victims,
+)
+from mme.evaluate import evaluate_and_log
+from mme.poison import poison
+from mme.prepare import prepare
+from mme.victim import train_victim
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
+
+
+# --- cache keys --------------------------------------------------------------------------------
+
+
+def _file_sha256(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _digest(*parts: Any) -> str:
+    def plain(x: Any) -> Any:
+        return x.model_dump(mode="json") if isinstance(x, BaseModel) else str(x)
+
+    return hashlib.sha256(json.dumps([plain(p) for p in parts]).encode()).hexdigest()
+
+
+def _prepare_key(_ctx: Any, p: dict[str, Any]) -> str:
+    cfg: DataConfig = p["cfg"]
+    return _digest(cfg, *(_file_sha256(f) for f in (cfg.csv, cfg.train_csv, cfg.test_csv)))
+
+
+def _poison_key(_ctx: Any, p: dict[str, Any]) -> str:
+    return _digest(p["cfg"], p["clean"], report.dataset_version(p["clean"]))
+
+
+def _train_key(_ctx: Any, p: dict[str, Any]) -> str:
+    return _digest(p["cfg"], p["shards"], report.dataset_version(p["shards"]), p["run_dir"])
+
+
+def _evaluate_key(_ctx: Any, p: dict[str, Any]) -> str:
+    return _digest(p["cfg"], _file_sha256(p["checkpoint"]), report.dataset_version(p["clean"]))
+
+
+def _cached(key_fn: Any) -> dict[str, Any]:
+    return {
+        "cache_policy": CacheKeyFnPolicy(cache_key_fn=key_fn) + TASK_SOURCE,
+        "persist_result": True,
+    }
+
+
+# --- pipeline stages ---------------------------------------------------------------------------
+
+
+@task(name="prepare", **IO_RETRIES, **_cached(_prepare_key))
+def prepare_task(cfg: DataConfig) -> Path:
+    """Ingest ``cfg``'s source into ``cfg.out``; returns that folder."""
+    prepare(cfg)
+    return Path(cfg.out)
+
+
+@task(name="poison", **_cached(_poison_key))
+def poison_task(cfg: PoisonConfig, clean: Path) -> Path:
+    """Protect ``clean``'s train split into ``cfg.out``; returns that folder."""
+    poison(cfg.model_copy(update={"clean": Path(clean)}))
+    return Path(cfg.out)
+
+
+@task(name="train", task_run_name="train-{run_dir.name}", **_cached(_train_key))
+def train_task(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
+    """Train a victim on ``shards``; returns its checkpoint."""
+    return train_victim(cfg, Path(shards), Path(run_dir))
+
+
+@task(name="evaluate", task_run_name="evaluate-{checkpoint.parent.name}", **_cached(_evaluate_key))
+def evaluate_task(cfg: EvaluateConfig, checkpoint: Path, clean: Path) -> dict[str, float]:
+    """Retrieval metrics of ``checkpoint`` on ``clean``'s test split (logged to MLflow)."""
+    checkpoint = Path(checkpoint)
+    return evaluate_and_log(cfg, checkpoint, Path(clean), out=checkpoint.parent / "metrics.json")
+
+
+# The reevaluate flow decides from MLflow what to run: no result cache on top of it (a cached
+# run would log nothing, and the victim would stay "missing" forever).
+train_uncached = train_task.with_options(cache_policy=NO_CACHE, persist_result=False)
+evaluate_uncached = evaluate_task.with_options(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="report", **IO_RETRIES)
+def report_task(experiment: str | None, datasets: list[Path]) -> str:
+    """The Markdown comparison table of the runs trained on ``datasets`` (printed too)."""
+    table = report.markdown_table(report.mlflow_rows(experiment, [Path(d) for d in datasets]))
+    print(table or "(no evaluated victims)")
+    return table
+
+
+def run_params(poison_cfg: PoisonConfig, victim: VictimConfig) -> dict[str, Any]:
+    """The pipeline's parent-run params, with the names every stage uses."""
+    return {
+        "method": poison_cfg.method,
+        "epsilon": poison_cfg.epsilon,
+        "trigger_len": poison_cfg.trigger_len if poison_cfg.method == "mem" else 0,
+        "victim_model": victim.model,
+        "epochs": victim.epochs,
+        "batch_size": victim.batch_size,
+        "lr": victim.lr,
+    }
+
+
+# --- reevaluate --------------------------------------------------------------------------------
+
+
+class Plan(BaseModel):
+    """What a ``reevaluate`` run works on, read from params.yaml when it starts."""
+
+    cfg: ReevaluateConfig
+    victims: list[VictimConfig]
+    evaluate: EvaluateConfig
+    experiment: str
+
+
+@task(name="load-plan")
+def plan_task(
+    params: Path, protected: Path | None, rev: str | None, victims: list[VictimConfig] | None
+) -> Plan:
+    """``reevaluate``/``evaluate``/``tracking`` sections of ``params`` (+ the flow's overrides)."""
+    cfg = load_section("reevaluate", params, {"protected": protected, "rev": rev})
+    return Plan(
+        cfg=cfg,
+        victims=victims if victims is not None else reevaluation_victims(params),
+        evaluate=load_section("evaluate", params),
+        experiment=load_section("tracking", params).experiment,
+    )
+
+
+@task(name="fetch-dataset", **IO_RETRIES)
+def fetch_task(protected: Path, rev: str | None, runs: Path) -> Path:
+    """``protected`` itself, or (``rev`` given) its copy at that git/DVC revision (``dvc get``)."""
+    if rev is None:
+        return Path(protected)
+    dest = Path(runs) / "datasets" / re.sub(r"[^A-Za-z0-9._-]", "_", rev)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "dvc", "get", ".", str(protected), "--rev", rev]
+    subprocess.run([*cmd, "-o", str(dest), "--force"], check=True)
+    return dest
+
+
+@task(name="dataset-version")
+def version_task(dataset: Path) -> str:
+    """The dataset version: sha256 of its ``manifest.json``."""
+    version = report.dataset_version(dataset)
+    if version is None:
+        raise FileNotFoundError(f"{dataset}/manifest.json not found: not an mme dataset")
+    return version
+
+
+@task(name="pending-victims", **IO_RETRIES)
+def pending_task(
+    version: str, victims: list[VictimConfig], experiment: str, runs: Path
+) -> list[tuple[VictimConfig, Path]]:
+    """Victims with no result for ``version`` in MLflow, each with its run folder."""
+    todo = report.pending_victims(version, victims, experiment)
+    print(
+        f"{len(victims) - len(todo)} of {len(victims)} victims already evaluated on {version[:8]}"
+    )
+    return [(v, Path(runs) / version[:12] / victim_slug(v)) for v in todo]
+
+
+def victim_slug(victim: VictimConfig) -> str:
+    """A folder name for a victim: its model and a short hash of its identity."""
+    ident = report.victim_identity(victim)
+    return f"{victim.model}-{_digest(*sorted(ident.items()))[:8]}"
+
+
+def reevaluate_params(version: str, plan: Plan, n_new: int) -> dict[str, Any]:
+    """The reevaluate parent-run params."""
+    return {"data_manifest_sha256": version, "n_victims": len(plan.victims), "n_new": n_new}

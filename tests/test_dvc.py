@@ -1,0 +1,145 @@
+"""The DVC pipeline end to end on a tiny config, in a temporary copy of the repo: ``dvc repro``,
+``dvc push`` to a local remote, ``dvc exp run -S``, ``dvc exp show``, ``dvc metrics diff``, the
+MLflow parent runs, and ``dvc get`` of the protected set at a revision (``reevaluate --rev``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COPY = ["mme", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore"]
+TINY = {
+    "data": {"n_train": 16, "n_test": 8},
+    "poison": {"rounds": 1, "surrogate_steps": 1, "batch_size": 8, "pgd_steps": 1},
+    "victim": {"epochs": 1, "batch_size": 8, "warmup": 1, "device": "cpu"},
+    "evaluate": {"device": "cpu"},
+}
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("git") is None, reason="needs git"),
+    pytest.mark.skipif(not (BIN / "dvc").exists(), reason="needs dvc in the venv"),
+]
+
+
+def sh(repo: Path, *cmd: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def dvc(repo: Path, *args: str) -> str:
+    return sh(repo, str(BIN / "dvc"), *args)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC repo with this project's pipeline and a tiny params.yaml, reproduced once."""
+    root = tmp_path_factory.mktemp("dvc")
+    repo = root / "repo"
+    for name in COPY:
+        src, dst = REPO / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MME_TRACKING", "on")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MME_PARENT_RUN", "test-repro")
+        mp.delenv("DVC_EXP_NAME", raising=False)
+        sh(repo, "git", "init", "-q")
+        sh(repo, "git", "config", "user.email", "test@example.com")
+        sh(repo, "git", "config", "user.name", "test")
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", "pipeline")
+        dvc(repo, "repro")
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", "repro")
+        mp.delenv("MME_PARENT_RUN")
+        yield repo
+
+
+def _mlflow_runs() -> list[dict]:
+    from mme import tracking
+
+    return tracking.search_runs("", "synthetic")
+
+
+def test_repro_outputs_and_metrics(repo: Path) -> None:
+    for name in ("clean", "protected"):
+        metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
+        assert metrics["n_images"] == 8
+        assert (repo / "reports" / "recall" / f"{name}.csv").exists()
+    assert "| clean |" in (repo / "reports" / "table.md").read_text()
+    assert "Data and pipelines are up to date" in dvc(repo, "status")
+    assert "metrics/protected.json" in dvc(repo, "metrics", "show")
+
+
+def test_push_to_local_remote(repo: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    dvc(repo, "remote", "add", "--local", "-d", "test", str(remote))
+    dvc(repo, "push")
+    pushed = [p for p in remote.rglob("*") if p.is_file()]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    protected = lock["stages"]["poison"]["outs"][0]
+    assert protected["path"] == "data/protected/mem" and protected["nfiles"] >= 3
+    assert len(pushed) >= protected["nfiles"]
+
+
+def test_mlflow_parent_run_per_pipeline_run(repo: Path) -> None:
+    runs = _mlflow_runs()
+    (parent,) = [r for r in runs if r["run_name"] == "test-repro"]
+    children = {
+        r["run_name"] for r in runs if r["tags"].get("mlflow.parentRunId") == parent["run_id"]
+    }
+    assert children == {
+        "poison-mem",
+        "train-clean",
+        "train-protected",
+        "evaluate-clean",
+        "evaluate-protected",
+    }
+
+
+def test_exp_run_show_and_metrics_diff(repo: Path) -> None:
+    out = dvc(repo, "exp", "run", "-S", "poison.epsilon=4", "-n", "eps4")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"poison", "train_protected", "evaluate_protected", "report"}
+    exps = json.loads(dvc(repo, "exp", "show", "--json"))
+    names = {e.get("name") for base in exps for e in (base.get("experiments") or [])}
+    assert "eps4" in names
+    diff = json.loads(dvc(repo, "metrics", "diff", "HEAD", "--json"))
+    assert "metrics/protected.json" in diff and "metrics/clean.json" not in diff
+    # The experiment's stages nest under a parent run named after it.
+    runs = _mlflow_runs()
+    (parent,) = [r for r in runs if r["run_name"] == "eps4"]
+    assert any(r["tags"].get("mlflow.parentRunId") == parent["run_id"] for r in runs)
+
+
+def test_fetch_protected_set_at_revision(repo: Path, tmp_path: Path, monkeypatch) -> None:
+    # `reevaluate --rev`: the protected set as committed (epsilon 8), whatever the workspace
+    # holds (after the experiment above: epsilon 4).
+    from flows.tasks import fetch_task
+
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    got = fetch_task.fn(Path("data/protected/mem"), "HEAD", tmp_path)
+    assert got.is_relative_to(tmp_path)
+    assert json.loads((got / "manifest.json").read_text())["config"]["epsilon"] == 8.0

@@ -1,0 +1,136 @@
+"""Prefect flows on a tiny config, under ``prefect_test_harness``, tracked in a temporary MLflow
+store: the pipeline (nested runs, result cache) and ``reevaluate`` (skips evaluated victims,
+evaluates a newly added one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("prefect")
+
+from prefect.settings import (  # noqa: E402
+    PREFECT_HOME,
+    PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+    PREFECT_SERVER_ANALYTICS_ENABLED,
+    temporary_settings,
+)
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from mme import tracking  # noqa: E402
+from mme.config import DataConfig, EvaluateConfig, PoisonConfig, VictimConfig  # noqa: E402
+
+EXPERIMENT = "tiny"
+TINY_POISON = dict(rounds=1, surrogate_steps=1, batch_size=8, pgd_steps=1, trigger_rounds=1)
+TINY_VICTIM = dict(model="mme-tiny-vit", epochs=1, batch_size=8, warmup=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):
+    """A Prefect test server + PREFECT_HOME and an MLflow store, all temporary; cwd = root."""
+    root = tmp_path_factory.mktemp("flows")
+    settings = {
+        PREFECT_HOME: root / "prefect",
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / "prefect" / "storage",
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MME_TRACKING", "on")
+        mp.delenv("MME_PARENT_RUN", raising=False)
+        mp.delenv("DVC_EXP_NAME", raising=False)
+        mp.chdir(root)
+        with temporary_settings(updates=settings), prefect_test_harness(120):
+            yield root
+
+
+def _pipeline_args(root: Path) -> dict:
+    clean, protected = root / "shards" / "tiny", root / "protected" / "mem"
+    return {
+        "data": DataConfig(out=clean, n_train=16, n_test=8),
+        "poison": PoisonConfig(clean=clean, out=protected, device="cpu", **TINY_POISON),
+        "victim": VictimConfig(**TINY_VICTIM),
+        "evaluate": EvaluateConfig(device="cpu"),
+        "runs": root / "runs",
+        "experiment": EXPERIMENT,
+    }
+
+
+def _runs(stage: str) -> list[dict]:
+    return tracking.search_runs(f"tags.stage = '{stage}'", EXPERIMENT)
+
+
+@pytest.fixture(scope="module")
+def pipeline_result(env: Path) -> dict:
+    from flows.pipeline import mme_pipeline
+
+    return mme_pipeline(**_pipeline_args(env))
+
+
+def test_pipeline_runs_and_nests_stage_runs(env: Path, pipeline_result: dict) -> None:
+    assert set(pipeline_result) == {"clean", "mem"}
+    assert all(m["n_images"] == 8 for m in pipeline_result.values())
+    assert (env / "protected" / "mem" / "manifest.json").exists()
+    (parent,) = _runs("pipeline")
+    assert (
+        parent["params"]["method"] == "mem" and parent["params"]["victim_model"] == "mme-tiny-vit"
+    )
+    children = tracking.search_runs(f"tags.mlflow.parentRunId = '{parent['run_id']}'", EXPERIMENT)
+    names = sorted(r["run_name"] for r in children)
+    assert names == [
+        "evaluate-clean",
+        "evaluate-protected",
+        "poison-mem",
+        "train-clean",
+        "train-protected",
+    ]
+
+
+def test_pipeline_rerun_is_served_from_cache(env: Path, pipeline_result: dict) -> None:
+    from flows.pipeline import mme_pipeline
+
+    again = mme_pipeline(**_pipeline_args(env))
+    assert again == pipeline_result
+    assert len(_runs("pipeline")) == 2
+    assert len(_runs("train")) == 2 and len(_runs("evaluate")) == 2  # nothing re-ran
+
+
+def _write_params(root: Path, victims: list[dict]) -> Path:
+    args = _pipeline_args(root)
+    params = {
+        "victim": TINY_VICTIM,
+        "evaluate": {"device": "cpu"},
+        "tracking": {"experiment": EXPERIMENT},
+        "reevaluate": {
+            "protected": str(args["poison"].out),
+            "clean": str(args["data"].out),
+            "runs": str(root / "reevaluate"),
+            "victims": victims,
+        },
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_reevaluate_skips_evaluated_and_runs_new_victims(env: Path, pipeline_result: dict) -> None:
+    from flows.reevaluate import reevaluate
+
+    # The pipeline already evaluated its own victim ({}) on this dataset version.
+    params = _write_params(env, [{}])
+    n_train = len(_runs("train"))
+    reevaluate(params=params)
+    assert len(_runs("train")) == n_train
+
+    params = _write_params(env, [{}, {"model": "mme-tiny-rn"}])
+    table = reevaluate(params=params)
+    new = _runs("train")[: len(_runs("train")) - n_train]
+    assert [r["params"]["victim_model"] for r in new] == ["mme-tiny-rn"]
+    assert "mme-tiny-rn" in table and "mme-tiny-vit" in table
+    parents = _runs("reevaluate")
+    assert [p["params"]["n_new"] for p in parents] == ["1", "0"]  # newest first
+
+    reevaluate(params=params)  # nothing left to do
+    assert len(_runs("train")) == n_train + 1

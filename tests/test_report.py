@@ -1,0 +1,161 @@
+"""``mme report`` (table from MLflow runs or metrics files, recall curves), the victim identity
+``reevaluate`` uses, and the tracking helpers they rely on (search, cross-process parents)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mme import cli, report, tracking
+from mme.config import VictimConfig
+
+METRICS = {
+    **{f"{d}_r{k}": 10.0 * k for d in ("i2t", "t2i") for k in (1, 5, 10)},
+    "rsum": 320.0,
+    "rsum_over_chance": 4.0,
+}
+
+
+def _run(stage="evaluate", start=0, **params) -> dict:
+    base = {"eval_shards": "data/shards/synthetic", "data_manifest_sha256": "a" * 64}
+    base |= {"victim_model": "mme-tiny-vit", "epochs": "6", "batch_size": "128", "lr": "0.001"}
+    return {
+        "run_id": f"r{start}",
+        "start_time": start,
+        "params": base | params,
+        "metrics": dict(METRICS),
+        "tags": {"stage": stage},
+    }
+
+
+def test_rows_keep_newest_per_dataset_version_and_victim() -> None:
+    runs = [
+        _run(start=3, method="mem", epsilon="8.0", data_manifest_sha256="b" * 64),
+        _run(start=2, method="clean", rsum_marker="newest"),
+        _run(start=1, method="clean"),  # older duplicate: dropped
+        _run(stage="train", start=0, method="clean"),  # not an evaluation
+    ]
+    rows = report.rows_from_runs(runs)
+    assert [(r.labels["method"], r.labels["data"]) for r in rows] == [
+        ("clean", "aaaaaaaa"),
+        ("mem", "bbbbbbbb"),
+    ]
+    assert rows[0].labels["ε"] == "—" and rows[1].labels["ε"] == "8.0"
+    assert rows[0].labels["dataset"] == "synthetic"
+    assert report.rows_from_runs(runs, versions={"b" * 64})[0].labels["method"] == "mem"
+
+
+def test_markdown_table() -> None:
+    table = report.markdown_table(report.rows_from_runs([_run(method="clean")]))
+    header, rule, row = table.splitlines()
+    assert header.startswith("| dataset | method | ε | data | victim | epochs | i2t R@1 |")
+    assert header.endswith("| rsum | rsum/chance |")
+    assert rule.count("---:") == 8
+    assert row == (
+        "| synthetic | clean | — | aaaaaaaa | mme-tiny-vit | 6 | 10.0 | 50.0 | 100.0 "
+        "| 10.0 | 50.0 | 100.0 | 320.0 | 4.00 |"
+    )
+    assert report.markdown_table([]) == ""
+
+
+def test_victim_identity_matches_logged_params() -> None:
+    victim = VictimConfig(model="mme-tiny-vit", epochs=6, batch_size=128, lr=1e-3)
+    ident = report.victim_identity(victim)
+    assert report.is_evaluated(_run(), "a" * 64, ident)
+    assert report.is_evaluated(_run(lr="1e-3"), "a" * 64, ident)  # same number, other spelling
+    assert not report.is_evaluated(_run(), "b" * 64, ident)
+    assert not report.is_evaluated(_run(epochs="7"), "a" * 64, ident)
+
+
+def test_metrics_files_table_and_recall_curves(tmp_path: Path, capsys) -> None:
+    for name in ("clean", "protected"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(METRICS))
+    out, curves = tmp_path / "table.md", tmp_path / "recall"
+    argv = ["report", "--params", str(tmp_path / "none.yaml"), "--out", str(out)]
+    argv += ["--metrics", str(tmp_path / "clean.json"), str(tmp_path / "protected.json")]
+    assert cli.main([*argv, "--recall-dir", str(curves)]) == 0
+    printed = capsys.readouterr().out
+    assert "| clean | 10.0 |" in printed and out.read_text().strip() == printed.strip()
+    lines = (curves / "protected.csv").read_text().splitlines()
+    assert lines == ["k,i2t,t2i", "1,10.0,10.0", "5,50.0,50.0", "10,100.0,100.0"]
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One SQLite store for the module (creating one runs MLflow's migrations: seconds); the
+    # tests keep apart by experiment name.
+    return tmp_path_factory.mktemp("report_store")
+
+
+@pytest.fixture
+def store(store_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store_dir / 'mlflow.db'}")
+    monkeypatch.setenv("MME_TRACKING", "on")
+    monkeypatch.delenv("MME_PARENT_RUN", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _log_evaluation(experiment: str, data_dir: Path, victim: VictimConfig) -> None:
+    params = {
+        "data_manifest_sha256": report.dataset_version(data_dir),
+        "eval_shards": "data/shards/synthetic",
+        "method": "mem",
+        **report.victim_identity(victim),
+    }
+    with tracking.start_run(experiment, "evaluate-x", params, {"stage": "evaluate"}):
+        tracking.log_metrics(METRICS)
+
+
+def test_mlflow_report_and_pending_victims(store: Path, monkeypatch, capsys) -> None:
+    data = store / "protected"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"v": 1}')
+    version = report.dataset_version(data)
+    vit, rn = VictimConfig(model="mme-tiny-vit"), VictimConfig(model="mme-tiny-rn")
+    _log_evaluation("exp-report", data, vit)
+    assert report.pending_victims(version, [vit, rn], "exp-report") == [rn]
+    assert report.pending_victims(version, [vit, rn], "other") == [vit, rn]
+
+    argv = ["report", "--params", str(store / "none.yaml"), "--experiment", "exp-report"]
+    argv += ["--dataset", str(data)]
+    assert cli.main(argv) == 0
+    assert "| synthetic | mem |" in capsys.readouterr().out
+    (data / "manifest.json").write_text('{"v": 2}')  # a new version: nothing evaluated on it
+    assert cli.main(argv) == 1
+    assert cli.main([*argv, "--all"]) == 0
+
+    monkeypatch.setenv("MME_TRACKING", "off")
+    assert report.pending_victims(version, [vit], "exp-report") == [vit]
+
+
+def test_named_parent_spans_processes(store: Path, monkeypatch) -> None:
+    # DVC runs each stage as a process: they find their parent run by name.
+    monkeypatch.setenv("MME_PARENT_RUN", "make-run-1")
+    with tracking.start_run("exp-parent", "poison", {"method": "mem"}) as a:
+        pass
+    with tracking.start_run("exp-parent", "train", {}) as b:
+        pass
+    monkeypatch.delenv("MME_PARENT_RUN")
+    monkeypatch.setenv("DVC_EXP_NAME", "eps4")  # `dvc exp run` names it by default
+    with tracking.start_run("exp-parent", "train", {}) as c:
+        pass
+    (first, second) = tracking.search_runs("tags.stage = 'pipeline'", "exp-parent")
+    assert {first["run_name"], second["run_name"]} == {"make-run-1", "eps4"}
+    parent_of = {
+        r["run_id"]: r["tags"]["mlflow.parentRunId"]
+        for r in tracking.search_runs("", "exp-parent")
+        if "mlflow.parentRunId" in r["tags"]
+    }
+    assert parent_of[a] == parent_of[b] != parent_of[c]
+
+
+def test_nested_run_joins_parent_experiment(store: Path) -> None:
+    with tracking.start_run("dataset-x", "pipeline", {}):
+        with tracking.start_run("mme", "train", {}) as child:
+            pass
+    assert [r["run_id"] for r in tracking.search_runs("", "dataset-x") if r["run_name"] == "train"]
+    assert child not in [r["run_id"] for r in tracking.search_runs("", "mme")]

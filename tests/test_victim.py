@@ -1,0 +1,154 @@
+"""mme.victim / ``mme train``: pairs view, trainer argv, log parsing, an end-to-end CPU run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mme import cli, models, shards, victim
+from mme.config import VictimConfig
+
+NO_PARAMS = ["--params", "/nonexistent/params.yaml"]
+
+
+def test_profiles_fill_unset_fields() -> None:
+    fast, paper = VictimConfig(), VictimConfig(profile="paper")
+    assert fast.model == "mme-tiny-vit"
+    assert (paper.model, paper.epochs, paper.batch_size, paper.lr, paper.wd) == (
+        "RN50",
+        32,
+        128,
+        5e-4,
+        0.2,
+    )
+    assert VictimConfig(profile="paper", epochs=3, model=None).epochs == 3  # explicit wins
+    assert VictimConfig(profile="paper", model=None).model == "RN50"  # None = unset
+
+
+def test_pairs_are_caption_major(colour_shards: Path, tmp_path: Path) -> None:
+    pairs = list(victim.iter_pairs(colour_shards, "train"))
+    assert len(pairs) == 80
+    assert [p.id for p in pairs[:2]] == ["train-000_c0", "train-001_c0"]
+    assert pairs[40].id == "train-000_c1"
+    assert all(len(p.captions) == 1 for p in pairs)
+    pattern, n_pairs, n_shards = victim.write_pairs(colour_shards, "train", tmp_path)
+    assert (n_pairs, n_shards) == (80, 1) and pattern.endswith("pairs-000000.tar")
+    back = list(shards.iter_samples(tmp_path, "pairs"))
+    assert back[0].captions == ["a red square"]
+    assert back[40].captions == ["a picture that is entirely red"]
+
+
+def test_trainer_argv(tmp_path: Path) -> None:
+    cfg = VictimConfig(
+        epochs=2, batch_size=8, workers=4, device="cpu", pretrained=tmp_path / "p.pt"
+    )
+    argv = victim.trainer_argv(cfg, tmp_path, "x.tar", n_pairs=100, n_shards=2)
+    flags = dict(zip(argv[::2], argv[1::2], strict=False))
+    assert flags["--precision"] == "fp32" and flags["--device"] == "cpu"
+    assert flags["--workers"] == "2"  # clamped to the shard count
+    assert flags["--train-num-samples"] == "100" and flags["--report-to"] == ""
+    assert flags["--pretrained"] == str(tmp_path / "p.pt")
+    assert victim.resolve_precision("auto", torch.device("cuda")) == "amp_bf16"
+
+
+def test_parse_trainer_log(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    log.write_text(
+        "2026-01-01,00:00:00 | INFO | Start epoch 0\n"
+        "2026-01-01,00:00:01 | INFO | Train Epoch: 0 [ 16/64 (25%)] Data (t): 0.1 Batch (t): 0.2, "
+        "80/s, 80/s/gpu LR: 0.000100 Logit Scale: 14.286 Contrastive_loss: 2.5 (2.5) "
+        "Loss: 2.5000 (2.5000)\n"
+        "2026-01-01,00:00:02 | INFO | Train Epoch: 1 [64/64 (100%)] Data (t): 0.1 Batch (t): 0.2, "
+        "80/s, 80/s/gpu LR: 1.5e-05 Logit Scale: 14.3 Contrastive_loss: 1.25 (1.5) "
+        "Loss: 1.2500 (1.5000)\n"
+    )
+    rows = victim.parse_trainer_log(log, batch_size=16)
+    assert rows == [
+        {"step": 0, "epoch": 0, "loss": 2.5, "lr": 1e-4, "logit_scale": 14.286},
+        {"step": 7, "epoch": 1, "loss": 1.25, "lr": 1.5e-5, "logit_scale": 14.3},
+    ]
+
+
+def test_data_provenance(tmp_path: Path) -> None:
+    assert victim.data_provenance(tmp_path)["method"] == "clean"
+    shards.write_json_atomic(
+        tmp_path / "manifest.json", {"poison": {"method": "mem", "epsilon": 8}}
+    )
+    prov = victim.data_provenance(tmp_path)
+    assert prov["method"] == "mem" and prov["epsilon"] == 8 and prov["trigger_len"] is None
+    assert len(prov["data_manifest_sha256"]) == 64
+
+
+def test_train_end_to_end(tiny_run: dict, colour_shards: Path) -> None:
+    assert tiny_run["rc"] == 0
+    run_dir = tiny_run["run_dir"]
+    assert not (run_dir / "pairs").exists()  # temporary view removed
+    assert not (run_dir / "trainer" / "checkpoints").exists()  # slimmed into checkpoint.pt
+    assert (run_dir / "trainer" / "out.log").exists()
+    ck = torch.load(tiny_run["checkpoint"], map_location="cpu", weights_only=True)
+    assert set(ck) == {"epoch", "name", "state_dict", "mme"} and ck["epoch"] == 1
+    assert ck["mme"]["model"] == "mme-tiny-vit" and ck["mme"]["n_pairs"] == 80
+    model, _ = models.create_model("mme-tiny-vit", pretrained=tiny_run["checkpoint"])
+    assert models.image_size(model) == 64
+    summary = json.loads((run_dir / "train.json").read_text())
+    assert summary["device"] == "cpu" and summary["precision"] == "fp32"
+    lines = (run_dir / "train_loss.csv").read_text().splitlines()
+    assert lines[0] == "step,epoch,loss,lr,logit_scale" and len(lines) >= 2
+
+
+def test_train_logged_to_mlflow(tiny_run: dict) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tiny_run["mlflow_uri"])
+    exp = client.get_experiment_by_name("mme")
+    (run,) = client.search_runs([exp.experiment_id], "tags.stage = 'train'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["victim_model"] == "mme-tiny-vit"
+    assert run.data.params["epochs"] == "1" and run.data.params["method"] == "clean"
+    assert "train_loss" in run.data.metrics
+    assert client.get_metric_history(run.info.run_id, "train_loss")
+
+
+def test_rerun_into_same_run_dir(colour_shards: Path, tmp_path: Path, monkeypatch) -> None:
+    """open_clip_train refuses an existing log folder; train_victim clears its old outputs."""
+    monkeypatch.setenv("MME_TRACKING", "off")
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "out.log").write_text("stale\n")  # as left by an earlier run
+    (tmp_path / "checkpoint.pt").write_text("stale")
+    cfg = VictimConfig(model="mme-tiny-rn", epochs=1, batch_size=40, device="cpu", workers=0)
+    ckpt = victim.train_victim(cfg, colour_shards, tmp_path)
+    assert ckpt == tmp_path / "checkpoint.pt"
+    assert torch.load(ckpt, weights_only=True)["mme"]["model"] == "mme-tiny-rn"
+    assert "stale" not in (tmp_path / "trainer" / "out.log").read_text()
+
+
+def test_bad_model_name(colour_shards: Path, tmp_path: Path, capsys) -> None:
+    argv = ["train", *NO_PARAMS, "--shards", str(colour_shards), "--run-dir", str(tmp_path)]
+    assert cli.main([*argv, "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "mme-tiny-vit" in err
+    assert not (tmp_path / "trainer").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_forcing_missing_cuda_fails_early(colour_shards: Path, tmp_path: Path, capsys) -> None:
+    argv = ["train", *NO_PARAMS, "--shards", str(colour_shards), "--run-dir", str(tmp_path)]
+    assert cli.main([*argv, "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_missing_shards(tmp_path: Path, capsys) -> None:
+    assert cli.main(["train", *NO_PARAMS, "--shards", str(tmp_path)]) == 2
+    assert "mme prepare" in capsys.readouterr().err
+
+
+def test_cpu_threads_restores() -> None:
+    before = torch.get_num_threads()
+    with victim.cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with victim.cpu_threads(0):
+        assert torch.get_num_threads() == before
