@@ -109,7 +109,7 @@ class PoisonConfig(Section):
     protect_fraction: float = Field(1.0, gt=0, le=1, description="share of images protected")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = Field(False, description="torch.compile the image tower (CUDA)")
+    compile: bool = Field(False, description="torch.compile the image tower")
     grid_samples: int = Field(6, ge=1, le=64)
     shard_size: int = Field(1000, ge=1)
 

@@ -276,6 +276,10 @@ def output_manifest(cfg, clean_manifest, store, records, n_captions, mem, t_gen)
     return {
         "created_by": "mme poison",
         "version": __version__,
+        # top level, read by mme train/evaluate to describe the data they ran on
+        "method": cfg.method,
+        "epsilon": cfg.epsilon,
+        "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
         "config": cfg.model_dump(mode="json"),
         "clean": str(cfg.clean),
         "clean_splits": {k: v["images"] for k, v in clean_manifest["splits"].items()},

@@ -71,8 +71,8 @@ class MEM:
         self.encode_image_raw = model.encode_image
         if self.cuda:
             model.to(memory_format=torch.channels_last)
-            if cfg.compile:
-                self.encode_image_raw = torch.compile(model.encode_image)
+        if cfg.compile:  # the image tower carries almost all PGD work
+            self.encode_image_raw = torch.compile(model.encode_image)
 
     # -- model helpers -------------------------------------------------------------------
     def autocast(self):
