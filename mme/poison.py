@@ -60,7 +60,9 @@ def config_hash(cfg: PoisonConfig) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
-def load_pairs(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int) -> tuple:
+def load_pairs(
+    cfg: PoisonConfig, work: Path, tokenizer: Any, size: int
+) -> tuple[PairStore, list[str], list[list[str]], list[str]]:
     """Stream the clean train split into the memmapped store; returns (store, ids, captions)."""
     n = shards.load_manifest(cfg.clean)["splits"]["train"]["images"]
     clean, noise = PairStore.open_arrays(work, n, size, imageops.noise_dtype(cfg.epsilon))
@@ -143,7 +145,14 @@ def resume_from(work: Path, mem: MEM, store: PairStore, cfg: PoisonConfig) -> in
     return ckpt["round"] + 1
 
 
-def run_rounds(mem: MEM, store: PairStore, cfg: PoisonConfig, start: int, on_round, work) -> None:
+def run_rounds(
+    mem: MEM,
+    store: PairStore,
+    cfg: PoisonConfig,
+    start: int,
+    on_round: RoundHook | None,
+    work: Path,
+) -> None:
     from mme import tracking
 
     rounds = range(start, cfg.rounds) if cfg.method != "random" else range(0)
@@ -157,7 +166,14 @@ def run_rounds(mem: MEM, store: PairStore, cfg: PoisonConfig, start: int, on_rou
             on_round(r, stats)
 
 
-def write_outputs(cfg: PoisonConfig, store: PairStore, ids, captions, source_sha, tokenizer):
+def write_outputs(
+    cfg: PoisonConfig,
+    store: PairStore,
+    ids: list[str],
+    captions: list[list[str]],
+    source_sha: list[str],
+    tokenizer: Any,
+) -> tuple[list[dict[str, Any]], int]:
     """Protected shards, raw artifacts and the picture grid; returns the shard records."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +216,13 @@ def write_outputs(cfg: PoisonConfig, store: PairStore, ids, captions, source_sha
     return records, writer.n_captions
 
 
-def write_grid(cfg: PoisonConfig, store: PairStore, captions, texts, noise) -> Path:
+def write_grid(
+    cfg: PoisonConfig,
+    store: PairStore,
+    captions: list[list[str]],
+    texts: list[str],
+    noise: np.ndarray,
+) -> Path:
     from mme import grid
 
     rows = torch.nonzero(store.protect).flatten()[: cfg.grid_samples].numpy()
@@ -271,7 +293,15 @@ def poison_params(cfg: PoisonConfig, clean_manifest: dict) -> dict[str, Any]:
     }
 
 
-def output_manifest(cfg, clean_manifest, store, records, n_captions, mem, t_gen) -> dict:
+def output_manifest(
+    cfg: PoisonConfig,
+    clean_manifest: dict[str, Any],
+    store: PairStore,
+    records: list[dict[str, Any]],
+    n_captions: int,
+    mem: MEM,
+    t_gen: float,
+) -> dict[str, Any]:
     first = [t for t, p in zip(store.triggers.tolist(), store.protect.tolist(), strict=True) if p]
     return {
         "created_by": "mme poison",
