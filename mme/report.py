@@ -146,9 +146,15 @@ def rows_from_runs(runs: list[dict[str, Any]], versions: set[str] | None = None)
     return sorted(rows, key=_sort_key)
 
 
+def metrics_label(path: Path) -> str:
+    """``runs/em/metrics.json`` -> ``em`` (the run folder); ``metrics/clean.json`` -> ``clean``."""
+    path = Path(path)
+    return path.parent.name if path.stem == "metrics" else path.stem
+
+
 def rows_from_metrics(paths: list[Path]) -> list[Row]:
-    """Rows from ``mme evaluate`` metrics files, labelled by file stem, in the given order."""
-    return [Row({"run": Path(p).stem}, json.loads(Path(p).read_text())) for p in paths]
+    """Rows from ``mme evaluate`` metrics files, labelled by :func:`metrics_label`, in order."""
+    return [Row({"run": metrics_label(p)}, json.loads(Path(p).read_text())) for p in paths]
 
 
 def markdown_table(rows: list[Row]) -> str:

@@ -159,3 +159,18 @@ def test_nested_run_joins_parent_experiment(store: Path) -> None:
             pass
     assert [r["run_id"] for r in tracking.search_runs("", "dataset-x") if r["run_name"] == "train"]
     assert child not in [r["run_id"] for r in tracking.search_runs("", "mme")]
+
+
+@pytest.mark.parametrize(
+    "path, label",
+    [
+        ("runs/em/metrics.json", "em"),
+        ("metrics/clean.json", "clean"),
+        ("metrics.json", ""),
+        ("/a/b/protected.json", "protected"),
+    ],
+)
+def test_metrics_label(path, label):
+    from mme.report import metrics_label
+
+    assert metrics_label(Path(path)) == label
