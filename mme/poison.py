@@ -261,6 +261,8 @@ def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None =
     with tracking.start_run(tracking.experiment_name(), f"poison-{cfg.method}", params):
         run_rounds(mem, store, cfg, start, on_round, work)
         t_gen = time.perf_counter() - t0
+        # while shards are being replaced no manifest may describe the folder
+        (Path(cfg.out) / "manifest.json").unlink(missing_ok=True)
         records, n_captions = write_outputs(cfg, store, ids, captions, source_sha, tokenizer)
         manifest = output_manifest(cfg, clean_manifest, store, records, n_captions, mem, t_gen)
         shards.write_json_atomic(Path(cfg.out) / "manifest.json", manifest)
