@@ -56,17 +56,10 @@ class PairStore:
         return x
 
     def clean_batch(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-        rows = np.sort(idx.numpy())  # sorted reads are sequential on disk
-        order = torch.from_numpy(np.searchsorted(rows, idx.numpy()))
-        x = torch.from_numpy(np.ascontiguousarray(self.clean[rows]))[order]
-        return x.to(device, non_blocking=True).float().div_(255.0)
+        return _gather(self.clean, idx, device)
 
     def noise_batch(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-        buf = self.noise[self.current]
-        rows = np.sort(idx.numpy())
-        order = torch.from_numpy(np.searchsorted(rows, idx.numpy()))
-        d = torch.from_numpy(np.ascontiguousarray(buf[rows]))[order]
-        return d.to(device, non_blocking=True).float().div_(255.0)
+        return _gather(self.noise[self.current], idx, device)
 
     def write_noise(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
         """Store ``delta`` ([0, 1] units) for images ``idx`` into the *next* buffer."""
@@ -94,3 +87,11 @@ class PairStore:
             return tokens
         triggered = insert_trigger(tokens, self.triggers[idx], self.eot_id)
         return torch.where(self.protect[idx][:, None], triggered, tokens)
+
+
+def _gather(arr: np.ndarray, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows ``idx`` of a pixel-unit memmap, in ``idx`` order, as floats /255 on ``device``."""
+    rows = np.sort(idx.numpy())  # sorted reads are sequential on disk
+    order = torch.from_numpy(np.searchsorted(rows, idx.numpy()))
+    x = torch.from_numpy(np.ascontiguousarray(arr[rows]))[order]
+    return x.to(device, non_blocking=True).float().div_(255.0)
