@@ -182,7 +182,10 @@ def version_task(dataset: Path) -> str:
     """The dataset version: sha256 of its ``manifest.json``."""
     version = report.dataset_version(dataset)
     if version is None:
-        raise FileNotFoundError(f"{dataset}/manifest.json not found: not an mme dataset")
+        raise FileNotFoundError(
+            f"{dataset}/manifest.json not found: not an mme dataset (create it with `make run` or "
+            "`dvc repro`, or point reevaluate.protected / --param protected=... at one)"
+        )
     return version
 
 
