@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import io
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mme import models, retrieval, shards, tracking
+from mme import models, plots, retrieval, shards, tracking
 from mme.config import ConfigError, EvaluateConfig, add_section_arguments, section_from_args
 
 PROVENANCE_KEYS = ("method", "epsilon", "trigger_len", "data_manifest_sha256", "n_pairs")
@@ -168,7 +169,17 @@ def evaluate_and_log(
         if out is not None:
             shards.write_json_atomic(out, metrics)
             tracking.log_artifact(out)
+        if tracking.enabled():
+            _log_recall_picture(metrics, Path(checkpoint).parent.name)
     return metrics
+
+
+def _log_recall_picture(metrics: dict[str, float], label: str) -> None:
+    """The recall@K picture as an MLflow artifact (a temporary file: nothing to keep on disk)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        picture = plots.recall_chart({label: metrics}, Path(tmp) / "recall.png", label)
+        if picture is not None:
+            tracking.log_artifact(picture)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

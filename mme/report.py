@@ -9,7 +9,7 @@ stage logs), so clean and protected training sets of one dataset line up in one 
 ``--metrics FILE`` builds the table from ``mme evaluate`` metrics files instead (label = file
 stem; the DVC ``report`` stage, which must not depend on the MLflow store), and
 ``--recall-dir DIR`` writes one ``<label>.csv`` recall curve (``k,i2t,t2i``) per row for
-``dvc plots``.
+``dvc plots``, and ``recall.png`` with every row.
 
 The same identity (dataset version + ``victim_model``, ``epochs``, ``batch_size``, ``lr``) tells
 the ``reevaluate`` flow which victims already have a result (:func:`pending_victims`).
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mme import tracking
+from mme import plots, tracking
 from mme.config import ReportConfig, VictimConfig, load_section
 
 KS = (1, 5, 10)
@@ -180,13 +180,18 @@ def recall_curve(row: Row) -> list[dict[str, float]]:
     return [{"k": k, "i2t": m[f"i2t_r{k}"], "t2i": m[f"t2i_r{k}"]} for k in KS]
 
 
+def row_label(row: Row) -> str:
+    """A row's labels joined by ``-`` (file names, legends)."""
+    return "-".join(str(v) for v in row.labels.values())
+
+
 def write_recall_csvs(rows: list[Row], folder: Path) -> list[Path]:
     """One ``<label>.csv`` recall curve per row (labels joined by ``-``) under ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for row in rows:
-        path = folder / ("-".join(str(v) for v in row.labels.values()) + ".csv")
+        path = folder / (row_label(row) + ".csv")
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["k", "i2t", "t2i"])
             writer.writeheader()
@@ -227,7 +232,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read these metrics JSON files instead of MLflow (label = file stem)",
     )
     parser.add_argument(
-        "--recall-dir", type=Path, default=None, help="write <label>.csv recall curves here"
+        "--recall-dir",
+        type=Path,
+        default=None,
+        help="write <label>.csv recall curves and recall.png (all rows) here",
     )
 
 
@@ -249,4 +257,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.out.write_text(table + "\n")
     if args.recall_dir is not None:
         write_recall_csvs(rows, args.recall_dir)
+        plots.recall_chart(
+            {row_label(row): row.metrics for row in rows}, args.recall_dir / "recall.png"
+        )
     return 0

@@ -19,7 +19,8 @@ Output (``run_dir``):
 - ``checkpoint.pt``: ``{"epoch", "name", "state_dict", "mme": {...}}`` (no optimizer state); the
   ``mme`` record names the model and the training data, so ``mme evaluate`` needs no ``--model``.
 - ``trainer/``: open_clip_train's own ``out.log`` and ``params.txt``.
-- ``train_loss.csv``: ``step,epoch,loss,lr,logit_scale`` parsed from ``out.log`` (DVC plots).
+- ``train_loss.csv``: ``step,epoch,loss,lr,logit_scale`` parsed from ``out.log`` (DVC plots),
+  and its picture ``train_loss.png``.
 - ``train.json``: configuration, data sizes, device, precision, wall time, final loss.
 
 Everything is also logged to MLflow (via :mod:`mme.tracking`).
@@ -42,7 +43,7 @@ from typing import Any
 
 import torch
 
-from mme import models, shards, tracking
+from mme import models, plots, shards, tracking
 from mme.config import VictimConfig, add_section_arguments, section_from_args
 
 PAIRS_SHARD_SIZE = 1000
@@ -251,7 +252,7 @@ def _clean_run_dir(run_dir: Path) -> None:
     """Remove our earlier outputs: open_clip_train refuses to reuse an existing log folder."""
     for name in (TRAINER_NAME, "pairs"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in ("checkpoint.pt", "train_loss.csv", "train.json"):
+    for name in ("checkpoint.pt", "train_loss.csv", "train_loss.png", "train.json"):
         (run_dir / name).unlink(missing_ok=True)
 
 
@@ -328,6 +329,8 @@ def _record_outputs(
     """Write train_loss.csv + train.json and log the loss curve and files to MLflow."""
     rows = parse_trainer_log(run_dir / TRAINER_NAME / "out.log", cfg.batch_size)
     write_loss_csv(rows, run_dir / "train_loss.csv")
+    title = f"{cfg.model} on {record['train_shards']}"
+    picture = plots.loss_curve(rows, run_dir / "train_loss.png", title)
     summary = {
         **record,
         "device": device,
@@ -343,6 +346,8 @@ def _record_outputs(
     tracking.log_metrics({"train_wall_s": wall, "final_train_loss": summary["final_train_loss"]})
     for name in ("train.json", "train_loss.csv", f"{TRAINER_NAME}/out.log"):
         tracking.log_artifact(run_dir / name)
+    if picture is not None:
+        tracking.log_artifact(picture)
     print(
         f"mme train: done in {wall:.0f} s, final loss {summary['final_train_loss']}, "
         f"checkpoint {run_dir / 'checkpoint.pt'}",

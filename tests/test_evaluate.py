@@ -70,6 +70,9 @@ def test_evaluate_cli_end_to_end(tiny_run: dict, colour_shards: Path, monkeypatc
     assert run.data.metrics["rsum"] == pytest.approx(metrics["rsum"])
     assert run.data.params["victim_model"] == "mme-tiny-vit"
     assert run.data.params["method"] == "clean"
+    assert {"metrics.json", "recall.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
 
 
 def test_evaluate_cli_errors(tmp_path: Path, colour_shards: Path, capsys) -> None:

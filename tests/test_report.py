@@ -80,6 +80,7 @@ def test_metrics_files_table_and_recall_curves(tmp_path: Path, capsys) -> None:
     assert "| clean | 10.0 |" in printed and out.read_text().strip() == printed.strip()
     lines = (curves / "protected.csv").read_text().splitlines()
     assert lines == ["k,i2t,t2i", "1,10.0,10.0", "5,50.0,50.0", "10,100.0,100.0"]
+    assert (curves / "recall.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,7 @@ def test_train_end_to_end(tiny_run: dict, colour_shards: Path) -> None:
     assert summary["device"] == "cpu" and summary["precision"] == "fp32"
     lines = (run_dir / "train_loss.csv").read_text().splitlines()
     assert lines[0] == "step,epoch,loss,lr,logit_scale" and len(lines) >= 2
+    assert (run_dir / "train_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_train_logged_to_mlflow(tiny_run: dict) -> None:
@@ -110,6 +111,8 @@ def test_train_logged_to_mlflow(tiny_run: dict) -> None:
     assert run.data.params["epochs"] == "1" and run.data.params["method"] == "clean"
     assert "train_loss" in run.data.metrics
     assert client.get_metric_history(run.info.run_id, "train_loss")
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"train_loss.csv", "train_loss.png", "train.json"} <= logged
 
 
 def test_rerun_into_same_run_dir(colour_shards: Path, tmp_path: Path, monkeypatch) -> None:
