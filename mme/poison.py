@@ -31,6 +31,7 @@ from mme.attacks.triggers import candidate_mask, protected_caption, trigger_text
 from mme.config import ConfigError, PoisonConfig, add_section_arguments, section_from_args
 
 CKPT = "checkpoint.pt"
+TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
 
 
 def work_dir(cfg: PoisonConfig) -> Path:
@@ -264,13 +265,18 @@ def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None =
         # while shards are being replaced no manifest may describe the folder
         (Path(cfg.out) / "manifest.json").unlink(missing_ok=True)
         records, n_captions = write_outputs(cfg, store, ids, captions, source_sha, tokenizer)
-        manifest = output_manifest(cfg, clean_manifest, store, records, n_captions, mem, t_gen)
+        manifest = output_manifest(cfg, clean_manifest, store, records, n_captions, mem)
         shards.write_json_atomic(Path(cfg.out) / "manifest.json", manifest)
         manifest["verify"] = verify_outputs(cfg)
-        manifest["seconds_total"] = time.perf_counter() - t0
         shards.write_json_atomic(Path(cfg.out) / "manifest.json", manifest)
-        log_outputs(cfg, manifest)
+        seconds = {"seconds_generation": t_gen, "seconds_total": time.perf_counter() - t0}
+        log_outputs(cfg, manifest, seconds)
     shutil.rmtree(work)
+    print(
+        f"mme poison: {cfg.out}: {manifest['n_protected']} of {store.n} images protected"
+        f" ({cfg.method}, eps {cfg.epsilon:g}/255) in {seconds['seconds_total']:.0f} s",
+        file=sys.stderr,
+    )
     return manifest
 
 
@@ -302,8 +308,10 @@ def output_manifest(
     records: list[dict[str, Any]],
     n_captions: int,
     mem: MEM,
-    t_gen: float,
 ) -> dict[str, Any]:
+    """The protected set's description. Only what the data depends on: no wall times, so the
+    same inputs give the same bytes, hence the same dataset version (its sha256: what
+    ``mme report`` and ``reevaluate`` key results on) and the same DVC hash downstream."""
     first = [t for t, p in zip(store.triggers.tolist(), store.protect.tolist(), strict=True) if p]
     return {
         "created_by": "mme poison",
@@ -319,8 +327,7 @@ def output_manifest(
         "n_protected": int(store.protect.sum()),
         "distinct_triggers": len({tuple(t) for t in first}) if cfg.method == "mem" else 0,
         "splits": {"train": {"images": store.n, "captions": n_captions, "shards": records}},
-        "rounds": mem.history,
-        "seconds_generation": t_gen,
+        "rounds": [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in mem.history],
     }
 
 
@@ -335,12 +342,13 @@ def verify_outputs(cfg: PoisonConfig) -> dict[str, Any]:
     return {k: d[k] for k in ("ok", "max_linf", "n_checked", "n_with_noise", "psnr", "ssim")}
 
 
-def log_outputs(cfg: PoisonConfig, manifest: dict) -> None:
+def log_outputs(cfg: PoisonConfig, manifest: dict, seconds: dict[str, float]) -> None:
+    """Summary metrics (wall times: here and on stderr only, see :func:`output_manifest`)."""
     from mme import tracking
 
-    keys = ("seconds_generation", "n_protected", "distinct_triggers")
     summary = manifest["verify"]
-    metrics = {k: manifest[k] for k in keys} | {
+    metrics = seconds | {k: manifest[k] for k in ("n_protected", "distinct_triggers")}
+    metrics |= {
         "verify_max_linf": summary["max_linf"],
         "verify_ok": float(summary["ok"]),
     }
@@ -358,12 +366,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = section_from_args("poison", args)
-    manifest = poison(cfg, resume=args.resume)
-    n = manifest["splits"]["train"]["images"]
-    print(
-        f"mme poison: {cfg.out}: {manifest['n_protected']} of {n} images protected"
-        f" ({cfg.method}, eps {cfg.epsilon:g}/255) in {manifest['seconds_total']:.0f} s",
-        file=sys.stderr,
-    )
+    poison(section_from_args("poison", args), resume=args.resume)
     return 0

@@ -117,6 +117,12 @@ def test_killed_and_resumed_run_gives_identical_shards(clean, tmp_path):
     poison(cut, resume=True)
     assert tar_bytes(cut.out) == tar_bytes(full.out)
     assert np.array_equal(np.load(cut.out / "noise.npy"), np.load(full.out / "noise.npy"))
+    # the description too (no wall times in it), so the dataset version is the same
+    manifests = [json.loads((c.out / "manifest.json").read_text()) for c in (cut, full)]
+    for m in manifests:
+        del m["config"]["out"]
+    assert manifests[0] == manifests[1]
+    assert "seconds" not in json.dumps(manifests[0])
 
 
 @pytest.mark.parametrize(
