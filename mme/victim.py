@@ -140,6 +140,32 @@ def cpu_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def seeded_sample_shuffle(seed: int) -> Iterator[None]:
+    """Give open_clip_train's sample-level ``wds.shuffle`` a generator seeded with ``seed``.
+
+    Why: its shard shuffle is seeded by ``--seed`` but its sample shuffle buffer draws its seed
+    from the pid and the clock, so two runs saw different batches from step 0 (clean victims
+    varied 40-48x chance across identical ``make run``s). open_clip_train looks
+    ``webdataset.shuffle`` up when it builds the pipeline; the data-loader worker gets its own
+    copy of this generator, so the order is the same on every run with the same seed.
+    """
+    import random
+
+    import webdataset
+
+    original = webdataset.shuffle
+
+    def shuffle(*args: Any, rng: random.Random | None = None, **kwargs: Any) -> Any:
+        return original(*args, rng=rng or random.Random(seed), **kwargs)
+
+    webdataset.shuffle = shuffle
+    try:
+        yield
+    finally:
+        webdataset.shuffle = original
+
+
 def run_trainer(argv: list[str]) -> None:
     """Run ``open_clip_train.main.main(argv)`` in-process and undo its global logging changes.
 
@@ -275,8 +301,9 @@ def train_params(cfg: VictimConfig, prov: dict[str, Any]) -> dict[str, Any]:
 def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
     """Train ``cfg.model`` on the ``train`` split of ``shards``; return ``run_dir/checkpoint.pt``.
 
-    Deterministic inputs (pairs view, seed) but not bit-reproducible training (data-loader
-    shuffling and threading). Re-running into the same ``run_dir`` replaces its outputs.
+    Seeded end to end (initialisation, shard and sample order, augmentation): on one device
+    and thread count the same inputs give the same loss curve. Re-running into the same
+    ``run_dir`` replaces its outputs.
     """
     shards, run_dir = Path(shards), Path(run_dir)
     models.check_model_name(cfg.model)
@@ -300,7 +327,7 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
             tags={"stage": "train", "run_dir": str(run_dir)},
         ):
             t0 = time.time()
-            with cpu_threads(cfg.threads):
+            with cpu_threads(cfg.threads), seeded_sample_shuffle(cfg.seed):
                 run_trainer(argv)
             wall = time.time() - t0
             record = {

@@ -121,12 +121,22 @@ def test_mlflow_parent_run_per_pipeline_run(repo: Path) -> None:
 def test_exp_run_show_and_metrics_diff(repo: Path) -> None:
     out = dvc(repo, "exp", "run", "-S", "poison.epsilon=4", "-n", "eps4")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"poison", "train_protected", "evaluate_protected", "report"}
+    # Only what depends on poison runs again; `report` too when the protected metrics moved
+    # (victims are seeded, so on 8 test images an ε change may leave every rank as it was).
+    diff = json.loads(dvc(repo, "metrics", "diff", "HEAD", "--json"))
+    moved = {"report"} if "metrics/protected.json" in diff else set()
+    assert ran == {"poison", "train_protected", "evaluate_protected"} | moved
+    assert "metrics/clean.json" not in diff
+    full = json.loads(dvc(repo, "metrics", "diff", "HEAD", "--all", "--json"))
+    assert {"metrics/protected.json", "metrics/clean.json"} <= set(full)
+    before = yaml.safe_load(sh(repo, "git", "show", "HEAD:dvc.lock"))["stages"]
+    after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage, changed in (("train_protected", True), ("train_clean", False)):
+        md5 = [{o["path"]: o["md5"] for o in lock[stage]["outs"]} for lock in (before, after)]
+        assert (md5[0] != md5[1]) == changed, stage
     exps = json.loads(dvc(repo, "exp", "show", "--json"))
     names = {e.get("name") for base in exps for e in (base.get("experiments") or [])}
     assert "eps4" in names
-    diff = json.loads(dvc(repo, "metrics", "diff", "HEAD", "--json"))
-    assert "metrics/protected.json" in diff and "metrics/clean.json" not in diff
     # The experiment's stages nest under a parent run named after it.
     runs = _mlflow_runs()
     (parent,) = [r for r in runs if r["run_name"] == "eps4"]
