@@ -24,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from mme import report
+from mme import report, shards
 from mme.config import (
     DataConfig,
     EvaluateConfig,
@@ -46,9 +46,7 @@ IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
 
 
 def _file_sha256(path: Path | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return shards.sha256_file(Path(path)) if path is not None and Path(path).is_file() else None
 
 
 def _digest(*parts: Any) -> str:

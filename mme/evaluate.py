@@ -10,7 +10,6 @@ and ``rsum_over_chance``, ``n_images``, ``n_captions``), printed as a table and 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import sys
 import tempfile
@@ -135,8 +134,7 @@ def eval_params(
 ) -> dict[str, Any]:
     """MLflow params: the victim and its training data (from the checkpoint) + the test data."""
     victim = record.get("victim") or {}
-    manifest = Path(shard_dir) / "manifest.json"
-    test_sha = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None
+    test_sha = shards.manifest_sha256(shard_dir)
     params = {k: record.get(k) for k in PROVENANCE_KEYS}
     params |= {k: victim.get(k) for k in ("epochs", "batch_size", "lr")}
     params |= {

@@ -258,7 +258,7 @@ def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None =
     start = resume_from(work, mem, store, cfg) if resume else 0
     if start == 0:
         init_state(store, cfg, allowed)
-    params = poison_params(cfg, clean_manifest)
+    params = poison_params(cfg)
     with tracking.start_run(tracking.experiment_name(), f"poison-{cfg.method}", params):
         run_rounds(mem, store, cfg, start, on_round, work)
         t_gen = time.perf_counter() - t0
@@ -280,9 +280,9 @@ def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None =
     return manifest
 
 
-def poison_params(cfg: PoisonConfig, clean_manifest: dict) -> dict[str, Any]:
-    """MLflow params, with the project-wide names (``method``, ``epsilon``, ``trigger_len``)."""
-    raw = json.dumps(clean_manifest, sort_keys=True).encode()
+def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
+    """MLflow params, with the project-wide names (``method``, ``epsilon``, ``trigger_len``,
+    ``data_manifest_sha256``: the clean input's version, as its victim's train run logs it)."""
     return {
         "stage": "poison",
         "method": cfg.method,
@@ -297,7 +297,7 @@ def poison_params(cfg: PoisonConfig, clean_manifest: dict) -> dict[str, Any]:
         "surrogate_model": cfg.model,
         "batch_size": cfg.batch_size,
         "protect_fraction": cfg.protect_fraction,
-        "data_manifest_sha256": hashlib.sha256(raw).hexdigest(),
+        "data_manifest_sha256": shards.manifest_sha256(cfg.clean),
     }
 
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mme import plots, tracking
+from mme import plots, shards, tracking
 from mme.config import ReportConfig, VictimConfig, load_section
 
 KS = (1, 5, 10)
@@ -50,9 +49,8 @@ class Row:
 
 
 def dataset_version(folder: Path) -> str | None:
-    """sha256 of ``folder/manifest.json`` (as :func:`mme.victim.data_provenance`), or None."""
-    path = Path(folder) / "manifest.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    """sha256 of ``folder/manifest.json``, or None (:func:`mme.shards.manifest_sha256`)."""
+    return shards.manifest_sha256(folder)
 
 
 def victim_identity(cfg: VictimConfig) -> dict[str, str]:

@@ -77,6 +77,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_sha256(shard_dir: Path) -> str | None:
+    """The dataset version: sha256 of ``shard_dir/manifest.json`` (None without one). Every
+    stage logs it as ``data_manifest_sha256``; ``mme report`` and ``reevaluate`` key on it."""
+    path = Path(shard_dir) / "manifest.json"
+    return sha256_file(path) if path.is_file() else None
+
+
 def _sample_members(sample: Sample) -> list[tuple[str, bytes]]:
     if not KEY_RE.match(sample.id):
         raise ValueError(f"sample id {sample.id!r} is not a valid WebDataset key ([A-Za-z0-9_-]+)")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import logging
 import re
 import shutil
@@ -238,8 +237,8 @@ def data_provenance(shard_dir: Path) -> dict[str, Any]:
     ``method`` is ``clean`` unless the manifest (top level, or its ``poison``/``config`` record)
     names one. Shards without a manifest give ``None`` for the hash.
     """
-    path = Path(shard_dir) / "manifest.json"
-    if not path.exists():
+    version = shards.manifest_sha256(shard_dir)
+    if version is None:
         return {
             "data_manifest_sha256": None,
             "method": "clean",
@@ -247,7 +246,7 @@ def data_provenance(shard_dir: Path) -> dict[str, Any]:
             "trigger_len": None,
         }
     manifest = shards.load_manifest(shard_dir)
-    out: dict[str, Any] = {"data_manifest_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    out: dict[str, Any] = {"data_manifest_sha256": version}
     for key in ("method", "epsilon", "trigger_len"):
         records = (manifest, manifest.get("poison"), manifest.get("config"))
         found = [r.get(key) for r in records if isinstance(r, dict)]

@@ -166,7 +166,10 @@ def test_poison_is_tracked_in_mlflow(clean, tmp_path, monkeypatch):
     (run,) = [r for r in runs if r.info.run_name == "poison-mem"]
     assert run.data.params["method"] == "mem" and run.data.params["trigger_len"] == "3"
     assert run.data.params["epsilon"] == "8.0"
+    # the clean input's version, the same value its victim's train run logs
+    assert run.data.params["data_manifest_sha256"] == shards.manifest_sha256(clean)
     assert {"surrogate_loss", "mean_abs_noise_px", "verify_ok"} <= set(run.data.metrics)
+    assert {"seconds_generation", "seconds_total"} <= set(run.data.metrics)
     client = mlflow.MlflowClient(uri)
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"grid.png", "manifest.json", "triggers.json"} <= names

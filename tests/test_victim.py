@@ -172,3 +172,14 @@ def test_same_seed_same_training(
     assert all(torch.equal(first[k], second[k]) for k in first)
     loss = (tmp_path / "train_loss.csv").read_text()
     assert loss == (tiny_run["run_dir"] / "train_loss.csv").read_text()
+
+
+def test_manifest_sha256_is_the_dataset_version(tmp_path: Path) -> None:
+    import hashlib
+
+    assert shards.manifest_sha256(tmp_path) is None
+    assert victim.data_provenance(tmp_path)["data_manifest_sha256"] is None
+    shards.write_json_atomic(tmp_path / "manifest.json", {"splits": {}})
+    want = hashlib.sha256((tmp_path / "manifest.json").read_bytes()).hexdigest()
+    assert shards.manifest_sha256(tmp_path) == want
+    assert victim.data_provenance(tmp_path)["data_manifest_sha256"] == want
