@@ -232,8 +232,7 @@ def load_manifest(shard_dir: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Kept for callers: :func:`mme.fsio.write_json`."""
+    from mme import fsio
+
+    fsio.write_json(path, obj)
