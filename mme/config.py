@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mme import paths
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
@@ -27,7 +29,7 @@ class DataConfig(Section):
     """``data:`` section — the ``prepare`` stage."""
 
     source: Literal["synthetic", "csv", "folder", "webdataset"] = "synthetic"
-    out: Path = Path("data/shards/synthetic")
+    out: Path = paths.CLEAN
     seed: int = 0
     # synthetic generator
     n_train: int = Field(2000, ge=1)
@@ -89,8 +91,9 @@ class PoisonConfig(Section):
     """``poison:`` section — MEM and the baselines (paper values in comments)."""
 
     method: Literal["mem", "em", "errmax", "random"] = "mem"
-    clean: Path = Field(Path("data/shards/synthetic"), description="clean shards from prepare")
-    out: Path = Field(Path("data/protected/mem"), description="protected set folder")
+    clean: Path = Field(paths.CLEAN, description="clean shards from prepare")
+    out: Path = Field(paths.PROTECTED, description="PUBLIC: protected shards + manifest only")
+    private: Path = Field(paths.PRIVATE, description="PRIVATE: noise, triggers, grid, work files")
     model: str = Field("mme-tiny-vit", description="surrogate open_clip config (paper: RN50)")
     pretrained: Path | None = Field(None, description="local surrogate checkpoint")
     epsilon: float = Field(8.0, gt=0, le=255, description="L-inf budget, pixel units (paper: 8)")
@@ -183,12 +186,10 @@ class ReevaluateConfig(Section):
     a list of victims. Each ``victims`` entry overrides keys of the ``victim:`` section (``{}`` is
     the pipeline's own victim), so adding an architecture is one line (``- model: RN50``)."""
 
-    protected: Path = Field(Path("data/protected/mem"), description="protected set folder")
+    protected: Path = Field(paths.PROTECTED, description="protected set folder")
     rev: str | None = Field(None, description="git/DVC revision of `protected` (None: workspace)")
-    clean: Path = Field(
-        Path("data/shards/synthetic"), description="clean shards with the test split"
-    )
-    runs: Path = Field(Path("runs/reevaluate"), description="victim run folders go here")
+    clean: Path = Field(paths.CLEAN, description="clean shards with the test split")
+    runs: Path = Field(paths.REEVALUATE_RUNS, description="victim run folders go here")
     cron: str = Field("0 3 * * *", description="schedule of the `reevaluate/scheduled` deployment")
     victims: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1)
 

@@ -8,8 +8,12 @@ so the rename itself survives a crash. Readers see the old file or the new one, 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,3 +65,175 @@ def write_text(path: Path | str, text: str) -> None:
 def write_json(path: Path | str, obj: Any) -> None:
     """Stable JSON (sorted keys, indent 2, UTF-8, trailing newline): same object, same bytes."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------- reading safely
+
+
+class NotRegularFile(OSError):
+    """A symlink, FIFO, device or directory where a plain file was expected."""
+
+
+class TooLarge(OSError):
+    """A file over the byte cap of its kind."""
+
+
+def read_regular(path: Path | str, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a plain file (not a symlink) of at most ``max_bytes``.
+
+    ``O_NOFOLLOW`` refuses a symlink as the last component and ``O_NONBLOCK`` keeps a FIFO from
+    hanging the open; the type and size are checked on the open descriptor, and reading stops at
+    ``max_bytes + 1`` so a file that grows (or lies about its size, as /proc files do) is bounded.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
+            raise NotRegularFile(errno.ELOOP, "is a symlink (not followed)", str(path)) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, "is not a regular file", str(path))
+        if st.st_size > max_bytes:
+            raise TooLarge(errno.EFBIG, f"{st.st_size} bytes > cap {max_bytes}", str(path))
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLarge(errno.EFBIG, f"more than the cap of {max_bytes} bytes", str(path))
+    return data
+
+
+# ------------------------------------------------------------------------------ output paths
+
+
+class UnsafePath(ValueError):
+    """An output path that would land outside its destination or clobber an input."""
+
+
+def resolve_under(dest: Path | str, rel: str) -> Path:
+    """``dest / rel``, refusing a ``rel`` that is absolute, has ``..`` or leaves ``dest``."""
+    dest = Path(dest).resolve()
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or "\x00" in rel:
+        raise UnsafePath(f"output name {rel!r} is not a plain relative name")
+    target = (dest / rel).resolve()
+    if not target.is_relative_to(dest) or target == dest:
+        raise UnsafePath(f"output name {rel!r} resolves outside {dest}")
+    return target
+
+
+def check_disjoint(
+    out: Path | str, inputs: dict[str, Path | str | None], flag: str = "--out"
+) -> None:
+    """Refuse an output folder that equals, contains or sits inside one of ``inputs``
+    (``{what: path}``; None entries are ignored): replacing it would destroy the input."""
+    o = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        i = Path(path).resolve()
+        if o == i:
+            raise UnsafePath(f"{flag} {out} is the {what} {path}")
+        if i.is_relative_to(o):
+            raise UnsafePath(f"{flag} {out} contains the {what} {path}")
+        if o.is_relative_to(i):
+            raise UnsafePath(f"{flag} {out} is inside the {what} {path}")
+
+
+# ------------------------------------------------------------------------- folder ownership
+
+OWNER = ".mme-owner"  # names the mme command that made a folder; see claim()
+
+
+def claim(folder: Path | str, command: str) -> None:
+    """Make sure ``folder`` may be (re)written by ``command``, and mark it as its own.
+
+    Allowed: an absent or empty folder, one whose marker names ``command``, or (outputs made
+    before markers existed) one whose ``manifest.json`` says ``created_by: command``. Anything
+    else (a home folder, another command's output) raises :class:`UnsafePath` and is not touched.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UnsafePath(f"{folder} exists and is not a folder")
+    if not owned_by(folder, command):
+        raise UnsafePath(
+            f"{folder} is not empty and was not made by `{command}`: refusing to overwrite it"
+            " (choose another folder, or remove it yourself)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / OWNER
+    if not marker.is_file():
+        write_text(marker, command + "\n")
+
+
+def owned_by(folder: Path, command: str) -> bool:
+    """True when ``folder`` is absent, empty or made by ``command`` (see :func:`claim`)."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return not folder.exists() or folder.is_dir()
+    marker, manifest = folder / OWNER, folder / "manifest.json"
+    if marker.is_file() and not marker.is_symlink():
+        return marker.read_text(errors="replace").strip() == command
+    if manifest.is_file() and not manifest.is_symlink():
+        try:
+            return json.loads(manifest.read_bytes()[: 1 << 24]).get("created_by") == command
+        except (ValueError, AttributeError):
+            return False
+    return False
+
+
+# ---------------------------------------------------------------------------------- locking
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the lock of an output folder."""
+
+
+@contextlib.contextmanager
+def locked(folder: Path | str) -> Iterator[Path]:
+    """Hold an exclusive lock on output ``folder`` for the block; a second writer fails at once.
+
+    The lock file ``.<name>.lock`` sits beside the folder (not in it: a public folder stays
+    free of it, and it survives the folder being replaced). It is never deleted: removing a
+    lock file that another process just opened would let a third one take a second lock.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.with_name(f".{folder.name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(
+                f"{folder} is being written by another process (lock {path}); wait for it to end"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move the finished folder ``new`` to ``target``, replacing what is there (the caller has
+    checked it may). ``target`` is gone only between two renames; both are fsynced."""
+    new, target = Path(new), Path(target)
+    old = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    fsync_dir(target.parent)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    elif old.exists() or old.is_symlink():
+        old.unlink()
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh hidden folder beside ``target`` to build its next version in."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    path.mkdir()
+    return path

@@ -1,11 +1,18 @@
 """``mme poison``: protect the train split of a clean shard folder (MEM or a baseline).
 
-Output folder (``cfg.out``): protected ``train-*.tar`` shards with the clean ids (image =
-clip(x + δ) as PNG at the working resolution, captions = trigger words + caption, metadata);
-``noise.npy`` (int8 pixel units, row order = ``triggers.json["ids"]``); ``triggers.json``;
-``grid.png`` (clean | noise amplified | protected); ``manifest.json`` (written last). Work files
-(memory-mapped pixels and noise, per-round checkpoints) live in ``<out>.work/`` until success, so
-``--resume`` continues a killed run; the input shards are never modified.
+Two outputs, kept apart by design (see docs/threat-model.md):
+
+- PUBLIC ``cfg.out``: protected ``train-*.tar`` shards with the clean ids (image = clip(x + δ) as
+  PNG at the working resolution, captions = trigger words + caption, metadata) and
+  ``manifest.json``, written last, only after ``mme verify`` passed. Nothing in it gives back a
+  clean pixel.
+- PRIVATE ``cfg.private``: ``noise.npy`` (int8 pixel units, row order = ``triggers.json["ids"]``;
+  protected - noise = clean), ``triggers.json`` (which images are protected), ``grid.png``
+  (clean | noise amplified | protected) and ``work/`` (memory-mapped pixels and noise, per-round
+  checkpoints) until success, so ``--resume`` continues a killed run.
+
+Both folders are locked for the run (a second ``mme poison`` on them stops at once) and must be
+disjoint from each other and from the clean input, which is never modified.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mme import __version__, imageops, models, shards
+from mme import __version__, fsio, imageops, models, shards
 from mme.attacks.mem import MEM, RoundHook
 from mme.attacks.store import PairStore
 from mme.attacks.triggers import candidate_mask, protected_caption, trigger_text
@@ -34,8 +40,12 @@ CKPT = "checkpoint.pt"
 TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
 
 
+OWNER = "mme poison"
+PRIVATE_FILES = ("noise.npy", "triggers.json", "grid.png")
+
+
 def work_dir(cfg: PoisonConfig) -> Path:
-    return Path(f"{cfg.out}.work")
+    return Path(cfg.private) / "work"
 
 
 def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
@@ -50,14 +60,19 @@ def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: {err}") from None
     if manifest.get("splits", {}).get("train", {}).get("images", 0) == 0:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: the train split has no images")
-    if Path(cfg.out).resolve() == Path(cfg.clean).resolve():
-        raise ConfigError("poison.out must differ from poison.clean (inputs are never modified)")
+    try:  # inputs are never modified, and public and private files never mix
+        fsio.check_disjoint(cfg.out, {"clean input": cfg.clean}, "poison.out")
+        fsio.check_disjoint(cfg.private, {"clean input": cfg.clean}, "poison.private")
+        fsio.check_disjoint(cfg.out, {"private folder": cfg.private}, "poison.out")
+    except fsio.UnsafePath as err:
+        raise ConfigError(str(err)) from None
     return manifest
 
 
 def config_hash(cfg: PoisonConfig) -> str:
     """Hash of what determines the result (a resumed run must match it)."""
-    keep = cfg.model_dump(mode="json", exclude={"device", "compile", "grid_samples", "shard_size"})
+    skip = {"device", "compile", "grid_samples", "shard_size", "out", "private"}
+    keep = cfg.model_dump(mode="json", exclude=skip)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -116,15 +131,15 @@ def save_checkpoint(work: Path, mem: MEM, store: PairStore, r: int, cfg: PoisonC
     ckpt = {
         "round": r,
         "config_hash": config_hash(cfg),
+        "clean_manifest_sha256": shards.manifest_sha256(cfg.clean),
         "current": store.current,
         "triggers": store.triggers,
         "protect": store.protect,
         "mem": mem.state(),
         "stats": mem.history,
     }
-    tmp = work / f".{CKPT}.partial"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, work / CKPT)
+    with fsio.atomic_open(work / CKPT) as f:
+        torch.save(ckpt, f)
 
 
 def resume_from(work: Path, mem: MEM, store: PairStore, cfg: PoisonConfig) -> int:
@@ -133,9 +148,18 @@ def resume_from(work: Path, mem: MEM, store: PairStore, cfg: PoisonConfig) -> in
     if not path.exists():
         print(f"mme poison: --resume: no checkpoint in {work}, starting fresh", file=sys.stderr)
         return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt["config_hash"] != config_hash(cfg):
+    try:  # weights_only: tensors and plain containers only, a planted pickle runs no code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ...: all "not ours"
+        msg = f"--resume: {path} is not a checkpoint mme can load safely: {err}"
+        raise ConfigError(msg) from None
+    if not isinstance(ckpt, dict) or ckpt.get("config_hash") != config_hash(cfg):
         raise ConfigError(f"--resume: {path} was made with other settings; remove it or match them")
+    if ckpt.get("clean_manifest_sha256") != shards.manifest_sha256(cfg.clean):
+        raise ConfigError(
+            f"--resume: {path} was made from another version of {cfg.clean} (its manifest.json"
+            " changed since): start afresh without --resume"
+        )
     store.current, store.triggers, store.protect = (
         ckpt["current"],
         ckpt["triggers"],
@@ -202,17 +226,16 @@ def write_outputs(
         caps = [protected_caption(trig, c) for c in captions[i]]
         writer.write(shards.Sample(ids[i], png, "png", caps, meta))
     records = writer.close()
-    tmp = out / ".noise.npy.partial"
-    with open(tmp, "wb") as f:
+    private = Path(cfg.private)
+    with fsio.atomic_open(private / "noise.npy") as f:
         np.save(f, np.asarray(noise))
-    os.replace(tmp, out / "noise.npy")
     trig_json = {
         "ids": ids,
         "protected": store.protect.tolist(),
         "trigger_ids": store.triggers.tolist() if cfg.method == "mem" else [],
         "trigger_text": texts if cfg.method == "mem" else [],
     }
-    shards.write_json_atomic(out / "triggers.json", trig_json)
+    fsio.write_json(private / "triggers.json", trig_json)
     write_grid(cfg, store, captions, texts, noise)
     return records, writer.n_captions
 
@@ -232,17 +255,30 @@ def write_grid(
     caps = [
         protected_caption(texts[r] if cfg.method == "mem" else "", captions[r][0]) for r in rows
     ]
-    path = Path(cfg.out) / "grid.png"
+    path = Path(cfg.private) / "grid.png"
     title = f"{cfg.method}, eps={cfg.epsilon:g}/255"
     grid.save_grid(path, clean, prot, caps, cfg.epsilon, title=title)
     return path
 
 
 def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None = None) -> dict:
-    """Protect ``cfg.clean``'s train split into ``cfg.out``; returns the output manifest."""
+    """Protect ``cfg.clean``'s train split into ``cfg.out`` (public) and ``cfg.private``;
+    returns the output manifest."""
+    clean_manifest = check_inputs(cfg)
+    try:
+        with fsio.locked(cfg.out), fsio.locked(cfg.private):
+            fsio.claim(cfg.out, OWNER)
+            fsio.claim(cfg.private, OWNER)
+            return _poison(cfg, clean_manifest, resume, on_round)
+    except (fsio.FolderBusy, fsio.UnsafePath) as err:
+        raise ConfigError(str(err)) from None
+
+
+def _poison(
+    cfg: PoisonConfig, clean_manifest: dict, resume: bool, on_round: RoundHook | None
+) -> dict:
     from mme import tracking
 
-    clean_manifest = check_inputs(cfg)
     t0 = time.perf_counter()
     work = work_dir(cfg)
     if not resume and work.exists():
@@ -266,15 +302,16 @@ def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None =
         (Path(cfg.out) / "manifest.json").unlink(missing_ok=True)
         records, n_captions = write_outputs(cfg, store, ids, captions, source_sha, tokenizer)
         manifest = output_manifest(cfg, clean_manifest, store, records, n_captions, mem)
-        shards.write_json_atomic(Path(cfg.out) / "manifest.json", manifest)
-        manifest["verify"] = verify_outputs(cfg)
-        shards.write_json_atomic(Path(cfg.out) / "manifest.json", manifest)
+        # the manifest is what makes the folder a dataset: written last, only once verified
+        manifest["verify"] = verify_outputs(cfg, manifest)
+        fsio.write_json(Path(cfg.out) / "manifest.json", manifest)
         seconds = {"seconds_generation": t_gen, "seconds_total": time.perf_counter() - t0}
         log_outputs(cfg, manifest, seconds)
     shutil.rmtree(work)
     print(
         f"mme poison: {cfg.out}: {manifest['n_protected']} of {store.n} images protected"
-        f" ({cfg.method}, eps {cfg.epsilon:g}/255) in {seconds['seconds_total']:.0f} s",
+        f" ({cfg.method}, eps {cfg.epsilon:g}/255) in {seconds['seconds_total']:.0f} s;"
+        f" private files (never publish): {cfg.private}",
         file=sys.stderr,
     )
     return manifest
@@ -320,7 +357,7 @@ def output_manifest(
         "method": cfg.method,
         "epsilon": cfg.epsilon,
         "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json", exclude={"private"}),  # a local path, not data
         "clean": str(cfg.clean),
         "clean_splits": {k: v["images"] for k, v in clean_manifest["splits"].items()},
         "working_size": int(store.clean.shape[-1]),
@@ -331,11 +368,12 @@ def output_manifest(
     }
 
 
-def verify_outputs(cfg: PoisonConfig) -> dict[str, Any]:
-    """Run ``mme verify`` on the fresh output; a violation here is a bug, so it stops the run."""
+def verify_outputs(cfg: PoisonConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Run ``mme verify`` (noise and trigger checks included) on the fresh output before its
+    manifest exists; a violation here is a bug, so it stops the run with no manifest written."""
     from mme.verify import verify
 
-    report = verify(cfg.clean, cfg.out)
+    report = verify(cfg.clean, cfg.out, private=cfg.private, manifest=manifest)
     if not report.ok:
         raise RuntimeError(f"protected set failed verification:\n{report.table()}")
     d = report.to_dict()
@@ -356,8 +394,9 @@ def log_outputs(cfg: PoisonConfig, manifest: dict, seconds: dict[str, float]) ->
         if summary[q]["n"] and summary[q]["mean"] != "inf":
             metrics[f"verify_{q}_mean"] = summary[q]["mean"]
     tracking.log_metrics(metrics)
-    for name in ("grid.png", "manifest.json", "triggers.json"):
-        tracking.log_artifact(Path(cfg.out) / name)
+    tracking.log_artifact(Path(cfg.out) / "manifest.json")
+    for name in ("grid.png", "triggers.json"):  # the tracking store is private too
+        tracking.log_artifact(Path(cfg.private) / name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

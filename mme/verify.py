@@ -6,16 +6,18 @@ id, and for each pair:
 - ``image``: the protected image is a decodable PNG of the working size ``S × S`` (meta agrees);
 - ``linf``: ``max |protected - clean_at_S|`` ≤ ε in 0–255 units (0 for a sample whose meta says
   ``protected: false``), where ``clean_at_S = imageops.to_working_resolution(clean, S)``;
-- ``noise``: when ``noise.npy`` + ``triggers.json`` are present, ``clip(clean_at_S + δ)`` is
-  exactly the protected image;
+- ``noise``: with the PRIVATE folder of the run (``--private``: ``noise.npy`` +
+  ``triggers.json``), ``clip(clean_at_S + δ)`` is exactly the protected image;
 - ``trigger``: ``trigger_text`` encodes to exactly ``trigger_ids`` with the model's tokenizer, has
-  the configured length, and agrees with ``triggers.json``;
+  the configured length, and agrees with ``triggers.json`` (when the private folder is given);
 - ``caption``: the protected captions are ``trigger_text + " " + caption`` for the clean captions
   in order (the clean captions themselves when there is no trigger), and each tokenizes with
   ``trigger_ids`` right after the start token — what a victim's tokenizer will actually see;
 - ``meta``: the stored sha256 matches the image bytes.
 
 Ids in one set only are ``missing`` / ``extra``; a repeated protected id is a ``duplicate``.
+Without the private folder every check but ``noise`` and the ``triggers.json`` agreement runs on
+the clean and the public set alone: what a third party holding the clean originals can check.
 PSNR and SSIM (min/mean/max over the pairs whose meta says ``protected: true``) describe how
 visible the noise is. Both shard sets
 are streamed side by side; only samples whose partner has not been seen yet are buffered, so an
@@ -141,7 +143,7 @@ class VerifyReport:
         ]
         for kind in KINDS:
             if kind == "noise" and not self.noise_checked:
-                lines.append(f"  {kind:<10}{'-':>10}  (noise.npy / triggers.json not present)")
+                lines.append(f"  {kind:<10}{'-':>10}  (no private folder: --private DIR)")
                 continue
             ids = self.violations[kind]
             lines.append(f"  {kind:<10}{len(ids):>10}  {list_ids(ids)}".rstrip())
@@ -361,11 +363,11 @@ def _pairs(
         report.add(sample_id, "extra", "in the protected set, not in the clean train split")
 
 
-def _require(folder: Path, what: str) -> dict[str, Any]:
+def _require(folder: Path, what: str, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of ``folder``; FileNotFoundError with a clear message if anything is absent."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} folder {folder} not found")
-    manifest = load_manifest(folder)
+    manifest = manifest if manifest is not None else load_manifest(folder)
     if not shard_paths(folder, SPLIT):
         raise FileNotFoundError(f"{what} folder {folder} has no {SPLIT}-*.tar shards")
     return manifest
@@ -383,17 +385,22 @@ def _trigger_table(t: dict[str, Any], protect: dict[str, bool]) -> dict[str, tup
     return {i: (text, list(ids)) if protect[i] else ("", []) for i, text, ids in rows}
 
 
-def _context(protected: Path, manifest: dict[str, Any], eps: float, errors: list[str]) -> _Context:
-    """Settings of the run plus triggers.json (id -> trigger) and noise.npy (memory-mapped, with
-    its id -> row map) when present; unusable side files become set-level ``errors``."""
+def _context(
+    private: Path | None, manifest: dict[str, Any], eps: float, errors: list[str]
+) -> _Context:
+    """Settings of the run plus, from the ``private`` folder, triggers.json (id -> trigger) and
+    noise.npy (memory-mapped, with its id -> row map); unusable ones become set-level ``errors``."""
     cfg = manifest.get("config", {})
     if "working_size" not in manifest:
-        raise ConfigError(f"{protected}/manifest.json has no working_size")
+        raise ConfigError("the protected manifest.json has no working_size")
     size = int(manifest["working_size"])
     tokenizer = load_tokenizer(cfg.get("model") or "ViT-B-32")
     ctx = _Context(size, eps, cfg.get("trigger_len"), tokenizer)
-    tpath, npath = protected / "triggers.json", protected / "noise.npy"
+    if private is None:
+        return ctx
+    tpath, npath = private / "triggers.json", private / "noise.npy"
     if not tpath.exists():
+        errors.append(f"private folder {private} has no triggers.json")
         return ctx
     try:
         t = json.loads(tpath.read_text())
@@ -403,8 +410,13 @@ def _context(protected: Path, manifest: dict[str, Any], eps: float, errors: list
         errors.append(f"triggers.json is malformed: {err!r}")
         return ctx
     if not npath.exists():
+        errors.append(f"private folder {private} has no noise.npy")
         return ctx
-    noise = np.load(npath, mmap_mode="r")
+    try:  # allow_pickle stays False: a planted object array is refused, not unpickled
+        noise = np.load(npath, mmap_mode="r", allow_pickle=False)
+    except ValueError as err:
+        errors.append(f"noise.npy is unreadable: {err}")
+        return ctx
     n = len(t["ids"])
     if noise.ndim != 4 or noise.shape[1:] != (3, size, size) or len(noise) != n:
         errors.append(f"noise.npy has shape {noise.shape}, expected ({n}, 3, {size}, {size})")
@@ -413,23 +425,32 @@ def _context(protected: Path, manifest: dict[str, Any], eps: float, errors: list
     return ctx
 
 
-def verify(clean: Path, protected: Path, epsilon: float | None = None) -> VerifyReport:
+def verify(
+    clean: Path,
+    protected: Path,
+    epsilon: float | None = None,
+    private: Path | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> VerifyReport:
     """Check the protected set in ``protected`` against the clean shards in ``clean``.
 
-    ``epsilon`` (0–255 units) overrides the manifest's ``config.epsilon``. Raises
+    ``epsilon`` (0–255 units) overrides the manifest's ``config.epsilon``. ``private`` is the
+    run's private folder (noise.npy, triggers.json) for the noise and trigger-table checks.
+    ``manifest`` stands in for ``protected/manifest.json`` (``mme poison`` verifies before it
+    writes one). Raises
     FileNotFoundError for a missing folder / manifest / shards and ConfigError when ε or the
     working size is unknown; every problem with the data itself is reported, not raised. See the
     module docstring for the checks.
     """
     clean, protected = Path(clean), Path(protected)
     _require(clean, "clean")
-    manifest = _require(protected, "protected")
+    manifest = _require(protected, "protected", manifest)
     cfg = manifest.get("config", {})
     eps = epsilon if epsilon is not None else cfg.get("epsilon")
     if eps is None:
         raise ConfigError(f"{protected}/manifest.json has no config.epsilon: pass --epsilon")
     errors: list[str] = []
-    ctx = _context(protected, manifest, float(eps), errors)
+    ctx = _context(Path(private) if private else None, manifest, float(eps), errors)
     report = VerifyReport(
         clean=str(clean),
         protected=str(protected),
@@ -461,12 +482,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="L-inf bound in 0-255 units (default: the manifest's)",
     )
+    parser.add_argument(
+        "--private",
+        type=Path,
+        default=None,
+        help="the run's private folder (noise.npy, triggers.json): adds the noise checks",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        report = verify(args.clean, args.protected, args.epsilon)
+        report = verify(args.clean, args.protected, args.epsilon, args.private)
     except FileNotFoundError as err:
         print(f"mme verify: {err}", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from mme import models, plots, shards, tracking
+from mme import models, paths, plots, shards, tracking
 from mme.config import VictimConfig, add_section_arguments, section_from_args
 
 PAIRS_SHARD_SIZE = 1000
@@ -402,7 +402,7 @@ def default_shards(params: Path | None) -> Path:
     from mme.config import read_params
 
     data = (read_params(params).get("data") or {}) if params else {}
-    return Path(data.get("out") or "data/shards/synthetic")
+    return Path(data.get("out") or paths.CLEAN)
 
 
 def run(args: argparse.Namespace) -> int:

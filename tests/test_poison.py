@@ -44,18 +44,17 @@ def tar_bytes(folder: Path) -> list[bytes]:
 
 
 def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
-    cfg = PoisonConfig(clean=clean, out=tmp_path / "mem", trigger_len=3, **FAST)
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "mem", private=tmp_path / "priv", **FAST)
     manifest = poison(cfg)
-    out = cfg.out
-    assert {p.name for p in out.iterdir()} >= {
-        "manifest.json",
+    out, private = cfg.out, cfg.private
+    assert {p.name for p in out.iterdir()} == {".mme-owner", "manifest.json", "train-000000.tar"}
+    assert {p.name for p in private.iterdir()} == {
+        ".mme-owner",
         "noise.npy",
         "triggers.json",
         "grid.png",
-        "train-000000.tar",
-    }
-    assert not Path(f"{out}.work").exists()  # work files removed after success
-    noise = np.load(out / "noise.npy")
+    }  # work files removed after success
+    noise = np.load(private / "noise.npy")
     assert noise.dtype == np.int8 and noise.shape == (16, 3, 64, 64)
     assert np.abs(noise).max() <= 8 and np.abs(noise).max() > 0
     tok = open_clip.get_tokenizer("mme-tiny-vit")
@@ -70,14 +69,17 @@ def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
         assert s.captions == [f"{trig} {cap}" for cap in c.captions]
     assert manifest["n_protected"] == 16 and len(manifest["rounds"]) == 2
     assert manifest["verify"]["ok"] and manifest["verify"]["max_linf"] <= 8
-    assert cli.main(["verify", "--clean", str(clean), "--protected", str(out)]) == 0
+    argv = ["verify", "--clean", str(clean), "--protected", str(out), "--private", str(private)]
+    assert cli.main(argv) == 0
 
 
 @pytest.mark.parametrize("method", ["random", "em", "errmax"])
 def test_baselines_have_no_trigger_and_respect_budget(clean, tmp_path, method):
-    cfg = PoisonConfig(clean=clean, out=tmp_path / method, method=method, epsilon=4, **FAST)
+    cfg = PoisonConfig(
+        clean=clean, out=tmp_path / method, private=tmp_path / "p", method=method, epsilon=4, **FAST
+    )
     poison(cfg)
-    noise = np.load(cfg.out / "noise.npy")
+    noise = np.load(cfg.private / "noise.npy")
     assert 0 < np.abs(noise).max() <= 4
     clean_caps = {s.id: s.captions for s in shards.iter_samples(clean, "train")}
     for s in shards.iter_samples(cfg.out, "train"):
@@ -85,11 +87,13 @@ def test_baselines_have_no_trigger_and_respect_budget(clean, tmp_path, method):
 
 
 def test_partial_protection_leaves_the_rest_untouched(clean, tmp_path):
-    cfg = PoisonConfig(clean=clean, out=tmp_path / "half", protect_fraction=0.5, **FAST)
+    cfg = PoisonConfig(
+        clean=clean, out=tmp_path / "half", private=tmp_path / "p", protect_fraction=0.5, **FAST
+    )
     manifest = poison(cfg)
     assert manifest["n_protected"] == 8
-    noise = np.load(cfg.out / "noise.npy")
-    flags = json.loads((cfg.out / "triggers.json").read_text())["protected"]
+    noise = np.load(cfg.private / "noise.npy")
+    flags = json.loads((cfg.private / "triggers.json").read_text())["protected"]
     for row, flag in zip(noise, flags, strict=True):
         assert (np.abs(row).max() > 0) == flag
     for s in shards.iter_samples(cfg.out, "train"):
@@ -102,10 +106,10 @@ class Killed(Exception):
 
 def test_killed_and_resumed_run_gives_identical_shards(clean, tmp_path):
     kw = {**FAST, "rounds": 3, "trigger_rounds": 2}
-    full = PoisonConfig(clean=clean, out=tmp_path / "full", **kw)
+    full = PoisonConfig(clean=clean, out=tmp_path / "full", private=tmp_path / "pf", **kw)
     poison(full)
 
-    cut = PoisonConfig(clean=clean, out=tmp_path / "cut", **kw)
+    cut = PoisonConfig(clean=clean, out=tmp_path / "cut", private=tmp_path / "pc", **kw)
 
     def kill(r, stats):
         if r == 1:
@@ -116,7 +120,7 @@ def test_killed_and_resumed_run_gives_identical_shards(clean, tmp_path):
     assert not (cut.out / "manifest.json").exists()
     poison(cut, resume=True)
     assert tar_bytes(cut.out) == tar_bytes(full.out)
-    assert np.array_equal(np.load(cut.out / "noise.npy"), np.load(full.out / "noise.npy"))
+    assert np.array_equal(np.load(cut.private / "noise.npy"), np.load(full.private / "noise.npy"))
     # the description too (no wall times in it), so the dataset version is the same
     manifests = [json.loads((c.out / "manifest.json").read_text()) for c in (cut, full)]
     for m in manifests:
@@ -136,7 +140,8 @@ def test_killed_and_resumed_run_gives_identical_shards(clean, tmp_path):
     ],
 )
 def test_bad_params_fail_before_work(clean, tmp_path, capsys, flags, needle):
-    argv = ["poison", "--clean", str(clean), "--out", str(tmp_path / "x"), *flags]
+    argv = ["poison", "--clean", str(clean), "--out", str(tmp_path / "x")]
+    argv += ["--private", str(tmp_path / "px"), *flags]
     assert cli.main(argv) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -145,6 +150,7 @@ def test_bad_params_fail_before_work(clean, tmp_path, capsys, flags, needle):
 def test_empty_or_missing_dataset_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         poison(PoisonConfig(clean=tmp_path / "nothing", out=tmp_path / "o", **FAST))
+    assert not (tmp_path / "o").exists()
     empty = tmp_path / "empty"
     shards.write_json_atomic(
         empty / "manifest.json", {"splits": {"train": {"images": 0}, "test": {"images": 0}}}
@@ -159,7 +165,7 @@ def test_poison_is_tracked_in_mlflow(clean, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MME_TRACKING", "on")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cfg = PoisonConfig(clean=clean, out=tmp_path / "tracked", **FAST)
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "tracked", private=tmp_path / "p", **FAST)
     poison(cfg)
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")

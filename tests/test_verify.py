@@ -97,7 +97,9 @@ def sets(tmp_path: Path) -> tuple[Path, list[Sample], list[dict]]:
 
 
 def run_verify(clean: Path, prot: Path, *extra: str) -> int:
-    return main(["verify", "--clean", str(clean), "--protected", str(prot), *extra])
+    # the fixture keeps the private files (noise.npy, triggers.json) beside the shards
+    argv = ["verify", "--clean", str(clean), "--protected", str(prot), "--private", str(prot)]
+    return main([*argv, *extra])
 
 
 @pytest.mark.parametrize("model", [MODEL, "ViT-B-32", "some-custom-config"])
@@ -130,7 +132,7 @@ def test_linf_bound_is_exact(sets, tmp_path, capsys, over):
     r["pixels"] = apply_noise(r["clean"], r["noise"])
     prot = write_protected(tmp_path / "P", clean, records)
     code = run_verify(clean, prot)
-    report = verify(clean, prot)
+    report = verify(clean, prot, private=prot)
     if over == 0:
         assert code == 0 and report.ok and report.max_linf == EPS
     else:
@@ -144,7 +146,9 @@ def test_epsilon_override(sets, tmp_path):
     clean, samples, records = sets
     prot = write_protected(tmp_path / "P", clean, records)
     assert run_verify(clean, prot, "--epsilon", str(EPS - 1)) == 1
-    assert len(verify(clean, prot, epsilon=EPS - 1).violations["linf"]) == len(samples)
+    assert len(verify(clean, prot, epsilon=EPS - 1, private=prot).violations["linf"]) == len(
+        samples
+    )
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
@@ -155,7 +159,7 @@ def test_missing_id_fails(sets, tmp_path, capsys, where):
     prot = write_protected(tmp_path / "P", clean, records)
     assert run_verify(clean, prot) == 1
     assert gone["id"] in capsys.readouterr().out
-    report = verify(clean, prot)
+    report = verify(clean, prot, private=prot)
     assert report.violations["missing"] == [gone["id"]]
     assert report.offending_ids == [gone["id"]]  # the others still pair up despite the gap
 
@@ -164,7 +168,7 @@ def test_extra_and_duplicate_ids_fail(sets, tmp_path):
     clean, _, records = sets
     extra = dict(records[0], id="stranger")
     prot = write_protected(tmp_path / "P", clean, [*records, extra, records[1]])
-    report = verify(clean, prot)
+    report = verify(clean, prot, private=prot)
     assert report.violations["extra"] == ["stranger"]
     assert report.violations["duplicate"] == [records[1]["id"]]
     assert not report.ok
@@ -173,7 +177,7 @@ def test_extra_and_duplicate_ids_fail(sets, tmp_path):
 def test_out_of_order_set_passes(sets, tmp_path):
     clean, _, records = sets
     prot = write_protected(tmp_path / "P", clean, records[::-1])
-    report = verify(clean, prot)
+    report = verify(clean, prot, private=prot)
     assert report.ok, report.table()
     assert report.n_checked == len(records)
 
@@ -193,7 +197,7 @@ def test_wrong_trigger_fails(sets, tmp_path, damage):
         r["trigger_ids"] = []
     prot = write_protected(tmp_path / "P", clean, records)
     assert run_verify(clean, prot) == 1
-    report = verify(clean, prot)
+    report = verify(clean, prot, private=prot)
     assert report.offending_ids == [r["id"]]
     kinds = {k for k, ids in report.violations.items() if ids}
     assert kinds <= {"trigger", "caption"} and kinds
@@ -205,14 +209,14 @@ def test_triggers_json_disagreeing_with_meta_fails(sets, tmp_path):
     t = json.loads((prot / "triggers.json").read_text())
     t["trigger_ids"][5] = [9999]
     (prot / "triggers.json").write_text(json.dumps(t))
-    assert verify(clean, prot).violations["trigger"] == [records[5]["id"]]
+    assert verify(clean, prot, private=prot).violations["trigger"] == [records[5]["id"]]
 
 
 def test_caption_without_trigger_prefix_fails(sets, tmp_path):
     clean, samples, records = sets
     records[6]["captions"][1] = samples[6].captions[1]  # one caption lost its trigger
     prot = write_protected(tmp_path / "P", clean, records)
-    assert verify(clean, prot).violations["caption"] == [records[6]["id"]]
+    assert verify(clean, prot, private=prot).violations["caption"] == [records[6]["id"]]
 
 
 @pytest.mark.parametrize("size", [SIZE - 2, SIZE + 1])
@@ -225,7 +229,7 @@ def test_size_mismatch_fails(sets, tmp_path, capsys, size):
     prot = write_protected(tmp_path / "P", clean, records)
     assert run_verify(clean, prot) == 1
     assert r["id"] in capsys.readouterr().out
-    report = verify(clean, prot)
+    report = verify(clean, prot, private=prot)
     assert report.violations["image"] == [r["id"]] and report.offending_ids == [r["id"]]
 
 
@@ -235,7 +239,7 @@ def test_noise_npy_mismatch_fails(sets, tmp_path):
     noise = np.load(prot / "noise.npy")
     noise[4] = 0
     np.save(prot / "noise.npy", noise)
-    assert verify(clean, prot).violations["noise"] == [records[4]["id"]]
+    assert verify(clean, prot, private=prot).violations["noise"] == [records[4]["id"]]
 
 
 def test_unprotected_sample_must_be_clean(sets, tmp_path):
@@ -243,11 +247,11 @@ def test_unprotected_sample_must_be_clean(sets, tmp_path):
     r = records[5]
     r.update(protected=False, trigger_text="", trigger_ids=[], captions=samples[5].captions)
     prot = write_protected(tmp_path / "P", clean, records)
-    assert verify(clean, prot).violations["linf"] == [r["id"]]  # it still has noise
+    assert verify(clean, prot, private=prot).violations["linf"] == [r["id"]]  # it still has noise
     r["noise"][:] = 0
     r["pixels"] = r["clean"]
     prot = write_protected(tmp_path / "P2", clean, records)
-    report = verify(clean, prot)
+    report = verify(clean, prot, private=prot)
     assert report.ok and report.n_with_noise == len(records) - 1
     assert report.psnr.n == len(records) - 1 and math.isfinite(report.psnr.max)
 
@@ -255,14 +259,15 @@ def test_unprotected_sample_must_be_clean(sets, tmp_path):
 def test_psnr_ssim_sane(sets, tmp_path):
     clean, _, records = sets
     prot = write_protected(tmp_path / "P", clean, records)
-    noisy = verify(clean, prot)
+    noisy = verify(clean, prot, private=prot)
     # uniform integer noise in [-8, 8]: MSE ≈ (17² - 1) / 12 = 24, i.e. PSNR ≈ 34.3 dB
     assert 32 < noisy.psnr.min <= noisy.psnr.mean <= noisy.psnr.max < 37
     assert 0 < noisy.ssim.min <= noisy.ssim.max < 1
     for r in records:
         r["noise"][:] = 0
         r["pixels"] = r["clean"]
-    same = verify(clean, write_protected(tmp_path / "P0", clean, records))
+    p0 = write_protected(tmp_path / "P0", clean, records)
+    same = verify(clean, p0, private=p0)
     assert same.ok and same.max_linf == 0
     assert math.isinf(same.psnr.min) and math.isinf(same.psnr.mean)
     assert same.ssim.min == pytest.approx(1.0) and same.ssim.max == pytest.approx(1.0)
@@ -319,7 +324,7 @@ def test_set_level_errors_fail(sets, tmp_path, capsys, broken):
     else:
         (prot / "triggers.json").write_text(json.dumps({"ids": ["img000"]}))
     assert run_verify(clean, prot) == 1
-    report = verify(clean, prot)
+    report = verify(clean, prot, private=prot)
     assert len(report.errors) == 1 and not report.offending_ids and not report.ok
     assert "error:" in report.table() and "FAILED" in capsys.readouterr().err
 
@@ -337,10 +342,10 @@ def test_poison_triggers_json_layouts(sets, tmp_path):
     t["protected"] = [x["protected"] for x in records]
     t["trigger_ids"][2], t["trigger_text"][2] = [1929], "dog"  # kept, but not used
     (prot / "triggers.json").write_text(json.dumps(t))
-    assert verify(clean, prot).ok
+    assert verify(clean, prot, private=prot).ok
     t["protected"][4] = False  # disagrees with the meta of img004
     (prot / "triggers.json").write_text(json.dumps(t))
-    assert verify(clean, prot).violations["meta"] == [records[4]["id"]]
+    assert verify(clean, prot, private=prot).violations["meta"] == [records[4]["id"]]
 
     for x in records:  # an untriggered method (em / random): empty trigger lists
         x.update(trigger_text="", trigger_ids=[])
@@ -349,5 +354,22 @@ def test_poison_triggers_json_layouts(sets, tmp_path):
     t = json.loads((prot / "triggers.json").read_text())
     t.update(trigger_ids=[], trigger_text=[], protected=[x["protected"] for x in records])
     (prot / "triggers.json").write_text(json.dumps(t))
-    report = verify(clean, prot)
+    report = verify(clean, prot, private=prot)
     assert report.ok, report.table()
+
+
+def test_without_private_folder_public_checks_still_run(sets, tmp_path, capsys):
+    """A third party holds the clean originals and the public set only: every check but the
+    noise/trigger-table ones runs, and a bad pixel is still caught."""
+    clean, samples, records = sets
+    pub = tmp_path / "pub"
+    write_protected(pub, clean, records)
+    for name in ("noise.npy", "triggers.json"):
+        (pub / name).unlink()
+    report = verify(clean, pub)
+    assert report.ok and not report.noise_checked and report.n_checked == len(samples)
+    assert main(["verify", "--clean", str(clean), "--protected", str(pub)]) == 0
+    assert "no private folder" in capsys.readouterr().out
+    records[2]["pixels"][0, 0, 0] ^= 0xFF  # far outside the budget
+    bad = write_protected(tmp_path / "bad", clean, records)
+    assert verify(clean, bad).violations["linf"] == [records[2]["id"]]
