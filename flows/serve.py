@@ -31,7 +31,11 @@ def pipeline_parameters(params: Path, root: Path = PREFECT_ROOT) -> dict[str, An
     poison = load_section("poison", params)
     data = data.model_copy(update={"out": root / "shards" / Path(data.out).name})
     poison = poison.model_copy(
-        update={"clean": data.out, "out": root / "protected" / poison.method}
+        update={
+            "clean": data.out,
+            "out": root / "protected" / poison.method,
+            "private": root / "private" / poison.method,
+        }
     )
     return {
         "data": data,

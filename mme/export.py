@@ -9,17 +9,20 @@ Formats:
   same-named ``.txt`` files. A set with several splits gets one subfolder per split.
 - ``webdataset``: the shards as they are, plus a ``manifest.json`` and ``README.txt``.
 
-Never exported: ``noise.npy`` (anyone holding δ can subtract it and undo the protection) and
-``triggers.json``; the triggers are visible in the captions anyway. The export is written to
-``DIR.partial`` and renamed into place at the end, so ``DIR`` is either complete or absent; an
-existing non-empty ``DIR`` is replaced only with ``force``.
+The export is public-only by construction: it reads nothing but the protected shards and their
+manifest (``noise.npy``, ``triggers.json`` and ``grid.png`` live in the run's private folder,
+never here). The input is treated as hostile: every sample id must be a plain key
+(``[A-Za-z0-9_-]+``) and every file is resolved under ``DIR``, so a crafted shard cannot write
+elsewhere. ``DIR`` may not equal, contain or sit inside the input. The export is built in a
+hidden folder beside ``DIR`` and renamed into place at the end, so ``DIR`` is either complete or
+absent; an existing non-empty ``DIR`` is replaced only with ``force``, and only when an earlier
+``mme export`` made it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,10 +30,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mme import __version__
-from mme.shards import iter_samples, load_manifest, shard_paths, write_json_atomic
+from mme import __version__, fsio
+from mme.shards import iter_samples, load_manifest, shard_paths
 
 FORMATS = ("folder", "webdataset")
+OWNER = "mme export"
 
 
 def export(protected: Path, out: Path, fmt: str = "folder", force: bool = False) -> dict[str, Any]:
@@ -38,7 +42,8 @@ def export(protected: Path, out: Path, fmt: str = "folder", force: bool = False)
 
     Returns ``{"format", "out", "splits": {split: {"images", "captions"}}}``. Raises
     FileNotFoundError for a missing set / manifest / shards, FileExistsError when ``out`` exists,
-    is not empty and ``force`` is false, and ValueError for an unknown ``fmt``.
+    is not empty and ``force`` is false, and ValueError for an unknown ``fmt``, an ``out`` that
+    overlaps the input or was not made by ``mme export``, a bad sample id, or a busy ``out``.
     """
     protected, out = Path(protected), Path(out)
     if fmt not in FORMATS:
@@ -49,18 +54,24 @@ def export(protected: Path, out: Path, fmt: str = "folder", force: bool = False)
     splits = [s for s in manifest.get("splits", {}) if shard_paths(protected, s)]
     if not splits:
         raise FileNotFoundError(f"{protected} has no shards of the splits in its manifest")
-    if _occupied(out) and not force:
-        raise FileExistsError(f"{out} exists and is not empty: pass --force to replace it")
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():  # left by an interrupted export; it is ours to remove
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    if fmt == "folder":
-        counts = _write_folder(protected, partial, splits)
-    else:
-        counts = _write_webdataset(protected, partial, splits, manifest)
-    _write_readme(partial / "README.txt", manifest, fmt, counts)
-    _replace_dir(partial, out)
+    fsio.check_disjoint(out, {"input": protected})
+    with fsio.locked(out):
+        if _occupied(out) and not force:
+            raise FileExistsError(f"{out} exists and is not empty: pass --force to replace it")
+        if not fsio.owned_by(out, OWNER):
+            raise ValueError(f"--force replaces only an earlier export; {out} is not one")
+        partial = fsio.staging_dir(out)
+        try:
+            if fmt == "folder":
+                counts = _write_folder(protected, partial, splits)
+            else:
+                counts = _write_webdataset(protected, partial, splits, manifest)
+            _write_readme(partial / "README.txt", manifest, fmt, counts)
+            fsio.write_text(partial / fsio.OWNER, OWNER + "\n")
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        fsio.replace_dir(partial, out)
     return {"format": fmt, "out": str(out), "splits": counts}
 
 
@@ -71,20 +82,22 @@ def _occupied(path: Path) -> bool:
 def _write_folder(protected: Path, dest: Path, splits: list[str]) -> dict[str, dict[str, int]]:
     """Image + caption file per sample; metadata.jsonl; one subfolder per split if several."""
     counts = {}
-    with open(dest / "metadata.jsonl", "w", encoding="utf-8") as index:
+    with fsio.atomic_open(dest / "metadata.jsonl", "w") as index:
         for split in splits:
             folder = dest / split if len(splits) > 1 else dest
             folder.mkdir(exist_ok=True)
             n = n_caps = 0
             samples = iter_samples(protected, split)
             for s in tqdm(samples, desc=f"export {split}", unit="img", file=sys.stderr):
-                image = folder / f"{s.id}.{s.image_ext}"
+                # ids are validated by the shard reader; resolving under dest is the backstop
+                prefix = f"{split}/" if len(splits) > 1 else ""
+                image = fsio.resolve_under(dest, f"{prefix}{s.id}.{s.image_ext}")
                 if image.exists():  # a repeated id would silently overwrite the first one
                     raise ValueError(f"{protected}: sample id {s.id} occurs twice in {split}")
-                image.write_bytes(s.image_bytes)
+                fsio.write_bytes(image, s.image_bytes)
                 # one caption per line with a final newline: what the folder reader splits on
-                (folder / f"{s.id}.txt").write_text("\n".join(s.captions) + "\n", "utf-8")
-                rel = image.relative_to(dest).as_posix()
+                fsio.write_text(image.with_suffix(".txt"), "\n".join(s.captions) + "\n")
+                rel = image.relative_to(dest.resolve()).as_posix()
                 record = {**s.meta, "id": s.id, "split": split, "file": rel}
                 record["captions_file"] = rel.rsplit(".", 1)[0] + ".txt"
                 index.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
@@ -109,7 +122,7 @@ def _write_webdataset(
         "working_size": manifest.get("working_size"),
         "splits": {s: manifest["splits"][s] for s in splits},
     }
-    write_json_atomic(dest / "manifest.json", published)
+    fsio.write_json(dest / "manifest.json", published)
     return counts
 
 
@@ -134,23 +147,7 @@ def _write_readme(path: Path, manifest: dict[str, Any], fmt: str, counts: dict) 
         "The images are stored losslessly; re-encoding them (e.g. as JPEG) weakens the noise.",
         f"Written by mme {__version__} (mme export --format {fmt}).",
     ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _replace_dir(partial: Path, out: Path) -> None:
-    """Move the finished ``partial`` to ``out``, replacing what is there (checked by the caller)."""
-    old = out.with_name(f".{out.name}.old")
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    elif out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)  # out is gone only for the instant between the two renames
-    os.replace(partial, out)
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
+    fsio.write_text(path, "\n".join(lines) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         result = export(args.protected, args.out, args.format, args.force)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, fsio.FolderBusy) as err:
         print(f"mme export: {err}", file=sys.stderr)
         return 2
     total = sum(c["images"] or 0 for c in result["splits"].values())

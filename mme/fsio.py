@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -42,7 +43,8 @@ def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
-        with open(tmp, mode) as f:
+        text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+        with open(tmp, mode, **text) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -231,9 +233,13 @@ def replace_dir(new: Path, target: Path) -> None:
 
 
 def staging_dir(target: Path) -> Path:
-    """A fresh hidden folder beside ``target`` to build its next version in."""
+    """A fresh hidden folder beside ``target`` to build its next version in. Called with
+    ``target``'s lock held, so earlier staging folders of it are left by dead runs: removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
     path = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     path.mkdir()
     return path

@@ -10,12 +10,12 @@ the same Pillow.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mme import fsio
 from mme.imageops import to_working_resolution
 from mme.shards import iter_samples, load_manifest
 
@@ -143,10 +143,8 @@ def save_grid(
 ) -> Path:
     """:func:`make_grid` written to ``path`` as PNG, atomically (temporary name, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    make_grid(clean, protected, captions, epsilon, scale, title).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with fsio.atomic_open(path) as f:
+        make_grid(clean, protected, captions, epsilon, scale, title).save(f, format="PNG")
     return path
 
 

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mme import fsio
+
 KS = (1, 5, 10)
 DIRECTIONS = (("i2t", "image → text"), ("t2i", "text → image"))
 
@@ -35,9 +37,9 @@ def _pyplot() -> Any | None:
 
 def _save(plt: Any, fig: Any, out: Path) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    with fsio.atomic_open(out) as f:
+        fig.savefig(f, dpi=120, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
     return out
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mme import plots, shards, tracking
+from mme import fsio, plots, shards, tracking
 from mme.config import ReportConfig, VictimConfig, load_section
 
 KS = (1, 5, 10)
@@ -190,7 +190,7 @@ def write_recall_csvs(rows: list[Row], folder: Path) -> list[Path]:
     paths = []
     for row in rows:
         path = folder / (row_label(row) + ".csv")
-        with open(path, "w", newline="") as f:
+        with fsio.atomic_open(path, "w") as f:
             writer = csv.DictWriter(f, fieldnames=["k", "i2t", "t2i"])
             writer.writeheader()
             writer.writerows(recall_curve(row))
@@ -251,8 +251,7 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(rows)
     print(table)
     if cfg.out is not None:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        cfg.out.write_text(table + "\n")
+        fsio.write_text(cfg.out, table + "\n")
     if args.recall_dir is not None:
         write_recall_csvs(rows, args.recall_dir)
         plots.recall_chart(

@@ -8,8 +8,13 @@ One sample per image. Members of a sample with key ``ID``:
   add keys (e.g. ``method``, ``epsilon``, ``trigger_text``).
 
 Shards are ``OUT/{split}-%06d.tar``. Tars are byte-deterministic (sorted members, mtime 0, uid 0,
-no user names) so that the same inputs give byte-identical shards, and each tar is written under a
-hidden temporary name and renamed, so an interrupted run never leaves a tar that looks complete.
+no user names) so that the same inputs give byte-identical shards, and each tar is written with
+the one atomic-write helper (:mod:`mme.fsio`), so an interrupted run never leaves a tar that
+looks complete.
+
+Reading treats a shard as hostile: tars are opened uncompressed (a gzip bomb named ``.tar`` is
+refused, not inflated), every member must be a regular file named ``KEY.EXT`` with a valid key,
+and no member may exceed :data:`mme.limits.MAX_FILE_BYTES`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -27,6 +31,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from mme import fsio, limits
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 IMAGE_EXTS = ("png", "jpg")
@@ -102,8 +108,7 @@ def _sample_members(sample: Sample) -> list[tuple[str, bytes]]:
 def write_tar_atomic(path: Path, members: Iterable[tuple[str, bytes]]) -> str:
     """Write a deterministic tar at ``path`` via a temporary name; return its sha256."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as raw:
+    with fsio.atomic_open(path) as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for name, data in members:
                 info = tarfile.TarInfo(name)
@@ -111,9 +116,6 @@ def write_tar_atomic(path: Path, members: Iterable[tuple[str, bytes]]) -> str:
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
     return sha256_file(path)
 
 
@@ -194,19 +196,57 @@ def iter_samples(shard_dir: Path, split: str) -> Iterator[Sample]:
         yield from _iter_tar(path)
 
 
+class BadShard(ValueError):
+    """A shard that is not in mme's format (or was crafted): the message names the problem."""
+
+
+def open_tar(path: Path, compression: str = "") -> tarfile.TarFile:
+    """Open a tar for reading: uncompressed unless ``compression`` (``gz``, ``bz2``, ``xz``)
+    is asked for explicitly; anything else is a :class:`BadShard`, never a guess."""
+    try:
+        return tarfile.open(path, f"r:{compression}")
+    except tarfile.ReadError as err:
+        how = f"a {compression}-compressed" if compression else "an uncompressed"
+        raise BadShard(f"{path}: not {how} tar ({err})") from None
+
+
+def read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, path: Path) -> bytes:
+    """The bytes of one regular member, at most :data:`limits.MAX_FILE_BYTES`."""
+    if info.size > limits.MAX_FILE_BYTES:
+        raise BadShard(
+            f"{path}: member {info.name!r} has {info.size} bytes (cap {limits.MAX_FILE_BYTES})"
+        )
+    f = tar.extractfile(info)
+    data = f.read(limits.MAX_FILE_BYTES + 1) if f is not None else b""
+    if len(data) > limits.MAX_FILE_BYTES:
+        raise BadShard(
+            f"{path}: member {info.name!r} is over the cap of {limits.MAX_FILE_BYTES} bytes"
+        )
+    return data
+
+
+def split_member(name: str, path: Path) -> tuple[str, str]:
+    """``(key, ext)`` of a member named ``KEY.EXT``; a key that is not ``[A-Za-z0-9_-]+`` (a
+    path, ``..``, an absolute name, odd characters) is a :class:`BadShard`."""
+    key, _, ext = name.partition(".")
+    if not KEY_RE.match(key) or not ext or len(name) > limits.MAX_MEMBER_NAME:
+        raise BadShard(f"{path}: member {name[:200]!r} is not KEY.EXT with a key of [A-Za-z0-9_-]")
+    return key, ext
+
+
 def _iter_tar(path: Path) -> Iterator[Sample]:
     current: dict[str, bytes] = {}
     key = None
-    with tarfile.open(path, "r") as tar:
+    with open_tar(path) as tar:
         for info in tar:
             if not info.isfile():
                 continue
-            k, _, ext = info.name.partition(".")
+            k, ext = split_member(info.name, path)
             if key is not None and k != key:
                 yield _to_sample(key, current, path)
                 current = {}
             key = k
-            current[ext] = tar.extractfile(info).read()
+            current[ext] = read_member(tar, info, path)
     if key is not None:
         yield _to_sample(key, current, path)
 
@@ -215,8 +255,13 @@ def _to_sample(key: str, members: dict[str, bytes], path: Path) -> Sample:
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None or "txt" not in members:
         raise ValueError(f"{path}: sample {key} lacks an image or txt member: {sorted(members)}")
-    captions = members["txt"].decode("utf-8").split("\n")
-    meta = json.loads(members["json"]) if "json" in members else {}
+    try:
+        captions = members["txt"].decode("utf-8").split("\n")
+        meta = json.loads(members["json"]) if "json" in members else {}
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError alike
+        raise BadShard(f"{path}: sample {key}: {err}") from None
+    if not isinstance(meta, dict):
+        raise BadShard(f"{path}: sample {key}: metadata is not a JSON object")
     return Sample(id=key, image_bytes=members[ext], image_ext=ext, captions=captions, meta=meta)
 
 

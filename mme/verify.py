@@ -43,6 +43,7 @@ from tqdm import tqdm
 from mme.config import ConfigError
 from mme.imageops import psnr, ssim, to_working_resolution
 from mme.shards import (
+    BadShard,
     Sample,
     iter_samples,
     load_manifest,
@@ -494,7 +495,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         report = verify(args.clean, args.protected, args.epsilon, args.private)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, BadShard) as err:
         print(f"mme verify: {err}", file=sys.stderr)
         return 2
     print(report.table())

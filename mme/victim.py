@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from mme import models, paths, plots, shards, tracking
+from mme import fsio, models, paths, plots, shards, tracking
 from mme.config import VictimConfig, add_section_arguments, section_from_args
 
 PAIRS_SHARD_SIZE = 1000
@@ -223,12 +223,10 @@ def parse_trainer_log(log_path: Path, batch_size: int) -> list[dict[str, float]]
 
 def write_loss_csv(rows: list[dict[str, float]], path: Path) -> None:
     fields = ["step", "epoch", "loss", "lr", "logit_scale"]
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as f:
+    with fsio.atomic_open(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def data_provenance(shard_dir: Path) -> dict[str, Any]:
@@ -266,9 +264,8 @@ def finalize_checkpoint(run_dir: Path, epochs: int, record: dict[str, Any]) -> P
     sd = {k.removeprefix("module."): v for k, v in full["state_dict"].items()}
     slim = {"epoch": full["epoch"], "name": full.get("name"), "state_dict": sd, "mme": record}
     out = run_dir / "checkpoint.pt"
-    tmp = out.with_name(f".{out.name}.partial")
-    torch.save(slim, tmp)
-    tmp.replace(out)
+    with fsio.atomic_open(out) as f:
+        torch.save(slim, f)
     shutil.rmtree(ckpt_dir)  # optimizer state: 3x the model, not needed downstream
     return out
 

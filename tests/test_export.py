@@ -112,16 +112,24 @@ def test_refuses_to_overwrite_without_force(protected, tmp_path, capsys, fmt):
     assert run_export(prot, out, "--format", fmt) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
-    assert run_export(prot, out, "--format", fmt, "--force") == 0
-    assert not (out / "keep.txt").exists() and (out / "README.txt").exists()
-    assert not any(p.name.startswith((".pub", "pub.")) for p in tmp_path.iterdir())
+    # --force replaces an earlier export only, never a folder someone else made
+    assert run_export(prot, out, "--format", fmt, "--force") == 2
+    assert "not one" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+    again = tmp_path / "again"
+    assert run_export(prot, again, "--format", fmt) == 0
+    (again / "stale.png").write_bytes(b"left from before")
+    assert run_export(prot, again, "--format", fmt, "--force") == 0
+    assert not (again / "stale.png").exists() and (again / "README.txt").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".again", "again."))]
+    assert leftovers == [".again.lock"]  # the lock file stays beside the folder, nothing else
 
 
 def test_empty_out_dir_is_fine_and_stale_partial_is_replaced(protected, tmp_path):
     prot, samples = protected
     out = tmp_path / "pub"
     out.mkdir()
-    stale = tmp_path / "pub.partial"
+    stale = tmp_path / ".pub.12345.0badf00d.partial"  # an export killed mid-way
     stale.mkdir()
     (stale / "junk.png").write_bytes(b"not an image")
     result = export(prot, out)
