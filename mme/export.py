@@ -58,7 +58,7 @@ def export(protected: Path, out: Path, fmt: str = "folder", force: bool = False)
     with fsio.locked(out):
         if _occupied(out) and not force:
             raise FileExistsError(f"{out} exists and is not empty: pass --force to replace it")
-        if not fsio.owned_by(out, OWNER):
+        if not fsio.owned_by(out, OWNER):  # --force replaces only an earlier export
             raise ValueError(f"--force replaces only an earlier export; {out} is not one")
         partial = fsio.staging_dir(out)
         try:

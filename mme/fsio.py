@@ -156,6 +156,16 @@ def claim(folder: Path | str, command: str) -> None:
     else (a home folder, another command's output) raises :class:`UnsafePath` and is not touched.
     """
     folder = Path(folder)
+    require_owned(folder, command)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / OWNER
+    if not marker.is_file():
+        write_text(marker, command + "\n")
+
+
+def require_owned(folder: Path | str, command: str) -> None:
+    """Raise :class:`UnsafePath` unless ``folder`` may be replaced by ``command``."""
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UnsafePath(f"{folder} exists and is not a folder")
     if not owned_by(folder, command):
@@ -163,10 +173,6 @@ def claim(folder: Path | str, command: str) -> None:
             f"{folder} is not empty and was not made by `{command}`: refusing to overwrite it"
             " (choose another folder, or remove it yourself)"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / OWNER
-    if not marker.is_file():
-        write_text(marker, command + "\n")
 
 
 def owned_by(folder: Path, command: str) -> bool:

@@ -3,14 +3,18 @@
 Sources: ``synthetic`` (the embedded default, generated here), ``csv`` (the MEM paper's split
 files), ``folder`` (images with same-named ``.txt``), ``webdataset`` (existing shards). Broken
 input is skipped and counted with its reason (manifest + one stderr line); ``--strict`` turns any
-skip into a non-zero exit. The input is never modified; shards are written atomically and are
-byte-identical for the same inputs and params.
+skip into a non-zero exit. The input is never modified: ``out`` may not equal, contain or sit
+inside an input. Shards are byte-identical for the same inputs and params. The new version is
+built in a hidden folder beside ``out`` (locked against a second writer) and replaces ``out``
+only once complete, so a failed run leaves the previous version as it was; ``out`` is replaced
+only when an earlier ``mme prepare`` made it.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -19,11 +23,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mme import __version__
-from mme.config import DataConfig, add_section_arguments, section_from_args
+from mme import __version__, fsio
+from mme.config import ConfigError, DataConfig, add_section_arguments, section_from_args
 from mme.shards import Sample, ShardWriter, sha256_bytes, write_json_atomic
 
 SPLITS = ("train", "test")
+OWNER = "mme prepare"
 
 
 def hash_split(key: str, test_fraction: float) -> str:
@@ -108,12 +113,40 @@ def _synthetic_samples(cfg: DataConfig) -> Iterator[tuple[str, Sample]]:
             yield split, sample
 
 
+def input_paths(cfg: DataConfig) -> dict[str, Path | None]:
+    """What ``cfg`` reads, by name, for the check that ``out`` stays clear of it."""
+    found: dict[str, Path | None] = {}
+    if cfg.input is not None:
+        from braceexpand import braceexpand
+
+        for i, path in enumerate(braceexpand(str(cfg.input))):
+            found[f"input {i}" if i else "input"] = Path(path)
+    for name in ("csv", "train_csv", "test_csv", "image_root"):
+        found[name] = getattr(cfg, name)
+    return found
+
+
 def prepare(cfg: DataConfig) -> dict[str, Any]:
     """Write ``cfg.out/{train,test}-*.tar`` and ``cfg.out/manifest.json``; return the manifest."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Drop the old manifest first: while shards are being rewritten none describes the folder.
-    (out / "manifest.json").unlink(missing_ok=True)
+    try:
+        fsio.check_disjoint(cfg.out, input_paths(cfg), "data.out")
+        with fsio.locked(cfg.out):
+            fsio.require_owned(cfg.out, OWNER)
+            stage = fsio.staging_dir(Path(cfg.out))
+            try:
+                manifest = _prepare_into(cfg, stage)
+            except BaseException:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
+            fsio.replace_dir(stage, Path(cfg.out))
+    except (fsio.UnsafePath, fsio.FolderBusy) as err:
+        raise ConfigError(str(err)) from None
+    return manifest
+
+
+def _prepare_into(cfg: DataConfig, out: Path) -> dict[str, Any]:
+    """The whole dataset into the fresh folder ``out`` (the staging folder of ``cfg.out``)."""
+    fsio.write_text(out / fsio.OWNER, OWNER + "\n")
     skipped: list[dict] = []
     writers = {s: ShardWriter(out, s, cfg.shard_size) for s in SPLITS}
     stream = (

@@ -90,9 +90,10 @@ def test_same_inputs_give_byte_identical_shards(tmp_path, bad_corpus):
 
 def test_bad_input_is_skipped_and_counted(tmp_path, bad_corpus, capsys):
     before = {p.name: p.read_bytes() for p in bad_corpus.iterdir()}
-    argv = ["prepare", "--source", "folder", "--input", str(bad_corpus), "--out", str(tmp_path)]
+    out = tmp_path / "out"  # beside the input, not around it
+    argv = ["prepare", "--source", "folder", "--input", str(bad_corpus), "--out", str(out)]
     assert cli.main([*argv, "--max-pixels", "4000000", "--test-fraction", "0"]) == 0
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["skipped_counts"]
     assert counts == {
         "decompression_bomb": 1,
@@ -104,7 +105,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, bad_corpus, capsys):
         "truncated_image": 1,
         "unreadable_image": 1,
     }
-    kept = {s.id: s for s in shards.iter_samples(tmp_path, "train")}
+    kept = {s.id: s for s in shards.iter_samples(out, "train")}
     assert sorted(kept) == ["alpha", "dup", "grey", "latin1"]  # files are read in name order
     assert kept["latin1"].captions == ["valid caption"]
     assert kept["grey"].meta["converted_from"] == "L"
@@ -113,23 +114,25 @@ def test_bad_input_is_skipped_and_counted(tmp_path, bad_corpus, capsys):
 
 
 def test_strict_turns_skips_into_an_error(tmp_path, bad_corpus, capsys):
-    argv = ["prepare", "--source", "folder", "--input", str(bad_corpus), "--out", str(tmp_path)]
+    out = tmp_path / "out"
+    argv = ["prepare", "--source", "folder", "--input", str(bad_corpus), "--out", str(out)]
     assert cli.main([*argv, "--strict"]) == 1
     err = capsys.readouterr().err
     assert "truncated_image: trunc" in err and "--strict" in err
 
 
 def test_csv_source_split_and_image_root(tmp_path):
-    images = tmp_path / "imgs"
-    images.mkdir()
+    src = tmp_path / "src"  # the image root; the output goes beside it, never inside
+    images = src / "imgs"
+    images.mkdir(parents=True)
     rows = ["image,caption_number,caption,id,images"]
     for i in range(10):
         (images / f"p{i}.png").write_bytes(png_bytes(rgb(10 + i)))
         for j in range(3):
             rows.append(f"p{i}.png,{j},photo {i} caption {j},{i},/elsewhere/imgs/p{i}.png")
-    csv = tmp_path / "captions.csv"
+    csv = src / "captions.csv"
     csv.write_text("\n".join(rows) + "\n")
-    cfg = DataConfig(source="csv", csv=csv, image_root=tmp_path, out=tmp_path / "o")
+    cfg = DataConfig(source="csv", csv=csv, image_root=src, out=tmp_path / "o")
     cfg.test_fraction = 0.3
     manifest = prepare(cfg)
     n_test = manifest["splits"]["test"]["images"]
