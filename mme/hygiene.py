@@ -20,11 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from mme import fsio, limits
 from mme.shards import encode_png, sha256_bytes
 
 REASONS = (
     "missing_file",  # the image file / member does not exist
     "unreadable_file",  # it exists but cannot be read (permissions, I/O error)
+    "not_regular_file",  # a symlink, FIFO, device or folder where a file was expected
+    "too_large",  # the file / member (or its caption file) is over its byte cap (mme.limits)
+    "invalid_name",  # the file name / CSV image cell is not valid UTF-8
     "unreadable_image",  # not an image of an allowed format, or corrupt
     "truncated_image",  # the image data ends early
     "decompression_bomb",  # declared width * height > max_pixels
@@ -34,6 +38,7 @@ REASONS = (
     "no_valid_captions",  # every caption was dropped (raised by the caller)
     "invalid_utf8",  # caption drop reason
     "empty_caption",  # caption drop reason
+    "caption_too_long",  # caption drop reason: over mme.limits.MAX_CAPTION_CHARS
 )
 
 # Only decoders for formats that image-caption corpora actually use: Pillow's rarer plugins
@@ -71,6 +76,10 @@ def load_bytes(load: Callable[[], bytes], source: str) -> bytes:
     """Call a ``RawItem.load``, turning file errors into ``Skip``."""
     try:
         return load()
+    except fsio.NotRegularFile as err:
+        raise Skip("not_regular_file", f"{source}: {err.strerror}") from None
+    except fsio.TooLarge as err:
+        raise Skip("too_large", f"{source}: {err.strerror}") from None
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
         raise Skip("missing_file", f"{source}: {err}") from None
     except OSError as err:
@@ -242,6 +251,10 @@ def clean_captions(raw: Sequence[bytes]) -> tuple[list[str], list[tuple[str, str
         text = " ".join(text.split())
         if not text:
             dropped.append(("empty_caption", f"caption {i}"))
+            continue
+        if len(text) > limits.MAX_CAPTION_CHARS:
+            detail = f"caption {i}: {len(text)} characters > {limits.MAX_CAPTION_CHARS}"
+            dropped.append(("caption_too_long", detail))
             continue
         kept.append(text)
     return kept, dropped

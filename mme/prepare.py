@@ -189,7 +189,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = section_from_args("data", args)
-    manifest = prepare(cfg)
+    try:
+        manifest = prepare(cfg)
+    except ValueError as err:  # an unusable input as a whole (bad CSV, non-tar shard): say so
+        print(f"mme prepare: {err}", file=sys.stderr)
+        return 2
     print(f"mme prepare: {cfg.out}: {summary(manifest)}", file=sys.stderr)
     if cfg.strict and manifest["skipped"]:
         for s in manifest["skipped"]:

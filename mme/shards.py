@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import stat
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -202,8 +204,11 @@ class BadShard(ValueError):
 
 def open_tar(path: Path, compression: str = "") -> tarfile.TarFile:
     """Open a tar for reading: uncompressed unless ``compression`` (``gz``, ``bz2``, ``xz``)
-    is asked for explicitly; anything else is a :class:`BadShard`, never a guess."""
+    is asked for explicitly; anything else is a :class:`BadShard`, never a guess. A FIFO or a
+    device (behind a symlink or not) is refused before it is opened: it could hang or not end."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise BadShard(f"{path}: not a regular file")
         return tarfile.open(path, f"r:{compression}")
     except tarfile.ReadError as err:
         how = f"a {compression}-compressed" if compression else "an uncompressed"

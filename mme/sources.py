@@ -5,6 +5,12 @@ modify their input and never judge it: image bytes are read lazily by ``RawItem.
 stay raw bytes, so that every problem (missing file, corrupt image, bad UTF-8, no caption) reaches
 :mod:`mme.hygiene` and is counted there, rather than being silently dropped here.
 
+Every input is treated as hostile: files are read only when they are plain files (no symlink,
+FIFO or device; see :func:`mme.fsio.read_regular`) under a byte cap (:mod:`mme.limits`), tars are
+opened uncompressed unless their name asks otherwise (``.tar.gz``, ``.tgz``), and a name or cell
+that is not valid UTF-8 becomes an item whose loader raises ``Skip("invalid_name")``. Each such
+problem is a counted skip of one item, never a crash, a hang or a read outside the input.
+
 Item ids are WebDataset-safe keys (:func:`mme.shards.safe_key`) derived from the image name and
 unique within one source. When two names map to the same key, the colliding ones get a longer
 variant (the path, then the extension, then a short hash), so the ids of all other items do not
@@ -26,7 +32,9 @@ from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 
 from braceexpand import braceexpand
 
-from mme.shards import safe_key, sha256_bytes
+from mme import fsio, limits
+from mme.hygiene import Skip
+from mme.shards import open_tar, safe_key, sha256_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Member extensions that hold an image in a WebDataset sample, in order of preference.
@@ -118,10 +126,13 @@ def _csv_items(groups: dict[str, list[bytes]], root: Path, split: str | None) ->
     cells = list(groups)
     ids = _unique_ids(cells, _csv_id_variants)
     for cell, item_id in zip(cells, ids, strict=True):
+        load = _file_loader(cell, _path_candidates(cell, root), root)
+        if not _is_utf8(cell):
+            load = _skipper("invalid_name", "the image cell is not valid UTF-8")
         yield RawItem(
             id=item_id,
-            source=cell,
-            load=_file_loader(cell, _path_candidates(cell, root)),
+            source=printable(cell),
+            load=load,
             captions=tuple(groups[cell]),
             split=split,
         )
@@ -138,23 +149,37 @@ def _read_csv_groups(
     """
     if len(delimiter) != 1:
         raise ValueError(f"{path}: delimiter must be one character, got {delimiter!r}")
+    old_limit = csv.field_size_limit(limits.MAX_CSV_FIELD)  # the default, 128 KiB, is too low
+    try:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            return _group_rows(
+                path, csv.DictReader(f, delimiter=delimiter), image_column, caption_column
+            )
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _group_rows(
+    path: Path, reader: csv.DictReader, image_column: str, caption_column: str
+) -> dict[str, list[bytes]]:
     groups: dict[str, list[bytes]] = {}
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        columns = reader.fieldnames or []
-        for column in (image_column, caption_column):
-            if column not in columns:
-                present = ", ".join(map(repr, columns))
-                raise ValueError(
-                    f"{path}: no column {column!r} (columns present: {present}; "
-                    f"delimiter {delimiter!r})"
-                )
+    columns = reader.fieldnames or []
+    for column in (image_column, caption_column):
+        if column not in columns:
+            present = ", ".join(map(repr, columns))
+            raise ValueError(
+                f"{path}: no column {column!r} (columns present: {present}; "
+                f"delimiter {reader.reader.dialect.delimiter!r})"
+            )
+    try:
         for row in reader:
             image = row[image_column]
             if not image:
                 raise ValueError(f"{path}, line {reader.line_num}: empty {image_column!r} cell")
             caption = row[caption_column] or ""
             groups.setdefault(image, []).append(caption.encode("utf-8", "surrogateescape"))
+    except csv.Error as err:  # a cell over the cap, a stray NUL, ...: name the line
+        raise ValueError(f"{path}, line {reader.line_num}: {err}") from None
     return groups
 
 
@@ -178,15 +203,44 @@ def _path_candidates(cell: str, root: Path) -> list[Path]:
     return list(dict.fromkeys(first + suffixes))  # dedupe, keep order
 
 
-def _file_loader(name: str, candidates: list[Path]) -> Callable[[], bytes]:
+def _file_loader(name: str, candidates: list[Path], root: Path | None) -> Callable[[], bytes]:
+    """Read the first candidate that exists: a plain file under the byte cap, and, for one
+    under ``root``, still under ``root`` once every symlinked folder on its way is resolved."""
+
     def load() -> bytes:
         for candidate in candidates:
             try:
-                return candidate.read_bytes()
+                if root is not None and candidate.is_relative_to(root):
+                    if not candidate.resolve().is_relative_to(root.resolve()):
+                        raise fsio.NotRegularFile(
+                            errno.ELOOP, "leaves the input root", str(candidate)
+                        )
+                return fsio.read_regular(candidate, limits.MAX_FILE_BYTES)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-        tried = ", ".join(str(c) for c in candidates)
-        raise FileNotFoundError(errno.ENOENT, f"image not found (tried {tried})", name)
+        tried = ", ".join(printable(str(c)) for c in candidates)
+        raise FileNotFoundError(errno.ENOENT, f"image not found (tried {tried})", printable(name))
+
+    return load
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a name decoded with ``surrogateescape`` from bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable bytes as ``\\xNN``: safe in JSON, logs and the manifest."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _skipper(reason: str, detail: str) -> Callable[[], bytes]:
+    def load() -> bytes:
+        raise Skip(reason, detail)
 
     return load
 
@@ -220,11 +274,19 @@ def _folder_items(root: Path, rels: list[str], has_split: bool) -> Iterator[RawI
     ids = _unique_ids(rels, lambda rel: [posixpath.splitext(rel)[0], rel])
     for rel, item_id in zip(rels, ids, strict=True):
         path = root / rel
+        load, captions = _file_loader(str(path), [path], None), ()
+        if not _is_utf8(rel):
+            load = _skipper("invalid_name", "the file name is not valid UTF-8")
+        else:
+            try:
+                captions = _read_caption_lines(path.with_suffix(".txt"))
+            except (fsio.NotRegularFile, fsio.TooLarge) as err:  # counted via the image's load
+                load = _raiser(type(err), f"caption file {err.strerror}", err.filename)
         yield RawItem(
             id=item_id,
-            source=str(path),
-            load=_file_loader(str(path), [path]),
-            captions=_read_caption_lines(path.with_suffix(".txt")),
+            source=printable(str(path)),
+            load=load,
+            captions=captions,
             split=rel.split("/", 1)[0] if has_split else None,
         )
 
@@ -242,10 +304,19 @@ def _list_images(root: Path) -> list[str]:
 
 
 def _read_caption_lines(path: Path) -> tuple[bytes, ...]:
+    """Lines of a caption file; () when there is none. A symlinked, special or oversized file
+    raises (NotRegularFile / TooLarge): its content must never reach a shard."""
     try:
-        return tuple(path.read_bytes().splitlines())
+        return tuple(fsio.read_regular(path, limits.MAX_CAPTION_FILE_BYTES).splitlines())
     except FileNotFoundError:
         return ()
+
+
+def _raiser(kind: type[OSError], why: str, name: str) -> Callable[[], bytes]:
+    def load() -> bytes:
+        raise kind(errno.EINVAL, why, name)
+
+    return load
 
 
 # ------------------------------------------------------------------------------- webdataset
@@ -293,7 +364,7 @@ def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, tuple[str, bytes]
     the same key form one sample (as in ``webdataset``), so only one sample is held in memory.
     """
     key, members = None, {}
-    with tarfile.open(shard, "r") as tar:
+    with open_tar(shard, _compression(shard)) as tar:
         for info in tar:
             folder, base = posixpath.split(info.name)
             stem, dot, ext = base.partition(".")
@@ -304,9 +375,23 @@ def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, tuple[str, bytes]
                 yield key, members
                 members = {}
             key = k
-            members[ext.lower()] = (info.name, tar.extractfile(info).read())
+            members[ext.lower()] = (info.name, _member_bytes(tar, info))
     if key is not None:
         yield key, members
+
+
+def _compression(shard: Path) -> str:
+    """A compressed tar only when its name says so; ``.tar`` is read uncompressed."""
+    name = shard.name.lower()
+    return "gz" if name.endswith((".tar.gz", ".tgz")) else ""
+
+
+def _member_bytes(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes | None:
+    """The member's bytes, or None when it is over the cap (the item is then skipped)."""
+    if info.size > limits.MAX_FILE_BYTES:
+        return None
+    f = tar.extractfile(info)
+    return f.read(limits.MAX_FILE_BYTES + 1) if f is not None else b""
 
 
 def _unique_streaming_id(key: str, shard: Path, seen: set[str]) -> str:
@@ -325,11 +410,21 @@ def _wds_item(
 ) -> RawItem:
     ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
     if ext is None:
-        source = f"{shard}:{key}"
+        source = printable(f"{shard}:{key}")
         load = _missing_loader(source, f"sample has no image member ({', '.join(sorted(members))})")
     else:
         name, data = members[ext]
-        source, load = f"{shard}:{name}", _constant(data)
+        source, load = printable(f"{shard}:{name}"), _constant(data)
+    big = [n for n, d in members.values() if d is None or len(d) > limits.MAX_FILE_BYTES]
+    if big:
+        load = _skipper(
+            "too_large", f"member {printable(big[0])} is over {limits.MAX_FILE_BYTES} bytes"
+        )
+        return RawItem(item_id, source, load, (), split)
+    if not _is_utf8(key):
+        return RawItem(
+            item_id, source, _skipper("invalid_name", "member name is not UTF-8"), (), split
+        )
     return RawItem(item_id, source, load, _wds_captions(members), split)
 
 
