@@ -179,7 +179,8 @@ def _group_rows(
             caption = row[caption_column] or ""
             groups.setdefault(image, []).append(caption.encode("utf-8", "surrogateescape"))
     except csv.Error as err:  # a cell over the cap, a stray NUL, ...: name the line
-        raise ValueError(f"{path}, line {reader.line_num}: {err}") from None
+        # line_num counts the lines read before the record that failed
+        raise ValueError(f"{path}, line {reader.line_num + 1}: {err}") from None
     return groups
 
 
