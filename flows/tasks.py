@@ -77,6 +77,9 @@ def _cached(key_fn: Any) -> dict[str, Any]:
     return {
         "cache_policy": CacheKeyFnPolicy(cache_key_fn=key_fn) + TASK_SOURCE,
         "persist_result": True,
+        # JSON, not Prefect's default pickle: a result file planted in the storage folder is
+        # data (a path, a dict of floats), never code that runs when the cache is read
+        "result_serializer": "json",
     }
 
 

@@ -4,6 +4,7 @@ MLflow parent runs, and ``dvc get`` of the protected set at a revision (``reeval
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -101,6 +102,28 @@ def test_push_to_local_remote(repo: Path, tmp_path: Path) -> None:
     protected = lock["stages"]["poison"]["outs"][0]
     assert protected["path"] == "data/protected/mem" and protected["nfiles"] >= 3
     assert len(pushed) >= protected["nfiles"]
+
+
+def test_publish_public_side_alone(repo: Path, tmp_path: Path) -> None:
+    """`dvc push -r public <poison.out>` (docs/threat-model.md) uploads the protected shards and
+    manifest, and nothing of the private folder or the clean shards."""
+    public = tmp_path / "public"
+    dvc(repo, "remote", "add", "--local", "public", str(public))
+    dvc(repo, "push", "-r", "public", "data/protected/mem")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    outs = {o["path"]: o for o in lock["stages"]["poison"]["outs"]}
+    assert set(outs) == {"data/protected/mem", "data/private/mem"}
+    pushed = {p.parent.name + p.name for p in public.rglob("*") if p.is_file()}
+    assert outs["data/protected/mem"]["md5"] in pushed  # the folder listing (.dir)
+    assert outs["data/private/mem"]["md5"] not in pushed
+    assert lock["stages"]["prepare"]["outs"][0]["md5"] not in pushed
+    never = [repo / "data/private/mem" / n for n in ("noise.npy", "triggers.json", "grid.png")]
+    never += list((repo / "data/shards/synthetic").glob("*.tar"))
+    for path in never:
+        assert hashlib.md5(path.read_bytes()).hexdigest() not in pushed, path.name
+    published = [repo / "data/protected/mem" / n for n in ("manifest.json", "train-000000.tar")]
+    for path in published:
+        assert hashlib.md5(path.read_bytes()).hexdigest() in pushed, path.name
 
 
 def test_mlflow_parent_run_per_pipeline_run(repo: Path) -> None:

@@ -50,7 +50,13 @@ def _pipeline_args(root: Path) -> dict:
     clean, protected = root / "shards" / "tiny", root / "protected" / "mem"
     return {
         "data": DataConfig(out=clean, n_train=16, n_test=8),
-        "poison": PoisonConfig(clean=clean, out=protected, device="cpu", **TINY_POISON),
+        "poison": PoisonConfig(
+            clean=clean,
+            out=protected,
+            private=root / "private" / "mem",
+            device="cpu",
+            **TINY_POISON,
+        ),
         "victim": VictimConfig(**TINY_VICTIM),
         "evaluate": EvaluateConfig(device="cpu"),
         "runs": root / "runs",

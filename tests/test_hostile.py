@@ -606,3 +606,26 @@ def test_flow_entry_point_outside_make_phones_no_home(module):
         [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_planted_prefect_result_runs_no_code(tmp_path):
+    """Cached task results are read back from disk: they must be JSON, not pickles."""
+    from prefect.serializers import JSONSerializer, Serializer
+
+    from flows import tasks
+
+    for task in (tasks.prepare_task, tasks.poison_task, tasks.train_task, tasks.evaluate_task):
+        ser = task.result_serializer
+        assert isinstance(Serializer(type=ser) if isinstance(ser, str) else ser, JSONSerializer)
+    ser = JSONSerializer()
+    assert ser.loads(ser.dumps(Path("a/b"))) == Path("a/b")
+    assert ser.loads(ser.dumps({"i2t_r1": 1.5})) == {"i2t_r1": 1.5}
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do, as long as nothing runs
+        ser.loads(pickle.dumps(Payload()))
+    assert not marker.exists()
