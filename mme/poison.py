@@ -269,6 +269,8 @@ def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None =
         with fsio.locked(cfg.out), fsio.locked(cfg.private):
             fsio.claim(cfg.out, OWNER)
             fsio.claim(cfg.private, OWNER)
+            for name in PRIVATE_FILES:  # the old layout kept them here: never again
+                (Path(cfg.out) / name).unlink(missing_ok=True)
             return _poison(cfg, clean_manifest, resume, on_round)
     except (fsio.FolderBusy, fsio.UnsafePath) as err:
         raise ConfigError(str(err)) from None

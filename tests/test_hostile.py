@@ -587,7 +587,7 @@ def test_checkpoint_holds_tensors_and_plain_data_only(clean, tmp_path):
 # ------------------------------------------------------------------------------------ telemetry
 
 
-@pytest.mark.parametrize("module", ["flows.reevaluate", "flows.pipeline", "flows.serve"])
+@pytest.mark.parametrize("module", ["flows.reevaluate", "flows.serve"])
 def test_flow_entry_point_outside_make_phones_no_home(module):
     """`python -m flows.reevaluate` (documented in the README) ran with analytics on."""
     env = {k: v for k, v in os.environ.items() if "TELEMETRY" not in k and "ANALYTICS" not in k}
@@ -629,3 +629,15 @@ def test_planted_prefect_result_runs_no_code(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - any refusal will do, as long as nothing runs
         ser.loads(pickle.dumps(Payload()))
     assert not marker.exists()
+
+
+def test_rerun_over_old_layout_removes_private_files_from_public_folder(clean, tmp_path):
+    """An output made before the split held noise.npy and grid.png beside the shards: a new run
+    over it must not leave them in the folder that gets published."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shards.write_json_atomic(out / "manifest.json", {"created_by": "mme poison"})
+    for name in ("noise.npy", "triggers.json", "grid.png"):
+        (out / name).write_bytes(b"old private data")
+    poison(PoisonConfig(clean=clean, out=out, private=tmp_path / "priv", **FAST))
+    assert {p.name for p in out.iterdir()} == {fsio.OWNER, "manifest.json", "train-000000.tar"}
