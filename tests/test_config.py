@@ -72,3 +72,18 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "mme", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("mme ")
+
+
+@pytest.mark.parametrize("params", ["params.yaml", "params.paper.yaml"])
+def test_every_dvc_yaml_variable_is_in_the_params_file(params):
+    """`cp params.paper.yaml params.yaml && dvc repro` must not fail on a missing ${...}."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    values = yaml.safe_load((root / params).read_text())
+    used = set(re.findall(r"\$\{(\w+)\.(\w+)\}", (root / "dvc.yaml").read_text()))
+    missing = [f"{s}.{k}" for s, k in used if k not in (values.get(s) or {})]
+    assert missing == []

@@ -99,7 +99,8 @@ def test_push_to_local_remote(repo: Path, tmp_path: Path) -> None:
     dvc(repo, "push")
     pushed = [p for p in remote.rglob("*") if p.is_file()]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    protected = lock["stages"]["poison"]["outs"][0]
+    outs = {o["path"]: o for o in lock["stages"]["poison"]["outs"]}
+    protected = outs["data/protected/mem"]
     assert protected["path"] == "data/protected/mem" and protected["nfiles"] >= 3
     assert len(pushed) >= protected["nfiles"]
 

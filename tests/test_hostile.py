@@ -126,7 +126,8 @@ def test_crafted_shard_key_escapes_export_folder(tmp_path, capsys):
     prot = tmp_path / "prot"
     prot.mkdir()
     target = tmp_path / "victim"
-    evil = f"{target}/../victim/owned"  # an absolute key: `<key>.png` lands in victim/
+    target.mkdir()
+    evil = str(target / "owned")  # an absolute key: `--out / "<key>.png"` is victim/owned.png
     tar_of(
         prot / "train-000000.tar",
         {f"{evil}.png": png(), f"{evil}.txt": b"x", f"{evil}.json": b"{}"},
@@ -134,7 +135,7 @@ def test_crafted_shard_key_escapes_export_folder(tmp_path, capsys):
     shards.write_json_atomic(prot / "manifest.json", {"splits": {"train": {"images": 1}}})
     assert cli.main(["export", "--protected", str(prot), "--out", str(tmp_path / "pub")]) == 2
     assert "not KEY.EXT" in capsys.readouterr().err
-    assert not target.exists() and not (tmp_path / "pub").exists()
+    assert not any(target.iterdir()) and not (tmp_path / "pub").exists()
 
 
 @pytest.mark.parametrize("key", ["../up", "", "x\x00y", "a/../../b", "/etc/x"])
