@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -114,6 +121,29 @@ class PoisonConfig(Section):
     shard_size: int = Field(1000, ge=1)
 
 
+class AttackConfig(Section):
+    """``attack:`` section — ``mme attack``: a transformed copy of a protected set, what a data
+    user might do to it before training (specs: :mod:`mme.transforms`). The DVC pipeline runs
+    one per entry of params.yaml's ``attacks`` (name -> spec)."""
+
+    transform: str = Field(
+        "jpeg:90",
+        description="jpeg:Q | resize:S | img2dataset | blur:SIGMA | grayscale | iss[:Q] | "
+        "strip-trigger[:K] | shuffle-words",
+    )
+    protected: Path = Field(Path("data/protected/mem"), description="the set to transform")
+    out: Path | None = Field(None, description="output folder (default data/attacked/<name>)")
+    seed: int = Field(0, description="seed of shuffle-words")
+    shard_size: int = Field(1000, ge=1)
+
+    @field_validator("transform")
+    @classmethod
+    def _known_transform(cls, value: str) -> str:
+        from mme.transforms import parse_spec
+
+        return str(parse_spec(value))
+
+
 class VictimConfig(Section):
     """``victim:`` section — victim CLIP training with open_clip_train (``mme train``).
 
@@ -196,6 +226,7 @@ class ReevaluateConfig(Section):
 SECTIONS: dict[str, type[Section]] = {
     "data": DataConfig,
     "poison": PoisonConfig,
+    "attack": AttackConfig,
     "victim": VictimConfig,
     "evaluate": EvaluateConfig,
     "tracking": TrackingConfig,
