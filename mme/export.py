@@ -9,6 +9,10 @@ Formats:
   same-named ``.txt`` files. A set with several splits gets one subfolder per split.
 - ``webdataset``: the shards as they are, plus a ``manifest.json`` and ``README.txt``.
 
+``native`` (folder only): each image is the clean original at its own size with δ mapped onto it
+(:mod:`mme.native`; needs the clean shards and ``noise.npy``), instead of the working-size crop.
+``mme verify --native DIR`` checks such a folder at native size.
+
 Never exported: ``noise.npy`` (anyone holding δ can subtract it and undo the protection) and
 ``triggers.json``; the triggers are visible in the captions anyway. The export is written to
 ``DIR.partial`` and renamed into place at the end, so ``DIR`` is either complete or absent; an
@@ -33,16 +37,25 @@ from mme.shards import iter_samples, load_manifest, shard_paths, write_json_atom
 FORMATS = ("folder", "webdataset")
 
 
-def export(protected: Path, out: Path, fmt: str = "folder", force: bool = False) -> dict[str, Any]:
+def export(
+    protected: Path,
+    out: Path,
+    fmt: str = "folder",
+    force: bool = False,
+    native: dict[str, Path | None] | None = None,
+) -> dict[str, Any]:
     """Export the protected set in ``protected`` to ``out`` in format ``fmt`` (see module doc).
 
     Returns ``{"format", "out", "splits": {split: {"images", "captions"}}}``. Raises
     FileNotFoundError for a missing set / manifest / shards, FileExistsError when ``out`` exists,
-    is not empty and ``force`` is false, and ValueError for an unknown ``fmt``.
+    is not empty and ``force`` is false, and ValueError for an unknown ``fmt``. ``native``
+    (``{"clean": DIR|None, "noise": FILE|None}``, None: off) exports native-size images.
     """
     protected, out = Path(protected), Path(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r} (allowed: {', '.join(FORMATS)})")
+    if native is not None and fmt != "folder":
+        raise ValueError("--native exports a folder: use --format folder")
     if not protected.is_dir():
         raise FileNotFoundError(f"protected folder {protected} not found")
     manifest = load_manifest(protected)
@@ -56,10 +69,10 @@ def export(protected: Path, out: Path, fmt: str = "folder", force: bool = False)
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     if fmt == "folder":
-        counts = _write_folder(protected, partial, splits)
+        counts = _write_folder(protected, partial, splits, native)
     else:
         counts = _write_webdataset(protected, partial, splits, manifest)
-    _write_readme(partial / "README.txt", manifest, fmt, counts)
+    _write_readme(partial / "README.txt", manifest, fmt, counts, native is not None)
     _replace_dir(partial, out)
     return {"format": fmt, "out": str(out), "splits": counts}
 
@@ -68,15 +81,23 @@ def _occupied(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def _write_folder(protected: Path, dest: Path, splits: list[str]) -> dict[str, dict[str, int]]:
+def _write_folder(
+    protected: Path, dest: Path, splits: list[str], native: dict[str, Path | None] | None = None
+) -> dict[str, dict[str, int]]:
     """Image + caption file per sample; metadata.jsonl; one subfolder per split if several."""
+    from mme.native import native_samples
+
     counts = {}
     with open(dest / "metadata.jsonl", "w", encoding="utf-8") as index:
         for split in splits:
             folder = dest / split if len(splits) > 1 else dest
             folder.mkdir(exist_ok=True)
             n = n_caps = 0
-            samples = iter_samples(protected, split)
+            samples = (
+                iter_samples(protected, split)
+                if native is None
+                else native_samples(protected, split, **native)
+            )
             for s in tqdm(samples, desc=f"export {split}", unit="img", file=sys.stderr):
                 image = folder / f"{s.id}.{s.image_ext}"
                 if image.exists():  # a repeated id would silently overwrite the first one
@@ -113,7 +134,9 @@ def _write_webdataset(
     return counts
 
 
-def _write_readme(path: Path, manifest: dict[str, Any], fmt: str, counts: dict) -> None:
+def _write_readme(
+    path: Path, manifest: dict[str, Any], fmt: str, counts: dict, native: bool = False
+) -> None:
     cfg = manifest.get("config", {})
     eps, size = cfg.get("epsilon", "?"), manifest.get("working_size", "?")
     eps = f"{eps:g}" if isinstance(eps, int | float) else eps
@@ -121,7 +144,8 @@ def _write_readme(path: Path, manifest: dict[str, Any], fmt: str, counts: dict) 
         "Protected image-caption data (unlearnable for CLIP-style training).",
         "",
         f"method: {cfg.get('method', '?')}",
-        f"epsilon: {eps} (L-inf bound of the image noise, 0-255 pixel units, at {size}x{size} px)",
+        f"epsilon: {eps} (L-inf bound of the image noise, 0-255 pixel units, "
+        + ("at each image's own size)" if native else f"at {size}x{size} px)"),
         f"trigger length: {cfg.get('trigger_len', 0)} word token(s) prepended to each caption",
         f"tokenizer: {cfg.get('model', '?')}",
     ]
@@ -158,11 +182,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="destination folder")
     parser.add_argument("--format", choices=FORMATS, default="folder", help="default: folder")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--native", action="store_true", help="images at the originals' own size (folder format)"
+    )
+    parser.add_argument(
+        "--clean", type=Path, default=None, help="--native: clean shards (default: manifest's)"
+    )
+    parser.add_argument(
+        "--noise", type=Path, default=None, help="--native: noise.npy (default: PROTECTED's)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = export(args.protected, args.out, args.format, args.force)
+        native = {"clean": args.clean, "noise": args.noise} if args.native else None
+        result = export(args.protected, args.out, args.format, args.force, native)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"mme export: {err}", file=sys.stderr)
         return 2
