@@ -39,6 +39,9 @@ def check_inputs(cfg: AttackConfig) -> dict[str, Any]:
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not splits:
         raise ConfigError(f"attack.protected = {str(cfg.protected)!r}: manifest lists no splits")
+    bad = [s for s in splits if not shards.KEY_RE.match(str(s))]
+    if bad:  # split names become file names: nothing that could leave the folder
+        raise ConfigError(f"attack.protected = {str(cfg.protected)!r}: bad split names {bad}")
     if output_dir(cfg).resolve() == Path(cfg.protected).resolve():
         raise ConfigError("attack.out must differ from attack.protected (the input is kept)")
     return manifest

@@ -74,7 +74,9 @@ def protect_native(clean: np.ndarray, noise: np.ndarray, epsilon: float) -> np.n
 def _noise_rows(protected: Path, noise_path: Path, size: int) -> tuple[np.ndarray, dict[str, int]]:
     """noise.npy (memory-mapped) and its id -> row map (row order: triggers.json ids)."""
     noise = np.load(noise_path, mmap_mode="r", allow_pickle=False)
-    ids = json.loads((protected / "triggers.json").read_text())["ids"]
+    ids = json.loads((protected / "triggers.json").read_text()).get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ValueError(f"{protected}/triggers.json: no list of ids")
     if noise.ndim != 4 or noise.shape[1:] != (3, size, size) or len(noise) != len(ids):
         raise ValueError(
             f"{noise_path}: shape {noise.shape}, expected ({len(ids)}, 3, {size}, {size})"
@@ -103,7 +105,12 @@ def native_samples(
     one native image in memory at a time."""
     protected = Path(protected)
     manifest = shards.load_manifest(protected)
-    eps, size = float(manifest["config"]["epsilon"]), int(manifest["working_size"])
+    try:
+        eps, size = float(manifest["config"]["epsilon"]), int(manifest["working_size"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"{protected}/manifest.json lacks config.epsilon or working_size"
+        ) from None
     clean = Path(clean if clean is not None else manifest["clean"])
     delta, row = _noise_rows(protected, Path(noise or protected / "noise.npy"), size)
     originals, waiting = shards.iter_samples(clean, split), {}

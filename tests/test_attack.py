@@ -302,6 +302,16 @@ def test_attack_refuses_bad_inputs(protected: Path, tmp_path: Path, capsys) -> N
     assert "attack.transform" in capsys.readouterr().err
 
 
+def test_hostile_split_name_is_rejected(protected: Path, tmp_path: Path) -> None:
+    """Split names become output file names: one that walks out of the folder stops the run."""
+    manifest = json.loads((protected / "manifest.json").read_text())
+    manifest["splits"]["../../evil"] = {"images": 1}
+    (protected / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="bad split names"):
+        attack(AttackConfig(transform="jpeg:90", protected=protected, out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_hostile_shard_key_is_rejected(tmp_path: Path) -> None:
     """A tar member whose key would escape the output folder never reaches the writer."""
     bad = tmp_path / "bad"
