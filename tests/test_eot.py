@@ -91,7 +91,7 @@ def test_crop_modes(mode: str) -> None:
 
 def test_default_eot_is_the_old_crop_draw_for_draw() -> None:
     """``eot`` with the defaults consumes the generator exactly like the crop it replaces, so
-    protected sets made with the defaults stay byte-identical."""
+    the noise of a protected set made with the defaults does not change."""
     x = to_tensor(smooth_noisy(32)).expand(4, -1, -1, -1)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(eot(x, g1), random_resized_crop(x, g2))
