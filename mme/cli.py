@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "poison": ("mme.poison", "protect a dataset (MEM and baselines)"),
     "verify": ("mme.verify", "check protected images against their clean sources"),
     "export": ("mme.export", "write a protected set as plain files for publishing"),
+    "attack": ("mme.attack", "write a transformed copy of a protected set (JPEG, resize, ...)"),
     "train": ("mme.victim", "train a victim CLIP on shards with open_clip_train"),
     "evaluate": ("mme.evaluate", "image<->text retrieval metrics on a clean test split"),
     "report": ("mme.report", "comparison table of tracked runs (MLflow)"),

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mme import paths
 
@@ -108,13 +115,69 @@ class PoisonConfig(Section):
     trigger_rounds: int = Field(5, ge=0, description="rounds with trigger updates H (paper: 5)")
     candidates: int = Field(16, ge=1, description="HotFlip candidates per position (paper: 16)")
     shuffle_captions: bool = Field(True, description="shuffle caption bodies during PGD (MEM)")
-    augment: bool = Field(True, description="EOT over the victim's random-resized-crop")
+    augment: bool = Field(True, description="EOT: optimise through the `eot` transformations")
+    # EOT choices (mme/attacks/augment.py); the defaults are the behaviour before they existed,
+    # which combination protects best is not measured yet
+    eot: list[Literal["resize", "jpeg", "crop"]] = Field(
+        default_factory=lambda: ["crop"],
+        description="EOT transformations, comma-separated: resize,jpeg,crop (default crop)",
+    )
+    eot_interpolation: Literal["bilinear", "bicubic"] = Field(
+        "bilinear", description="EOT resampling (the victim trainer's: bicubic)"
+    )
+    eot_resize: tuple[float, float] = Field(
+        (0.5, 2.0), description="resize EOT: short-side factor range, log-uniform (lo,hi)"
+    )
+    eot_jpeg_quality: tuple[int, int] = Field(
+        (50, 95), description="jpeg EOT: quality range, uniform (lo,hi)"
+    )
     protect_fraction: float = Field(1.0, gt=0, le=1, description="share of images protected")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(False, description="torch.compile the image tower")
     grid_samples: int = Field(6, ge=1, le=64)
     shard_size: int = Field(1000, ge=1)
+
+    @field_validator("eot", "eot_resize", "eot_jpeg_quality", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # a CLI flag arrives as one string: "resize,crop", "0.5,2"
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _eot_ranges(self) -> PoisonConfig:
+        lo, hi = self.eot_resize
+        if not 0.05 <= lo <= hi <= 20:
+            raise ValueError(f"eot_resize = {(lo, hi)}: need 0.05 <= lo <= hi <= 20")
+        lo, hi = self.eot_jpeg_quality
+        if not 1 <= lo <= hi <= 100:
+            raise ValueError(f"eot_jpeg_quality = {(lo, hi)}: need 1 <= lo <= hi <= 100")
+        return self
+
+
+class AttackConfig(Section):
+    """``attack:`` section — ``mme attack``: a transformed copy of a protected set, what a data
+    user might do to it before training (specs: :mod:`mme.transforms`). The DVC pipeline runs
+    one per entry of params.yaml's ``attacks`` (name -> spec)."""
+
+    transform: str = Field(
+        "jpeg:90",
+        description="jpeg:Q | resize:S | img2dataset | blur:SIGMA | grayscale | iss[:Q] | "
+        "strip-trigger[:K] | shuffle-words",
+    )
+    protected: Path = Field(Path("data/protected/mem"), description="the set to transform")
+    out: Path | None = Field(None, description="output folder (default data/attacked/<name>)")
+    seed: int = Field(0, description="seed of shuffle-words")
+    shard_size: int = Field(1000, ge=1)
+
+    @field_validator("transform")
+    @classmethod
+    def _known_transform(cls, value: str) -> str:
+        from mme.transforms import parse_spec
+
+        return str(parse_spec(value))
 
 
 class VictimConfig(Section):
@@ -197,6 +260,7 @@ class ReevaluateConfig(Section):
 SECTIONS: dict[str, type[Section]] = {
     "data": DataConfig,
     "poison": PoisonConfig,
+    "attack": AttackConfig,
     "victim": VictimConfig,
     "evaluate": EvaluateConfig,
     "tracking": TrackingConfig,

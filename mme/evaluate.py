@@ -23,7 +23,14 @@ from tqdm import tqdm
 from mme import models, plots, retrieval, shards, tracking
 from mme.config import ConfigError, EvaluateConfig, add_section_arguments, section_from_args
 
-PROVENANCE_KEYS = ("method", "epsilon", "trigger_len", "data_manifest_sha256", "n_pairs")
+PROVENANCE_KEYS = (
+    "method",
+    "epsilon",
+    "trigger_len",
+    "attack",
+    "data_manifest_sha256",
+    "n_pairs",
+)
 
 
 def checkpoint_record(checkpoint: Path | None) -> dict[str, Any]:

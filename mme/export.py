@@ -17,6 +17,10 @@ elsewhere. ``DIR`` may not equal, contain or sit inside the input. The export is
 hidden folder beside ``DIR`` and renamed into place at the end, so ``DIR`` is either complete or
 absent; an existing non-empty ``DIR`` is replaced only with ``force``, and only when an earlier
 ``mme export`` made it.
+
+``native`` (folder only): each image is the clean original at its own size with δ mapped onto it
+(:mod:`mme.native`; needs the clean shards and the private ``noise.npy``), instead of the
+working-size crop. ``mme verify --native DIR`` checks such a folder at native size.
 """
 
 from __future__ import annotations
@@ -37,17 +41,26 @@ FORMATS = ("folder", "webdataset")
 OWNER = "mme export"
 
 
-def export(protected: Path, out: Path, fmt: str = "folder", force: bool = False) -> dict[str, Any]:
+def export(
+    protected: Path,
+    out: Path,
+    fmt: str = "folder",
+    force: bool = False,
+    native: dict[str, Path | None] | None = None,
+) -> dict[str, Any]:
     """Export the protected set in ``protected`` to ``out`` in format ``fmt`` (see module doc).
 
     Returns ``{"format", "out", "splits": {split: {"images", "captions"}}}``. Raises
     FileNotFoundError for a missing set / manifest / shards, FileExistsError when ``out`` exists,
     is not empty and ``force`` is false, and ValueError for an unknown ``fmt``, an ``out`` that
     overlaps the input or was not made by ``mme export``, a bad sample id, or a busy ``out``.
+    ``native`` (``{"clean": DIR|None, "private": DIR}``, None: off) exports native-size images.
     """
     protected, out = Path(protected), Path(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r} (allowed: {', '.join(FORMATS)})")
+    if native is not None and fmt != "folder":
+        raise ValueError("--native exports a folder: use --format folder")
     if not protected.is_dir():
         raise FileNotFoundError(f"protected folder {protected} not found")
     manifest = load_manifest(protected)
@@ -63,10 +76,10 @@ def export(protected: Path, out: Path, fmt: str = "folder", force: bool = False)
         partial = fsio.staging_dir(out)
         try:
             if fmt == "folder":
-                counts = _write_folder(protected, partial, splits)
+                counts = _write_folder(protected, partial, splits, native)
             else:
                 counts = _write_webdataset(protected, partial, splits, manifest)
-            _write_readme(partial / "README.txt", manifest, fmt, counts)
+            _write_readme(partial / "README.txt", manifest, fmt, counts, native is not None)
             fsio.write_text(partial / fsio.OWNER, OWNER + "\n")
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -79,15 +92,23 @@ def _occupied(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def _write_folder(protected: Path, dest: Path, splits: list[str]) -> dict[str, dict[str, int]]:
+def _write_folder(
+    protected: Path, dest: Path, splits: list[str], native: dict[str, Path | None] | None = None
+) -> dict[str, dict[str, int]]:
     """Image + caption file per sample; metadata.jsonl; one subfolder per split if several."""
+    from mme.native import native_samples
+
     counts = {}
     with fsio.atomic_open(dest / "metadata.jsonl", "w") as index:
         for split in splits:
             folder = dest / split if len(splits) > 1 else dest
             folder.mkdir(exist_ok=True)
             n = n_caps = 0
-            samples = iter_samples(protected, split)
+            samples = (
+                iter_samples(protected, split)
+                if native is None
+                else native_samples(protected, split, **native)
+            )
             for s in tqdm(samples, desc=f"export {split}", unit="img", file=sys.stderr):
                 # ids are validated by the shard reader; resolving under dest is the backstop
                 prefix = f"{split}/" if len(splits) > 1 else ""
@@ -126,7 +147,9 @@ def _write_webdataset(
     return counts
 
 
-def _write_readme(path: Path, manifest: dict[str, Any], fmt: str, counts: dict) -> None:
+def _write_readme(
+    path: Path, manifest: dict[str, Any], fmt: str, counts: dict, native: bool = False
+) -> None:
     cfg = manifest.get("config", {})
     eps, size = cfg.get("epsilon", "?"), manifest.get("working_size", "?")
     eps = f"{eps:g}" if isinstance(eps, int | float) else eps
@@ -134,7 +157,8 @@ def _write_readme(path: Path, manifest: dict[str, Any], fmt: str, counts: dict) 
         "Protected image-caption data (unlearnable for CLIP-style training).",
         "",
         f"method: {cfg.get('method', '?')}",
-        f"epsilon: {eps} (L-inf bound of the image noise, 0-255 pixel units, at {size}x{size} px)",
+        f"epsilon: {eps} (L-inf bound of the image noise, 0-255 pixel units, "
+        + ("at each image's own size)" if native else f"at {size}x{size} px)"),
         f"trigger length: {cfg.get('trigger_len', 0)} word token(s) prepended to each caption",
         f"tokenizer: {cfg.get('model', '?')}",
     ]
@@ -155,11 +179,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="destination folder")
     parser.add_argument("--format", choices=FORMATS, default="folder", help="default: folder")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--native", action="store_true", help="images at the originals' own size (folder format)"
+    )
+    parser.add_argument(
+        "--clean", type=Path, default=None, help="--native: clean shards (default: manifest's)"
+    )
+    parser.add_argument(
+        "--private",
+        type=Path,
+        default=None,
+        help="--native: the poison run's private folder (noise.npy, triggers.json)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = export(args.protected, args.out, args.format, args.force)
+        native = {"clean": args.clean, "private": args.private} if args.native else None
+        result = export(args.protected, args.out, args.format, args.force, native)
     except (FileNotFoundError, FileExistsError, ValueError, fsio.FolderBusy) as err:
         print(f"mme export: {err}", file=sys.stderr)
         return 2

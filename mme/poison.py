@@ -336,6 +336,8 @@ def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
         "surrogate_model": cfg.model,
         "batch_size": cfg.batch_size,
         "protect_fraction": cfg.protect_fraction,
+        "eot": ",".join(cfg.eot) if cfg.augment else "none",
+        "eot_interpolation": cfg.eot_interpolation,
         "data_manifest_sha256": shards.manifest_sha256(cfg.clean),
     }
 

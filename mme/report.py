@@ -2,7 +2,8 @@
 
 One row per (dataset, dataset version, victim): the latest finished ``evaluate`` run in MLflow
 (read through :mod:`mme.tracking`), with image->text and text->image R@1/5/10, ``rsum`` and
-``rsum`` over its chance level. ``dataset`` is the clean test folder's name, the dataset version
+``rsum`` over its chance level; ``attack`` names the ``mme attack`` transform of the training
+data (``—`` for none). ``dataset`` is the clean test folder's name, the dataset version
 is the sha256 of the training data's ``manifest.json`` (the ``data_manifest_sha256`` param every
 stage logs), so clean and protected training sets of one dataset line up in one table.
 
@@ -103,6 +104,7 @@ def _run_row(run: dict[str, Any]) -> Row:
     labels = {
         "dataset": Path(p.get("eval_shards", "?")).name,
         "method": p.get("method", "?"),
+        "attack": p.get("attack", "—"),  # set for sets made by `mme attack`
         "ε": p.get("epsilon", "—"),
         "data": (p.get("data_manifest_sha256") or "?")[:8],
         "victim": p.get("victim_model", "?"),
@@ -124,6 +126,8 @@ def _sort_key(row: Row) -> tuple:
         lab["method"] != "clean",
         lab["method"],
         eps,
+        lab["attack"] != "—",
+        lab["attack"],
     )
 
 

@@ -15,6 +15,9 @@ id, and for each pair:
   ``trigger_ids`` right after the start token — what a victim's tokenizer will actually see;
 - ``meta``: the stored sha256 matches the image bytes.
 
+``--native DIR`` also checks an ``mme export --native`` folder at the originals' own size
+(:func:`mme.native.verify_native`: every clean image present, same width × height, L∞ ≤ ε).
+
 Ids in one set only are ``missing`` / ``extra``; a repeated protected id is a ``duplicate``.
 Without the private folder every check but ``noise`` and the ``triggers.json`` agreement runs on
 the clean and the public set alone: what a third party holding the clean originals can check.
@@ -490,6 +493,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the run's private folder (noise.npy, triggers.json): adds the noise checks",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument(
+        "--native",
+        type=Path,
+        default=None,
+        help="also check this `mme export --native` folder against the clean originals at "
+        "their own size",
+    )
+
+
+def _native_ok(clean: Path, folder: Path, epsilon: float) -> bool:
+    """:func:`mme.native.verify_native` of an exported folder, printed; True when it passes."""
+    from mme.native import verify_native
+
+    native = verify_native(clean, folder, epsilon)
+    print(f"native size: {native.n_checked} images, max L-inf {native.max_linf} (eps {epsilon:g})")
+    for kind, items in native.problems.items():
+        print(
+            f"mme verify: native {kind}: {len(items)}: {', '.join(items[:SHOW_IDS])}",
+            file=sys.stderr,
+        )
+    return native.ok
 
 
 def run(args: argparse.Namespace) -> int:
@@ -501,6 +525,8 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     if args.json is not None:
         write_json_atomic(args.json, report.to_dict())
+    if args.native is not None and not _native_ok(args.clean, args.native, report.epsilon):
+        return 1
     if not report.ok:
         ids = report.offending_ids
         reasons = ([f"{len(ids)} ids: {list_ids(ids)}"] if ids else []) + report.errors

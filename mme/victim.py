@@ -230,7 +230,8 @@ def write_loss_csv(rows: list[dict[str, float]], path: Path) -> None:
 
 
 def data_provenance(shard_dir: Path) -> dict[str, Any]:
-    """What the training data is: manifest hash and, for protected data, method/epsilon/trigger.
+    """What the training data is: manifest hash and, for protected data, method/epsilon/trigger,
+    and for a copy made by ``mme attack`` the attack (its spec).
 
     ``method`` is ``clean`` unless the manifest (top level, or its ``poison``/``config`` record)
     names one. Shards without a manifest give ``None`` for the hash.
@@ -242,10 +243,11 @@ def data_provenance(shard_dir: Path) -> dict[str, Any]:
             "method": "clean",
             "epsilon": None,
             "trigger_len": None,
+            "attack": None,
         }
     manifest = shards.load_manifest(shard_dir)
     out: dict[str, Any] = {"data_manifest_sha256": version}
-    for key in ("method", "epsilon", "trigger_len"):
+    for key in ("method", "epsilon", "trigger_len", "attack"):
         records = (manifest, manifest.get("poison"), manifest.get("config"))
         found = [r.get(key) for r in records if isinstance(r, dict)]
         found = [v for v in found if isinstance(v, (str, int, float))]

@@ -23,6 +23,7 @@ TINY = {
     "poison": {"rounds": 1, "surrogate_steps": 1, "batch_size": 8, "pgd_steps": 1},
     "victim": {"epochs": 1, "batch_size": 8, "warmup": 1, "device": "cpu"},
     "evaluate": {"device": "cpu"},
+    "attacks": {"jpeg90": "jpeg:90"},  # one attacked victim: attack -> train -> evaluate
 }
 
 pytestmark = [
@@ -89,6 +90,10 @@ def test_repro_outputs_and_metrics(repo: Path) -> None:
         assert metrics["n_images"] == 8
         assert (repo / "reports" / "recall" / f"{name}.csv").exists()
     assert "| clean |" in (repo / "reports" / "table.md").read_text()
+    attacked = json.loads((repo / "data" / "attacked" / "jpeg90" / "manifest.json").read_text())
+    assert attacked["attack"] == "jpeg:90" and attacked["method"] == "mem"
+    assert json.loads((repo / "metrics" / "attacked-jpeg90.json").read_text())["n_images"] == 8
+    assert "| attacked-jpeg90 |" in (repo / "reports" / "table.md").read_text()
     assert "Data and pipelines are up to date" in dvc(repo, "status")
     assert "metrics/protected.json" in dvc(repo, "metrics", "show")
 
@@ -139,6 +144,8 @@ def test_mlflow_parent_run_per_pipeline_run(repo: Path) -> None:
         "train-protected",
         "evaluate-clean",
         "evaluate-protected",
+        "train-attacked-jpeg90",
+        "evaluate-attacked-jpeg90",
     }
 
 
@@ -148,8 +155,9 @@ def test_exp_run_show_and_metrics_diff(repo: Path) -> None:
     # Only what depends on poison runs again; `report` too when the protected metrics moved
     # (victims are seeded, so on 8 test images an ε change may leave every rank as it was).
     diff = json.loads(dvc(repo, "metrics", "diff", "HEAD", "--json"))
-    moved = {"report"} if "metrics/protected.json" in diff else set()
-    assert ran == {"poison", "train_protected", "evaluate_protected"} | moved
+    moved = {"report"} if diff else set()
+    attacked = {f"{s}@jpeg90" for s in ("attack", "train_attacked", "evaluate_attacked")}
+    assert ran == {"poison", "train_protected", "evaluate_protected"} | attacked | moved
     assert "metrics/clean.json" not in diff
     full = json.loads(dvc(repo, "metrics", "diff", "HEAD", "--all", "--json"))
     assert {"metrics/protected.json", "metrics/clean.json"} <= set(full)

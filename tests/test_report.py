@@ -47,14 +47,29 @@ def test_rows_keep_newest_per_dataset_version_and_victim() -> None:
     assert report.rows_from_runs(runs, versions={"b" * 64})[0].labels["method"] == "mem"
 
 
+def test_attack_column_orders_attacked_after_their_method() -> None:
+    runs = [
+        _run(start=3, method="mem", attack="jpeg:90", epsilon="8.0", data_manifest_sha256="c" * 64),
+        _run(start=2, method="mem", epsilon="8.0", data_manifest_sha256="b" * 64),
+        _run(start=1, method="clean"),
+    ]
+    rows = report.rows_from_runs(runs)
+    assert [(r.labels["method"], r.labels["attack"]) for r in rows] == [
+        ("clean", "—"),
+        ("mem", "—"),
+        ("mem", "jpeg:90"),
+    ]
+    assert "| mem | jpeg:90 |" in report.markdown_table(rows)
+
+
 def test_markdown_table() -> None:
     table = report.markdown_table(report.rows_from_runs([_run(method="clean")]))
     header, rule, row = table.splitlines()
-    assert header.startswith("| dataset | method | ε | data | victim | epochs | i2t R@1 |")
+    assert header.startswith("| dataset | method | attack | ε | data | victim | epochs | i2t R@1 |")
     assert header.endswith("| rsum | rsum/chance |")
     assert rule.count("---:") == 8
     assert row == (
-        "| synthetic | clean | — | aaaaaaaa | mme-tiny-vit | 6 | 10.0 | 50.0 | 100.0 "
+        "| synthetic | clean | — | — | aaaaaaaa | mme-tiny-vit | 6 | 10.0 | 50.0 | 100.0 "
         "| 10.0 | 50.0 | 100.0 | 320.0 | 4.00 |"
     )
     assert report.markdown_table([]) == ""

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mme.attacks import hotflip
-from mme.attacks.augment import random_resized_crop
+from mme.attacks.augment import eot
 from mme.attacks.pgd import pgd
 from mme.attacks.store import PairStore
 from mme.attacks.triggers import insert_trigger
@@ -96,8 +96,11 @@ class MEM:
         return F.normalize(torch.cat(out), dim=-1)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
-        """The victim's random-resized-crop when ``cfg.augment`` (EOT), else identity."""
-        return random_resized_crop(x, self.gen) if self.cfg.augment else x
+        """A random draw of the ``cfg.eot`` transformations when ``cfg.augment``, else identity."""
+        if not self.cfg.augment:
+            return x
+        c = self.cfg
+        return eot(x, self.gen, c.eot, c.eot_interpolation, c.eot_resize, c.eot_jpeg_quality)
 
     def scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp().detach()

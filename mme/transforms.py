@@ -1,0 +1,242 @@
+"""What a data user may do to a published set, as pure functions: the attacks of ``mme attack``.
+
+Each attack is named by a spec ``NAME`` or ``NAME:ARG`` (:func:`parse_spec`):
+
+========================  ======================================================================
+``jpeg:Q``                re-encode as JPEG, quality Q (1-100; Pillow, 4:2:0 chroma subsampling)
+``resize:S``              resize so the short side is S px (bicubic, Pillow's antialiasing)
+``img2dataset``           what the img2dataset scraper does with its defaults (see
+                          :func:`img2dataset_like`): 256 x 256 "border" resize + JPEG q95
+``blur:SIGMA``            Gaussian blur, standard deviation SIGMA px
+``grayscale``             luma only (ITU-R 601, Pillow's ``L``), stored as RGB
+``iss[:Q]``               Image Shortcut Squeezing: grayscale, then JPEG quality Q (default 10)
+``strip-trigger[:K]``     drop the first K words (default 3) of every caption
+``shuffle-words``         shuffle the words of every caption (seeded per image and caption)
+========================  ======================================================================
+
+Image functions take and return ``(H, W, 3)`` uint8 arrays, or return the encoded bytes when the
+attack *is* an encoding (JPEG). Everything is deterministic: the same input gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# name -> (argument kind, default argument, lower bound, upper bound); kind None: no argument
+SPECS: dict[str, tuple[type | None, float | None, float | None, float | None]] = {
+    "jpeg": (int, None, 1, 100),
+    "resize": (int, None, 8, 8192),
+    "img2dataset": (None, None, None, None),
+    "blur": (float, None, 0.01, 64.0),
+    "grayscale": (None, None, None, None),
+    "iss": (int, 10, 1, 100),
+    "strip-trigger": (int, 3, 1, 64),
+    "shuffle-words": (None, None, None, None),
+}
+TEXT_ATTACKS = ("strip-trigger", "shuffle-words")
+SPEC_RE = re.compile(r"^([a-z0-9-]+)(?::([0-9]+(?:\.[0-9]+)?))?$")
+# img2dataset's documented defaults (README "API" and img2dataset/resizer.py, rom1504/img2dataset)
+I2D_SIZE, I2D_QUALITY, I2D_BORDER = 256, 95, (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """A parsed attack: ``name`` and its argument (``None`` for attacks without one)."""
+
+    name: str
+    arg: float | None = None
+
+    def __str__(self) -> str:
+        if self.arg is None:
+            return self.name
+        return f"{self.name}:{self.arg:g}"
+
+    @property
+    def on_text(self) -> bool:
+        return self.name in TEXT_ATTACKS
+
+
+def parse_spec(spec: str) -> AttackSpec:
+    """``"jpeg:90"`` -> ``AttackSpec("jpeg", 90)``; a ValueError names what is allowed."""
+    allowed = "allowed: " + ", ".join(_usage(n) for n in SPECS)
+    m = SPEC_RE.match(spec.strip().lower()) if isinstance(spec, str) else None
+    if m is None or m.group(1) not in SPECS:
+        raise ValueError(f"unknown attack {spec!r} ({allowed})")
+    name, raw = m.group(1), m.group(2)
+    kind, default, lo, hi = SPECS[name]
+    if kind is None:
+        if raw is not None:
+            raise ValueError(f"attack {name!r} takes no argument (got {raw!r})")
+        return AttackSpec(name)
+    if raw is None:
+        if default is None:
+            raise ValueError(f"attack {name!r} needs an argument: {_usage(name)}")
+        return AttackSpec(name, kind(default))
+    if kind is int and "." in raw:
+        raise ValueError(f"attack {name!r}: argument must be a whole number (got {raw!r})")
+    value = kind(raw)
+    if not lo <= value <= hi:
+        raise ValueError(f"attack {name!r}: argument {raw} outside [{lo:g}, {hi:g}]")
+    return AttackSpec(name, value)
+
+
+def _usage(name: str) -> str:
+    kind, default, _, _ = SPECS[name]
+    if kind is None:
+        return name
+    arg = "Q" if name in ("jpeg", "iss") else {"resize": "S", "blur": "SIGMA"}.get(name, "K")
+    return f"{name}[:{arg}]" if default is not None else f"{name}:{arg}"
+
+
+def slug(spec: str | AttackSpec) -> str:
+    """A file-name-safe label: ``jpeg:90`` -> ``jpeg90``, ``blur:1.5`` -> ``blur1.5``."""
+    return str(spec if isinstance(spec, AttackSpec) else parse_spec(spec)).replace(":", "")
+
+
+# -- images ---------------------------------------------------------------------------------
+
+
+def _pil(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    """Baseline JPEG of ``(H, W, 3)`` uint8 at ``quality`` (Pillow defaults otherwise)."""
+    buf = io.BytesIO()
+    _pil(pixels).save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> ``(H, W, 3)`` uint8."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def resize_short_side(pixels: np.ndarray, side: int) -> np.ndarray:
+    """Resize so that ``min(H, W) == side``, keeping the aspect ratio (bicubic, antialiased)."""
+    h, w = pixels.shape[:2]
+    scale = side / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(_pil(pixels).resize(size, Image.Resampling.BICUBIC))
+
+
+def img2dataset_like(pixels: np.ndarray) -> bytes:
+    """img2dataset's default resize and encoding, with Pillow in place of OpenCV.
+
+    Its defaults (rom1504/img2dataset README, "API"; ``Resizer`` in ``img2dataset/resizer.py``):
+    ``image_size=256``, ``resize_mode="border"`` (the longest side is scaled to 256, then the
+    image is padded to 256 x 256 with white, centred), ``resize_only_if_bigger=False``,
+    ``upscale_interpolation="lanczos"``, ``downscale_interpolation="area"``,
+    ``encode_quality=95``, ``encode_format="jpg"``. Pillow's LANCZOS and BOX stand in for
+    OpenCV's INTER_LANCZOS4 and INTER_AREA, so pixels differ slightly from the real tool's.
+    """
+    h, w = pixels.shape[:2]
+    scale = I2D_SIZE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    method = Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS
+    im = _pil(pixels).resize(size, method) if size != (w, h) else _pil(pixels)
+    canvas = Image.new("RGB", (I2D_SIZE, I2D_SIZE), I2D_BORDER)
+    canvas.paste(im, ((I2D_SIZE - size[0]) // 2, (I2D_SIZE - size[1]) // 2))
+    return encode_jpeg(np.asarray(canvas), I2D_QUALITY)
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian of standard deviation ``sigma``, radius ``ceil(3 sigma)``."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur with reflected borders; uint8 in, uint8 out (rounded)."""
+    k = gaussian_kernel(sigma)
+    r = len(k) // 2
+    out = pixels.astype(np.float64)
+    for axis in (0, 1):
+        pad = [(0, 0)] * 3
+        pad[axis] = (r, r)
+        padded = np.pad(out, pad, mode="reflect" if out.shape[axis] > r else "edge")
+        n = out.shape[axis]
+        out = sum(k[i] * np.take(padded, range(i, i + n), axis=axis) for i in range(len(k)))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def grayscale(pixels: np.ndarray) -> np.ndarray:
+    """Luma (Pillow ``L``: 0.299 R + 0.587 G + 0.114 B) copied to three channels."""
+    luma = np.asarray(_pil(pixels).convert("L"))
+    return np.repeat(luma[..., None], 3, axis=2)
+
+
+def image_shortcut_squeezing(pixels: np.ndarray, quality: int = 10) -> bytes:
+    """Grayscale then low-quality JPEG: both squeezes of Image Shortcut Squeezing.
+
+    Liu, Zhao and Larson, "Image Shortcut Squeezing: Countering Perturbative Availability
+    Poisons with Compression", ICML 2023 (arXiv 2302.03335): simple compressions remove the
+    shortcut that availability poisons (unlearnable examples) plant; grayscale (ISS-G) works best
+    against noise that lives in colour, low-quality JPEG (ISS-J, quality 10) against
+    high-frequency L∞ noise. Here the two are applied together, the stronger preprocessing a
+    wary trainer could run without any training of its own.
+    """
+    return encode_jpeg(grayscale(pixels), quality)
+
+
+def attack_image(spec: AttackSpec, pixels: np.ndarray) -> tuple[bytes, str] | np.ndarray | None:
+    """The attacked image: encoded ``(bytes, "jpg")`` for encodings, an array for pixel
+    transforms, ``None`` when ``spec`` leaves images alone (text attacks)."""
+    name, arg = spec.name, spec.arg
+    if name == "jpeg":
+        return encode_jpeg(pixels, int(arg)), "jpg"
+    if name == "img2dataset":
+        return img2dataset_like(pixels), "jpg"
+    if name == "iss":
+        return image_shortcut_squeezing(pixels, int(arg)), "jpg"
+    if name == "resize":
+        return resize_short_side(pixels, int(arg))
+    if name == "blur":
+        return gaussian_blur(pixels, float(arg))
+    if name == "grayscale":
+        return grayscale(pixels)
+    return None
+
+
+# -- captions -------------------------------------------------------------------------------
+
+
+def strip_words(caption: str, k: int) -> str:
+    """Drop the first ``k`` words; a caption of ``k`` words or fewer keeps its last word (an
+    empty caption would be no training pair at all)."""
+    words = caption.split()
+    return " ".join(words[k:] if len(words) > k else words[-1:])
+
+
+def shuffle_words(caption: str, rng: random.Random) -> str:
+    """The caption's words in a random order drawn from ``rng``."""
+    words = caption.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def caption_rng(seed: int, key: str, index: int) -> random.Random:
+    """A generator that depends only on (seed, sample key, caption index), not on the order in
+    which samples are processed."""
+    digest = hashlib.sha256(f"{seed}\0{key}\0{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def attack_captions(spec: AttackSpec, captions: list[str], key: str, seed: int) -> list[str]:
+    """The attacked captions of sample ``key`` (unchanged for image attacks)."""
+    if spec.name == "strip-trigger":
+        return [strip_words(c, int(spec.arg)) for c in captions]
+    if spec.name == "shuffle-words":
+        return [shuffle_words(c, caption_rng(seed, key, i)) for i, c in enumerate(captions)]
+    return list(captions)
