@@ -11,7 +11,10 @@ Spec (Ebrahimi et al. 2018, "HotFlip"; as used by MEM, arXiv 2407.16307 Alg. 1):
 
 A sample's own term, with the other samples' texts held fixed, is
 ``½ [CE(row i of image→text logits, i) + CE(text→image logits of text i, i)]``; it is evaluated for
-all ``B × C`` candidates at once with the current texts' logits as the shared negatives.
+all ``B × C`` candidates at once with the current texts' logits as the shared negatives. Those
+negatives change whenever other samples flip, so before each position every sample's current term
+is recomputed against them: a candidate replaces the current token only if it beats the current
+token *under the same negatives*, and the returned terms are those of the final texts.
 """
 
 from __future__ import annotations
@@ -100,9 +103,10 @@ def greedy_flip(
     b, k, c = cands.shape
     trigger = trigger.clone()
     txt_cur = encode(build(trigger))  # (B, D)
-    cur = own_loss_terms(img, txt_cur, txt_cur[:, None], scale)[:, 0]
     rows = torch.arange(b, device=trigger.device)
     for p in range(k):
+        # other samples' flips at p - 1 changed the shared negatives: re-score the current texts
+        cur = own_loss_terms(img, txt_cur, txt_cur[:, None], scale)[:, 0]
         trial = trigger[:, None, :].repeat(1, c, 1)  # (B, C, k)
         trial[:, :, p] = cands[:, p, :]
         txt_new = encode(build(trial.reshape(b * c, k))).reshape(b, c, -1)
@@ -111,5 +115,4 @@ def greedy_flip(
         better = best < cur  # keep the current token unless a candidate lowers the loss
         trigger[better, p] = cands[rows, p, arg][better]
         txt_cur = torch.where(better[:, None], txt_new[rows, arg], txt_cur)
-        cur = torch.where(better, best, cur)
-    return trigger, cur
+    return trigger, own_loss_terms(img, txt_cur, txt_cur[:, None], scale)[:, 0]
