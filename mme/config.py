@@ -99,7 +99,9 @@ class PoisonConfig(Section):
     rounds: int = Field(20, ge=1, description="outer rounds T (paper: 20)")
     surrogate_steps: int = Field(200, ge=0, description="surrogate steps per round M (paper: 200)")
     surrogate_lr: float = Field(1e-4, gt=0, description="surrogate AdamW lr (paper: 1e-4)")
-    surrogate_wd: float = Field(0.1, ge=0)
+    surrogate_wd: float = Field(
+        0.2, ge=0, description="AdamW wd on weights, 0 on gains/biases/temperature (paper: 0.2)"
+    )
     batch_size: int = Field(128, ge=2, description="pairs per batch (paper: 128)")
     trigger_len: int = Field(3, ge=1, le=16, description="trigger tokens k (paper: 3 or 5)")
     trigger_rounds: int = Field(5, ge=0, description="rounds with trigger updates H (paper: 5)")

@@ -154,3 +154,82 @@ def test_random_resized_crop_identity_and_shape():
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _toy_text_model(seed: int, vocab: int = 30, dim: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    table = F.normalize(torch.randn(vocab, dim, generator=g), dim=-1)
+
+    def encode(tokens):  # text feature = normalised mean of the token vectors
+        return F.normalize(table[tokens].mean(dim=1), dim=-1)
+
+    return g, encode
+
+
+def _reference_greedy(encode, trig, cands, img, scale):
+    """Slow greedy pass: sample by sample, each against the texts as they are at that moment."""
+    trig = trig.clone()
+    for p in range(cands.shape[1]):
+        txt = encode(trig)
+        cur = hotflip.own_loss_terms(img, txt, txt[:, None], scale)[:, 0]
+        new_trig = trig.clone()
+        for i in range(len(trig)):
+            best, best_tok = cur[i], trig[i, p]
+            for tok in cands[i, p]:
+                t = txt.clone()
+                row = trig[i].clone()
+                row[p] = tok
+                t[i] = encode(row[None])[0]
+                loss = hotflip.own_loss_terms(img, txt, t[:, None], scale)[i, 0]
+                if loss < best:
+                    best, best_tok = loss, tok
+            new_trig[i, p] = best_tok
+        trig = new_trig
+    return trig
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_flip_compares_against_the_current_negatives(seed):
+    """Regression: ``cur`` was computed once, before other samples' flips changed the negatives,
+    so a later position kept or rejected candidates against a stale loss."""
+    g, encode = _toy_text_model(seed)
+    img = F.normalize(torch.randn(5, 6, generator=g), dim=-1)
+    trig = torch.randint(30, (5, 3), generator=g)
+    cands = torch.randint(30, (5, 3, 4), generator=g)
+    scale = torch.tensor(20.0)
+    new, own = hotflip.greedy_flip(encode, lambda t: t, trig, cands, img, scale)
+    assert torch.equal(new, _reference_greedy(encode, trig, cands, img, scale))
+    final = encode(new)
+    assert torch.allclose(own, hotflip.own_loss_terms(img, final, final[:, None], scale)[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "sizes"),
+    [(9, 4, [4, 5]), (8, 4, [4, 4]), (1, 4, [1]), (5, 4, [5]), (7, 3, [3, 4]), (6, 4, [4, 2])],
+)
+def test_split_batches_never_leaves_a_single_pair(n, batch, sizes):
+    """Regression: ClipLoss of a batch of one is 0, so that image's noise never moved."""
+    from mme.attacks.mem import split_batches
+
+    got = split_batches(torch.arange(n), batch)
+    assert [len(b) for b in got] == sizes
+    assert torch.equal(torch.cat(got), torch.arange(n))
+
+
+def test_surrogate_adamw_does_not_decay_gains_biases_or_temperature():
+    """Regression: AdamW decayed every parameter; CLIP decays weight matrices only (wd 0.2)."""
+    from mme import models
+    from mme.attacks.mem import decay_groups
+    from mme.config import PoisonConfig
+
+    model, _ = models.create_model("mme-tiny-vit", None, torch.device("cpu"))
+    groups = decay_groups(model, PoisonConfig().surrogate_wd)
+    names = {id(p): n for n, p in model.named_parameters()}
+    free = {names[id(p)] for p in groups[0]["params"]}
+    decayed = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0 and groups[1]["weight_decay"] == 0.2
+    assert "logit_scale" in free and "ln_final.weight" in free and "ln_final.bias" in free
+    assert all(n.endswith("bias") or "ln" in n or model.get_parameter(n).ndim < 2 for n in free)
+    assert "token_embedding.weight" in decayed and "text_projection" in decayed
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+    assert free | decayed == set(names.values()) and not free & decayed

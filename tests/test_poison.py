@@ -73,6 +73,15 @@ def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
     assert cli.main(["verify", "--clean", str(clean), "--protected", str(out)]) == 0
 
 
+def test_a_last_batch_of_one_image_still_gets_noise(clean, tmp_path):
+    """Regression: 16 images in batches of 5 left one image alone; its ClipLoss was 0, so after
+    one round its noise was still all zero."""
+    fast = FAST | {"rounds": 1, "batch_size": 5}
+    poison(PoisonConfig(clean=clean, out=tmp_path / "mem", **fast))
+    noise = np.load(tmp_path / "mem" / "noise.npy")
+    assert (np.abs(noise).reshape(len(noise), -1).max(axis=1) > 0).all()
+
+
 @pytest.mark.parametrize("method", ["random", "em", "errmax"])
 def test_baselines_have_no_trigger_and_respect_budget(clean, tmp_path, method):
     cfg = PoisonConfig(clean=clean, out=tmp_path / method, method=method, epsilon=4, **FAST)

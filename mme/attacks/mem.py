@@ -41,6 +41,34 @@ from mme.config import PoisonConfig
 from mme.models import normalizer
 
 RoundHook = Callable[[int, dict[str, float]], None]
+NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
+
+
+def no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """CLIP's rule (open_clip_train; the MEM code's CyCLIP-derived trainer): gains, biases, norm
+    layers and the temperature are not decayed; weight matrices and embeddings are."""
+    return param.ndim < 2 or any(key in name for key in NO_DECAY_KEYS)
+
+
+def decay_groups(model: torch.nn.Module, wd: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: ``wd`` for weights, 0 for what :func:`no_decay` excludes."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": wd},
+    ]
+
+
+def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Cut ``order`` into batches; a last batch of one joins the previous one.
+
+    Why: ClipLoss of a single pair is 0 (its only candidate is itself), so that image's
+    noise, trigger and surrogate step would never move.
+    """
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
 class MEM:
@@ -61,7 +89,7 @@ class MEM:
         self.with_trigger = cfg.method == "mem"
         self.loss = open_clip.ClipLoss()
         self.opt = torch.optim.AdamW(
-            model.parameters(), lr=cfg.surrogate_lr, weight_decay=cfg.surrogate_wd
+            decay_groups(model, cfg.surrogate_wd), lr=cfg.surrogate_lr, weight_decay=0.0
         )
         self.gen = torch.Generator().manual_seed(cfg.seed)  # all data sampling draws from it
         mean, std = normalizer(model)
@@ -110,7 +138,7 @@ class MEM:
         pool = torch.nonzero(self.store.protect).flatten() if protected_only else None
         pool = torch.arange(self.store.n) if pool is None else pool
         order = pool[torch.randperm(len(pool), generator=self.gen)]
-        return list(order.split(self.cfg.batch_size))
+        return split_batches(order, self.cfg.batch_size)
 
     # -- the three steps of a round ------------------------------------------------------
     def train_surrogate(self, steps: int, noisy: bool) -> float:
