@@ -19,7 +19,7 @@ PREFECT_ENV  := PREFECT_HOME=$(CURDIR)/.prefect \
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
 
 
-.PHONY: benchmark
+.PHONY: benchmark bench
 .PHONY: venv run report test test-fast lint format lock clean prefect-server serve mlflow-ui
 
 venv: $(STAMP)
@@ -96,3 +96,10 @@ benchmark: venv
 	  $(BIN)/mme evaluate --checkpoint $(BENCH_OUT)/$$name/checkpoint.pt \
 	    --shards data/shards/synthetic || exit 1; done
 	$(BIN)/mme report --metrics $(BENCH_OUT)/*/metrics.json
+
+# Per-phase throughput on this machine (docs/gpu.md): table on stdout, JSON in runs/bench/.
+# The default is the issue-9 target setting (RN50, 224 px, batch 128; bf16 on CUDA); on a CPU
+# try e.g. BENCH_ARGS="--model mme-tiny-vit --batch-size 32".
+BENCH_ARGS ?= --model RN50 --batch-size 128
+bench: venv
+	$(BIN)/mme bench $(BENCH_ARGS) --out runs/bench/bench.json
