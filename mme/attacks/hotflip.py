@@ -51,12 +51,14 @@ def trigger_gradients(
     img: torch.Tensor,
     k: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    encode: EncodeText | None = None,
 ) -> torch.Tensor:
     """∂loss/∂(embeddings of token positions 1..k), shape (B, k, W).
 
     ``tokens`` (B, L) already hold the triggers at positions 1..k; ``loss_fn(img, txt)`` is the
-    batch contrastive loss. A forward hook swaps the token-embedding output for a leaf tensor so
-    only that gradient is computed (no parameter gradients).
+    batch contrastive loss; ``encode`` (default ``model.encode_text``) maps tokens to features
+    through ``model.token_embedding``. A forward hook swaps the token-embedding output for a
+    leaf tensor so only that gradient is computed (no parameter gradients).
     """
     captured: dict[str, torch.Tensor] = {}
 
@@ -68,7 +70,7 @@ def trigger_gradients(
     handle = model.token_embedding.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            txt = F.normalize(model.encode_text(tokens), dim=-1)
+            txt = F.normalize((encode or model.encode_text)(tokens), dim=-1)
             (grad,) = torch.autograd.grad(loss_fn(img, txt), captured["emb"])
     finally:
         handle.remove()

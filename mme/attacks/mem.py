@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mme.attacks import hotflip
+from mme.attacks import hotflip, text
 from mme.attacks.augment import random_resized_crop
 from mme.attacks.pgd import pgd
 from mme.attacks.store import PairStore
@@ -99,6 +99,7 @@ class MEM:
         self.encode_image_raw = model.encode_image
         if self.cuda:
             model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         if cfg.compile:  # the image tower carries almost all PGD work
             self.encode_image_raw = torch.compile(model.encode_image)
 
@@ -120,7 +121,9 @@ class MEM:
         """(n, L) -> (n, D) unit features, in chunks (HotFlip sends B × C texts at once)."""
         chunk = max(self.cfg.batch_size * 4, 256)
         with self.autocast():
-            out = [self.model.encode_text(t.to(self.device)).float() for t in tokens.split(chunk)]
+            out = [
+                text.encode_text(self.model, t.to(self.device)).float() for t in tokens.split(chunk)
+            ]
         return F.normalize(torch.cat(out), dim=-1)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +136,19 @@ class MEM:
     def clip_loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         return self.loss(img, txt, self.scale())
 
+    def cache_store(self) -> None:
+        """Move the store's pixels and noise to the GPU when they take < 40 % of free memory.
+
+        Done on first use (after ``init_state`` / ``--resume`` filled the noise), not in
+        ``__init__``."""
+        if self.cuda and not self.store.cached:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if self.store.device_bytes() < 0.4 * free:
+                self.store.cache_on(self.device)
+
     def batches(self, protected_only: bool) -> list[torch.Tensor]:
         """A fresh random order of image indices, cut into batches."""
+        self.cache_store()
         pool = torch.nonzero(self.store.protect).flatten() if protected_only else None
         pool = torch.arange(self.store.n) if pool is None else pool
         order = pool[torch.randperm(len(pool), generator=self.gen)]
@@ -154,7 +168,7 @@ class MEM:
             tokens = self.store.texts(idx, self.store.captions(idx, self.gen), self.with_trigger)
             with self.autocast():
                 img = F.normalize(self.encode_image_raw((x - self.mean) / self.std), dim=-1)
-                txt = F.normalize(self.model.encode_text(tokens.to(self.device)), dim=-1)
+                txt = F.normalize(text.encode_text(self.model, tokens.to(self.device)), dim=-1)
                 loss = self.loss(img.float(), txt.float(), self.model.logit_scale.exp())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -176,7 +190,14 @@ class MEM:
                 img = self.encode_image(self.store.images(idx, self.device))
             trig = self.store.triggers[idx].to(self.device)
             tokens = self.store.texts(idx, caps, True).to(self.device)
-            grad = hotflip.trigger_gradients(self.model, tokens, img, k, self.clip_loss)
+            grad = hotflip.trigger_gradients(
+                self.model,
+                tokens,
+                img,
+                k,
+                self.clip_loss,
+                lambda t: text.encode_text(self.model, t),
+            )
             cands = hotflip.top_candidates(grad, emb, allowed, self.cfg.candidates)
 
             def build(t: torch.Tensor, caps=caps) -> torch.Tensor:
