@@ -114,6 +114,9 @@ class PoisonConfig(Section):
     compile: bool = Field(False, description="torch.compile the image tower")
     grid_samples: int = Field(6, ge=1, le=64)
     shard_size: int = Field(1000, ge=1)
+    write_workers: int = Field(
+        0, ge=0, description="processes encoding the protected PNGs (0: one per core)"
+    )
 
 
 class VictimConfig(Section):
