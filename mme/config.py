@@ -141,7 +141,14 @@ class VictimConfig(Section):
         "auto", description="auto: amp_bf16 on CUDA, fp32 on CPU"
     )
     seed: int = 0
-    workers: int = Field(1, ge=0, description="data loader worker processes")
+    workers: int | None = Field(
+        None, ge=0, description="data loader processes (None: 1 on CPU, cores - 2 up to 16 on CUDA)"
+    )
+    view: Literal["images", "pairs"] = Field(
+        "images",
+        description="images: train on the shards as they are, one random caption per draw; "
+        "pairs: write a one-caption-per-sample copy first",
+    )
     threads: int = Field(
         0, ge=0, description="torch CPU threads (0: torch default); 1 when jobs share the CPU"
     )
