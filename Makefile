@@ -19,7 +19,7 @@ PREFECT_ENV  := PREFECT_HOME=$(CURDIR)/.prefect \
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
 
 
-.PHONY: benchmark bench flickr8k
+.PHONY: benchmark bench flickr8k gpu-wheels gpu-data
 .PHONY: venv run report test test-fast lint format lock clean prefect-server serve mlflow-ui
 
 venv: $(STAMP)
@@ -117,3 +117,26 @@ flickr8k: venv
 	  mkdir -p reports/flickr8k && cp dvc.lock reports/flickr8k/dvc.lock; \
 	  cp metrics/clean.json metrics/protected.json reports/table.md reports/flickr8k/ 2>/dev/null; \
 	  mv .params.yaml.bak params.yaml; mv .dvc.lock.bak dvc.lock; exit $$rc
+
+# For the prepared GPU check (scripts/gpu_check.sh, docs/gpu.md). The device machine has Python
+# 3.12 + torch but not these: their cp312 manylinux wheels, versions from constraints.txt, into
+# the ignored .whl/ (carried to the device). GPU_WHEELS= narrows the list.
+GPU_WHEELS ?= open_clip_torch webdataset braceexpand ftfy wcwidth pydantic pydantic_core \
+	annotated-types typing-inspection
+PIP_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-wheels:
+	mkdir -p .whl
+	pins=$$(for p in $(GPU_WHEELS); do grep -i "^$$p==" constraints.txt || \
+	  { echo "gpu-wheels: $$p is not pinned in constraints.txt" >&2; exit 1; }; done) && \
+	$(PIP_PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux_2_28_x86_64 -d .whl $$pins
+
+# Both Flickr8k splits re-encoded at 96 px JPEG into the ignored .gpu/ (the device machine gets
+# the repository only, 64 MiB at most; ../shared stays here).
+GPU_DATA_SIDE ?= 96
+gpu-data:
+	for split in flickr8k-train flickr8k-dev; do \
+	  $(PIP_PY) scripts/repack_flickr8k.py ../shared/data/$$split .gpu/$$split \
+	    --side $(GPU_DATA_SIDE) || exit 1; done
+	du -sh .gpu .whl 2>/dev/null || true

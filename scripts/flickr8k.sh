@@ -5,7 +5,8 @@
 #   scripts/flickr8k.sh OUTDIR [PARAMS]      (PARAMS default: params.flickr8k.yaml)
 #
 # Everything goes under OUTDIR: shards/, protected/, clean/ + protected-victim/ runs, metrics/,
-# table.md, and times.txt (stage name, seconds since start; appended as each stage ends).
+# table.md, and times.txt (stage name, seconds since start; appended as each stage ends; TIMES
+# puts it elsewhere).
 # Environment: TRAIN_CSV / TEST_CSV replace the profile's CSVs; PREPARE_ARGS, POISON_ARGS,
 # VICTIM_ARGS, EVAL_ARGS are extra flags per stage (tiny models in the test); MME is the command
 # (default: python -m mme).
@@ -14,8 +15,9 @@ out=${1:?usage: scripts/flickr8k.sh OUTDIR [PARAMS]}
 params=${2:-params.flickr8k.yaml}
 mme=${MME:-python -m mme}
 mkdir -p "$out/metrics"
+times=${TIMES:-$out/times.txt}
 SECONDS=0
-stamp() { echo "$1 $SECONDS" >>"$out/times.txt"; }
+stamp() { echo "$1 $SECONDS" >>"$times"; }
 csv=()
 [[ -n ${TRAIN_CSV:-} ]] && csv+=(--train-csv "$TRAIN_CSV")
 [[ -n ${TEST_CSV:-} ]] && csv+=(--test-csv "$TEST_CSV")
