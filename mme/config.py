@@ -115,7 +115,7 @@ class PoisonConfig(Section):
     grid_samples: int = Field(6, ge=1, le=64)
     shard_size: int = Field(1000, ge=1)
     write_workers: int = Field(
-        0, ge=0, description="processes encoding the protected PNGs (0: one per core)"
+        0, ge=0, description="processes encoding + verifying the protected PNGs (0: one per core)"
     )
 
 

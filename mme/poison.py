@@ -385,7 +385,7 @@ def verify_outputs(cfg: PoisonConfig) -> dict[str, Any]:
     """Run ``mme verify`` on the fresh output; a violation here is a bug, so it stops the run."""
     from mme.verify import verify
 
-    report = verify(cfg.clean, cfg.out)
+    report = verify(cfg.clean, cfg.out, workers=cfg.write_workers)
     if not report.ok:
         raise RuntimeError(f"protected set failed verification:\n{report.table()}")
     d = report.to_dict()

@@ -351,3 +351,18 @@ def test_poison_triggers_json_layouts(sets, tmp_path):
     (prot / "triggers.json").write_text(json.dumps(t))
     report = verify(clean, prot)
     assert report.ok, report.table()
+
+
+def test_parallel_verify_gives_the_same_report(sets, tmp_path, monkeypatch):
+    """Pairs checked by a process pool: same counts, problems (in order) and summaries."""
+    from mme import verify as verify_module
+
+    clean, samples, records = sets
+    records[1]["pixels"] = np.clip(records[1]["pixels"].astype(int) + 40, 0, 255).astype(np.uint8)
+    records[2]["captions"] = ["no trigger here"] * len(records[2]["captions"])
+    prot = write_protected(tmp_path / "P", clean, records)
+    monkeypatch.setattr(verify_module, "VERIFY_CHUNK", 2)  # several chunks from a tiny set
+    one = verify_module.verify(clean, prot, workers=1).to_dict()
+    many = verify_module.verify(clean, prot, workers=2).to_dict()
+    assert not one["ok"] and one["n_checked"] == len(samples)
+    assert one == many
