@@ -242,3 +242,13 @@ def test_trainer_gets_the_one_caption_tokenizer_and_workers_can_receive_it() -> 
         copy = pickle.loads(pickle.dumps(tok))  # spawn-started data-loader workers
         assert torch.equal(copy("a dog\na cat")[0], tok("a dog\na cat")[0])
     assert trainer.get_tokenizer is original
+
+
+def test_images_view_epoch_holds_one_draw_per_caption(tiny_run: dict) -> None:
+    """40 images x 2 captions at batch 16: 5 steps an epoch, not the 2 of one pass over images
+    (the trainer's with_epoch repeats the shards until the epoch is full)."""
+    log = (tiny_run["run_dir"] / "trainer" / "out.log").read_text()
+    assert "[80/80 (100%)]" in log
+    steps = [int(line.split(",")[0]) for line in
+             (tiny_run["run_dir"] / "train_loss.csv").read_text().splitlines()[1:]]  # fmt: skip
+    assert max(steps) == 80 // 16 - 1
