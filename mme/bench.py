@@ -81,9 +81,9 @@ def ceiling(model: torch.nn.Module, cfg: BenchConfig, size: int, device: torch.d
     """Image tower fwd + bwd w.r.t. pixels, images/s (compiled on CUDA unless ``off``)."""
     cuda = device.type == "cuda"
     compiled = use_compile(cfg, device)
-    fn = torch.compile(model.encode_image) if compiled else model.encode_image
-    model.requires_grad_(False)
     fmt = torch.channels_last if cuda else torch.contiguous_format
+    model.to(memory_format=fmt).requires_grad_(False)  # as MEM runs it
+    fn = torch.compile(model.encode_image) if compiled else model.encode_image
     x = torch.rand(cfg.batch_size, 3, size, size, device=device).to(memory_format=fmt)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
