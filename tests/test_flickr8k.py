@@ -20,7 +20,7 @@ PROFILE = REPO / "params.flickr8k.yaml"
 DATA = REPO.parent / "shared" / "data"
 TINY = {
     "POISON_ARGS": "--model mme-tiny-vit --rounds 1 --surrogate-steps 1 --batch-size 4 "
-    "--pgd-steps 1 --trigger-rounds 1 --candidates 2 --device cpu",
+    "--pgd-steps 1 --trigger-rounds 1 --candidates 2 --device cpu --no-compile",
     "VICTIM_ARGS": "--model mme-tiny-vit --epochs 1 --batch-size 8 --warmup 1 --device cpu",
     "EVAL_ARGS": "--device cpu",
 }

@@ -117,13 +117,15 @@ class MEM:
         with self.autocast():
             return F.normalize(self.encode_image_raw(x).float(), dim=-1)
 
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n, L) -> (n, D) raw text features, captions trimmed to the longest (``text.py``)."""
+        return text.encode_text(self.model, tokens)
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(n, L) -> (n, D) unit features, in chunks (HotFlip sends B × C texts at once)."""
         chunk = max(self.cfg.batch_size * 4, 256)
         with self.autocast():
-            out = [
-                text.encode_text(self.model, t.to(self.device)).float() for t in tokens.split(chunk)
-            ]
+            out = [self.text_features(t.to(self.device)).float() for t in tokens.split(chunk)]
         return F.normalize(torch.cat(out), dim=-1)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +170,7 @@ class MEM:
             tokens = self.store.texts(idx, self.store.captions(idx, self.gen), self.with_trigger)
             with self.autocast():
                 img = F.normalize(self.encode_image_raw((x - self.mean) / self.std), dim=-1)
-                txt = F.normalize(text.encode_text(self.model, tokens.to(self.device)), dim=-1)
+                txt = F.normalize(self.text_features(tokens.to(self.device)), dim=-1)
                 loss = self.loss(img.float(), txt.float(), self.model.logit_scale.exp())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,12 +193,7 @@ class MEM:
             trig = self.store.triggers[idx].to(self.device)
             tokens = self.store.texts(idx, caps, True).to(self.device)
             grad = hotflip.trigger_gradients(
-                self.model,
-                tokens,
-                img,
-                k,
-                self.clip_loss,
-                lambda t: text.encode_text(self.model, t),
+                self.model, tokens, img, k, self.clip_loss, self.text_features
             )
             cands = hotflip.top_candidates(grad, emb, allowed, self.cfg.candidates)
 
