@@ -19,7 +19,7 @@ PREFECT_ENV  := PREFECT_HOME=$(CURDIR)/.prefect \
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
 
 
-.PHONY: benchmark
+.PHONY: benchmark bench flickr8k gpu-wheels gpu-data
 .PHONY: venv run report test test-fast lint format lock clean prefect-server serve mlflow-ui
 
 venv: $(STAMP)
@@ -96,3 +96,47 @@ benchmark: venv
 	  $(BIN)/mme evaluate --checkpoint $(BENCH_OUT)/$$name/checkpoint.pt \
 	    --shards data/shards/synthetic || exit 1; done
 	$(BIN)/mme report --metrics $(BENCH_OUT)/*/metrics.json
+
+# Per-phase throughput on this machine (docs/gpu.md): table on stdout, JSON in runs/bench/.
+# The default is the issue-9 target setting (RN50, 224 px, batch 128; bf16 on CUDA); on a CPU
+# try e.g. BENCH_ARGS="--model mme-tiny-vit --batch-size 32".
+BENCH_ARGS ?= --model RN50 --batch-size 128
+bench: venv
+	$(BIN)/mme bench $(BENCH_ARGS) --out runs/bench/bench.json
+
+# The real-photo protocol (params.flickr8k.yaml, docs/gpu.md): the DVC pipeline with that file as
+# params.yaml, on ../shared/data/flickr8k-{train,dev}. params.yaml and dvc.lock are put back
+# afterwards (the synthetic pipeline stays the tracked one); the run's lock, metrics and table are
+# copied to reports/flickr8k/. Sized for one GPU (~10 min, an estimate); hours on a CPU.
+FLICKR8K_PARAMS ?= params.flickr8k.yaml
+flickr8k: venv
+	@test -f ../shared/data/flickr8k-train/captions.csv || \
+	  { echo "flickr8k: ../shared/data/flickr8k-train not found"; exit 1; }
+	cp params.yaml .params.yaml.bak && cp dvc.lock .dvc.lock.bak && cp $(FLICKR8K_PARAMS) params.yaml
+	MME_PARENT_RUN=flickr8k-$$(date +%Y%m%d-%H%M%S) $(BIN)/dvc repro; rc=$$?; \
+	  mkdir -p reports/flickr8k && cp dvc.lock reports/flickr8k/dvc.lock; \
+	  cp metrics/clean.json metrics/protected.json reports/table.md reports/flickr8k/ 2>/dev/null; \
+	  mv .params.yaml.bak params.yaml; mv .dvc.lock.bak dvc.lock; exit $$rc
+
+# For the prepared GPU check (scripts/gpu_check.sh, docs/gpu.md). The device machine has Python
+# 3.12 + torch but not these: their cp312 manylinux wheels, versions from constraints.txt, into
+# the ignored .whl/ (carried to the device). GPU_WHEELS= narrows the list.
+GPU_WHEELS ?= open_clip_torch webdataset braceexpand ftfy wcwidth pydantic pydantic_core \
+	annotated-types typing-inspection
+PIP_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-wheels:
+	mkdir -p .whl
+	pins=$$(for p in $(GPU_WHEELS); do grep -i "^$$p==" constraints.txt || \
+	  { echo "gpu-wheels: $$p is not pinned in constraints.txt" >&2; exit 1; }; done) && \
+	$(PIP_PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux_2_28_x86_64 -d .whl $$pins
+
+# Both Flickr8k splits re-encoded at 96 px JPEG into the ignored .gpu/ (the device machine gets
+# the repository only, 64 MiB at most; ../shared stays here).
+GPU_DATA_SIDE ?= 96
+gpu-data:
+	for split in flickr8k-train flickr8k-dev; do \
+	  $(PIP_PY) scripts/repack_flickr8k.py ../shared/data/$$split .gpu/$$split \
+	    --side $(GPU_DATA_SIDE) || exit 1; done
+	du -sh .gpu .whl 2>/dev/null || true

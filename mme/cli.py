@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mme.victim", "train a victim CLIP on shards with open_clip_train"),
     "evaluate": ("mme.evaluate", "image<->text retrieval metrics on a clean test split"),
     "report": ("mme.report", "comparison table of tracked runs (MLflow)"),
+    "bench": ("mme.bench", "time each phase (poisoning, I/O, victim) on the current device"),
 }
 
 

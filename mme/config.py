@@ -109,7 +109,9 @@ class PoisonConfig(Section):
     rounds: int = Field(20, ge=1, description="outer rounds T (paper: 20)")
     surrogate_steps: int = Field(200, ge=0, description="surrogate steps per round M (paper: 200)")
     surrogate_lr: float = Field(1e-4, gt=0, description="surrogate AdamW lr (paper: 1e-4)")
-    surrogate_wd: float = Field(0.1, ge=0)
+    surrogate_wd: float = Field(
+        0.2, ge=0, description="AdamW wd on weights, 0 on gains/biases/temperature (paper: 0.2)"
+    )
     batch_size: int = Field(128, ge=2, description="pairs per batch (paper: 128)")
     trigger_len: int = Field(3, ge=1, le=16, description="trigger tokens k (paper: 3 or 5)")
     trigger_rounds: int = Field(5, ge=0, description="rounds with trigger updates H (paper: 5)")
@@ -137,6 +139,9 @@ class PoisonConfig(Section):
     compile: bool = Field(False, description="torch.compile the image tower")
     grid_samples: int = Field(6, ge=1, le=64)
     shard_size: int = Field(1000, ge=1)
+    write_workers: int = Field(
+        0, ge=0, description="processes encoding + verifying the protected PNGs (0: one per core)"
+    )
 
     @field_validator("eot", "eot_resize", "eot_jpeg_quality", mode="before")
     @classmethod
@@ -202,7 +207,14 @@ class VictimConfig(Section):
         "auto", description="auto: amp_bf16 on CUDA, fp32 on CPU"
     )
     seed: int = 0
-    workers: int = Field(1, ge=0, description="data loader worker processes")
+    workers: int | None = Field(
+        None, ge=0, description="data loader processes (None: 1 on CPU, cores - 2 up to 16 on CUDA)"
+    )
+    view: Literal["images", "pairs"] = Field(
+        "images",
+        description="images: train on the shards as they are, one random caption per draw; "
+        "pairs: write a one-caption-per-sample copy first",
+    )
     threads: int = Field(
         0, ge=0, description="torch CPU threads (0: torch default); 1 when jobs share the CPU"
     )

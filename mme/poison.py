@@ -20,9 +20,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,8 @@ from mme.config import ConfigError, PoisonConfig, add_section_arguments, section
 
 CKPT = "checkpoint.pt"
 TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
+# settings that do not change the result: left out of the resume hash
+NOT_IN_RESULT = {"device", "compile", "grid_samples", "shard_size", "write_workers"}
 
 
 OWNER = "mme poison"
@@ -71,8 +76,7 @@ def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
 
 def config_hash(cfg: PoisonConfig) -> str:
     """Hash of what determines the result (a resumed run must match it)."""
-    skip = {"device", "compile", "grid_samples", "shard_size", "out", "private"}
-    keep = cfg.model_dump(mode="json", exclude=skip)
+    keep = cfg.model_dump(mode="json", exclude=NOT_IN_RESULT | {"out", "private"})
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -205,10 +209,11 @@ def write_outputs(
     noise = store.noise[store.current]
     texts = [trigger_text(tokenizer, t.tolist()) for t in store.triggers]
     writer = shards.ShardWriter(out, "train", cfg.shard_size)
+    pngs = protected_pngs(store.clean, noise, workers=cfg.write_workers)
     for i in tqdm(range(store.n), desc="write", unit="img", file=sys.stderr):
         prot = bool(store.protect[i])
         trig = texts[i] if prot and cfg.method == "mem" else ""
-        png = shards.encode_png(imageops.apply_noise(store.clean[i], noise[i]).transpose(1, 2, 0))
+        png = next(pngs)
         size = store.clean.shape[-1]
         meta = {
             "id": ids[i],
@@ -238,6 +243,51 @@ def write_outputs(
     fsio.write_json(private / "triggers.json", trig_json)
     write_grid(cfg, store, captions, texts, noise)
     return records, writer.n_captions
+
+
+ENCODE_CHUNK = 64  # images per task: large enough to amortise the hand-over, small to balance
+
+
+def _array_ref(arr: np.ndarray) -> str | np.ndarray:
+    """What a worker process needs to read ``arr``: its file for a memmap, else the array."""
+    if isinstance(arr, np.memmap) and arr.filename:
+        arr.flush()  # workers read the file: pending writes must be on it
+        return str(arr.filename)
+    return np.asarray(arr)
+
+
+def _open_ref(ref: str | np.ndarray) -> np.ndarray:
+    return np.load(ref, mmap_mode="r") if isinstance(ref, str) else ref
+
+
+def _encode_chunk(job: tuple[Any, Any, int, int]) -> list[bytes]:
+    """PNGs of protected images ``start:stop`` (clean + noise), in order."""
+    clean_ref, noise_ref, start, stop = job
+    clean, noise = _open_ref(clean_ref), _open_ref(noise_ref)
+    return [
+        shards.encode_png(imageops.apply_noise(clean[i], noise[i]).transpose(1, 2, 0))
+        for i in range(start, stop)
+    ]
+
+
+def protected_pngs(clean: np.ndarray, noise: np.ndarray, workers: int = 0) -> Iterator[bytes]:
+    """PNG bytes of ``clip(clean + noise)`` for every row, in row order.
+
+    PNG encoding is the slow part of writing a protected set; ``workers`` processes (0: one per
+    core; 1: in this process) encode chunks of rows in parallel. Each image is encoded by the same
+    function either way, so the shards are byte-identical to a single-process run.
+    """
+    n = len(clean)
+    workers = workers or os.cpu_count() or 1
+    jobs = [(0, 0, s, min(s + ENCODE_CHUNK, n)) for s in range(0, n, ENCODE_CHUNK)]
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield from _encode_chunk((clean, noise, job[2], job[3]))
+        return
+    refs = _array_ref(clean), _array_ref(noise)
+    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        for pngs in pool.map(_encode_chunk, [(*refs, s, e) for _, _, s, e in jobs]):
+            yield from pngs
 
 
 def write_grid(
@@ -361,7 +411,8 @@ def output_manifest(
         "method": cfg.method,
         "epsilon": cfg.epsilon,
         "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
-        "config": cfg.model_dump(mode="json", exclude={"private"}),  # a local path, not data
+        # private: a local path, not data; write_workers: does not change the bytes
+        "config": cfg.model_dump(mode="json", exclude={"private", "write_workers"}),
         "clean": str(cfg.clean),
         "clean_splits": {k: v["images"] for k, v in clean_manifest["splits"].items()},
         "working_size": int(store.clean.shape[-1]),
@@ -377,7 +428,9 @@ def verify_outputs(cfg: PoisonConfig, manifest: dict[str, Any]) -> dict[str, Any
     manifest exists; a violation here is a bug, so it stops the run with no manifest written."""
     from mme.verify import verify
 
-    report = verify(cfg.clean, cfg.out, private=cfg.private, manifest=manifest)
+    report = verify(
+        cfg.clean, cfg.out, private=cfg.private, manifest=manifest, workers=cfg.write_workers
+    )
     if not report.ok:
         raise RuntimeError(f"protected set failed verification:\n{report.table()}")
     d = report.to_dict()

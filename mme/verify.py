@@ -32,8 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from itertools import zip_longest
@@ -59,6 +62,7 @@ SPLIT = "train"
 KINDS = ("missing", "extra", "duplicate", "image", "linf", "noise", "trigger", "caption", "meta")
 SHOW_IDS = 20  # offending ids listed per check in the table; the JSON report has all of them
 SHOW_DETAILS = 5  # example messages kept per check
+VERIFY_CHUNK = 32  # pairs per task handed to a worker process
 
 
 @dataclass
@@ -308,25 +312,91 @@ def _check_captions(c: Sample, p: Sample, ctx: _Context) -> list[tuple[str, str]
     return []
 
 
-def _check_pair(c: Sample, p: Sample, ctx: _Context, report: VerifyReport) -> None:
-    """All per-pair checks; violations go to ``report``, quality numbers to its summaries."""
+@dataclass
+class _PairResult:
+    """What the checks of one pair found (computed in a worker process, applied in order)."""
+
+    sample_id: str
+    problems: list[tuple[str, str]]
+    with_noise: bool
+    linf: int | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+
+
+def _examine(c: Sample, p: Sample, ctx: _Context) -> _PairResult:
+    """All per-pair checks, as a :class:`_PairResult` (no shared state: runs in any process)."""
     prot, problems = _check_image(p, ctx.size)
     if p.meta.get("sha256") != sha256_bytes(p.image_bytes):
         problems.append(("meta", "sha256 does not match the image bytes"))
-    with_noise = bool(p.meta.get("protected", True))
-    report.n_with_noise += with_noise
+    res = _PairResult(p.id, problems, bool(p.meta.get("protected", True)))
     if prot is not None:
         clean = to_working_resolution(c.image_bytes, ctx.size)
-        bound = ctx.epsilon if with_noise else 0  # an unprotected image must be the clean one
-        linf, pixel_problems = _check_pixels(p.id, prot, clean, bound, ctx)
+        bound = ctx.epsilon if res.with_noise else 0  # an unprotected image must be the clean one
+        res.linf, pixel_problems = _check_pixels(p.id, prot, clean, bound, ctx)
         problems += pixel_problems
-        report.max_linf = max(report.max_linf, linf)
-        if with_noise:  # unprotected pairs are identical when valid: inf dB would hide the rest
-            report.psnr.add(psnr(clean, prot))
-            report.ssim.add(ssim(clean, prot))
+        if res.with_noise:  # unprotected pairs are identical when valid: inf dB would hide the rest
+            res.psnr, res.ssim = psnr(clean, prot), ssim(clean, prot)
     problems += _check_trigger(p, ctx) + _check_captions(c, p, ctx)
-    for kind, detail in problems:
-        report.add(p.id, kind, detail)
+    return res
+
+
+def _apply(res: _PairResult, report: VerifyReport) -> None:
+    report.n_with_noise += res.with_noise
+    if res.linf is not None:
+        report.max_linf = max(report.max_linf, res.linf)
+    if res.psnr is not None:
+        report.psnr.add(res.psnr)
+        report.ssim.add(res.ssim)
+    for kind, detail in res.problems:
+        report.add(res.sample_id, kind, detail)
+    report.n_checked += 1
+
+
+def _check_pair(c: Sample, p: Sample, ctx: _Context, report: VerifyReport) -> None:
+    """All per-pair checks; violations go to ``report``, quality numbers to its summaries."""
+    _apply(_examine(c, p, ctx), report)
+
+
+_WORKER_CTX: list[_Context] = []  # the context of a worker process, built once by _init_worker
+
+
+def _init_worker(private: Path | None, manifest: dict[str, Any], eps: float) -> None:
+    _WORKER_CTX[:] = [_context(private, manifest, eps, [])]
+
+
+def _examine_chunk(pairs: list[tuple[Sample, Sample]]) -> list[_PairResult]:
+    return [_examine(c, p, _WORKER_CTX[0]) for c, p in pairs]
+
+
+def _chunks(pairs: Iterator[tuple[Sample, Sample]], size: int) -> Iterator[list]:
+    chunk: list[tuple[Sample, Sample]] = []
+    for pair in pairs:
+        chunk.append(pair)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _results(
+    pairs: Iterator[tuple[Sample, Sample]], ctx: _Context, workers: int, init: tuple
+) -> Iterator[_PairResult]:
+    """Results of every pair, in pair order; ``workers`` > 1 checks chunks in that many
+    processes (each rebuilds the context from ``init``), so the report is the same."""
+    if workers <= 1:
+        yield from (_examine(c, p, ctx) for c, p in pairs)
+        return
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init) as pool:
+        # a bounded window of chunks in flight keeps memory flat on large sets
+        pending: deque = deque()
+        for chunk in _chunks(pairs, VERIFY_CHUNK):
+            pending.append(pool.submit(_examine_chunk, chunk))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -435,8 +505,12 @@ def verify(
     epsilon: float | None = None,
     private: Path | None = None,
     manifest: dict[str, Any] | None = None,
+    workers: int = 0,
 ) -> VerifyReport:
     """Check the protected set in ``protected`` against the clean shards in ``clean``.
+
+    ``workers`` processes check the pairs (0: one per core, 1: this process); the report is
+    the same either way.
 
     ``epsilon`` (0–255 units) overrides the manifest's ``config.epsilon``. ``private`` is the
     run's private folder (noise.npy, triggers.json) for the noise and trigger-table checks.
@@ -467,9 +541,13 @@ def verify(
     )
     expected = manifest.get("splits", {}).get(SPLIT, {}).get("images")
     pairs = _pairs(iter_samples(clean, SPLIT), iter_samples(protected, SPLIT), report)
-    for c, p in tqdm(pairs, total=expected, desc="verify", unit="img", file=sys.stderr):
-        _check_pair(c, p, ctx, report)
-        report.n_checked += 1
+    workers = workers or os.cpu_count() or 1
+    if expected:  # no pool for a set that fits in one chunk
+        workers = min(workers, -(-int(expected) // VERIFY_CHUNK))
+    init = (Path(private) if private else None, manifest, float(eps))
+    results = _results(pairs, ctx, workers, init)
+    for res in tqdm(results, total=expected, desc="verify", unit="img", file=sys.stderr):
+        _apply(res, report)
     if expected is not None and expected != report.n_protected:
         report.errors.append(f"manifest lists {expected} images, shards hold {report.n_protected}")
     return report

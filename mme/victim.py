@@ -4,15 +4,18 @@ We do not write a training loop: :func:`train_victim` calls ``open_clip_train.ma
 in-process (so our model configs registered with open_clip are visible to it) and only prepares
 its input and collects its output.
 
-Input. Our shards hold one sample per image with all its captions in one ``txt``; open_clip_train
-takes each sample's ``txt`` as ONE caption. So we write a "pairs" view: one sample per
-(image, caption), key ``{id}_c{j}``, and train on that. Every caption is a training pair, as in
-the paper's per-row (one caption per CSV row) training; an epoch sees each image once per
-caption. Pairs are written caption-major (all first captions, then all second captions, ...) so
-that one image's captions sit far apart in the stream; the trainer's shard + sample shuffling then
-mixes them much like the paper's shuffled rows (where two captions of one image can also meet in a
-batch, one becoming a false negative of the other). The view is deleted after training unless
-``keep_pairs``.
+Input. Our shards hold one sample per image with all its captions in one ``txt``, one per line;
+open_clip_train takes each sample's ``txt`` as ONE caption. Two ways to feed it (``view``):
+
+- ``images`` (default): the trainer reads our shards as they are; its tokenizer is wrapped so
+  that it tokenizes one caption of the sample, drawn at random (seeded) each time the image is
+  drawn. An epoch is still as long as the number of captions (``--train-num-samples``), so the
+  trainer passes over the images about once per caption, each time with a fresh draw. Nothing
+  is copied, and each image is decoded once per draw as before.
+- ``pairs``: a "pairs" view is written first: one sample per (image, caption), key
+  ``{id}_c{j}``, caption-major (all first captions, then all second captions, ...) so that one
+  image's captions sit far apart in the stream, like the paper's shuffled per-caption rows. It
+  copies every image once per caption; it is deleted after training unless ``keep_pairs``.
 
 Output (``run_dir``):
 
@@ -32,11 +35,14 @@ import argparse
 import contextlib
 import csv
 import logging
+import os
+import random
 import re
 import shutil
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +79,76 @@ def iter_pairs(shard_dir: Path, split: str) -> Iterator[shards.Sample]:
         j += 1
 
 
-def write_pairs(shard_dir: Path, split: str, out_dir: Path) -> tuple[str, int, int]:
+def write_pairs(
+    shard_dir: Path, split: str, out_dir: Path, shard_size: int = PAIRS_SHARD_SIZE
+) -> tuple[str, int, int]:
     """Write the pairs view of ``split`` to ``out_dir``; return (pattern, n_pairs, n_shards)."""
-    records = shards.write_shards(out_dir, "pairs", iter_pairs(shard_dir, split), PAIRS_SHARD_SIZE)
+    records = shards.write_shards(out_dir, "pairs", iter_pairs(shard_dir, split), shard_size)
     n_pairs = sum(r["count"] for r in records)
     if n_pairs == 0:
         raise ValueError(f"no captions in the {split} split of {shard_dir}")
     return shards.brace_pattern(out_dir, "pairs"), n_pairs, len(records)
+
+
+def count_captions(shard_dir: Path, split: str) -> int:
+    """Non-empty captions of ``split``: the pairs an epoch holds."""
+    return sum(
+        sum(1 for c in s.captions if c.strip()) for s in shards.iter_samples(shard_dir, split)
+    )
+
+
+def resolve_workers(workers: int | None, device: torch.device) -> int:
+    """``None``: 1 on CPU (cores are the compute there); on CUDA all cores but two, at most 16
+    (decoding + augmenting 224-px images is what feeds the GPU)."""
+    if workers is not None:
+        return workers
+    if device.type != "cuda":
+        return 1
+    return max(1, min(16, (os.cpu_count() or 1) - 2))
+
+
+def view_shard_size(n: int, workers: int) -> int:
+    """Samples per view shard: at most 1000, and enough shards for every worker."""
+    return max(1, min(PAIRS_SHARD_SIZE, -(-n // max(1, workers))))
+
+
+class OneCaption:
+    """A tokenizer that, given a sample's ``txt`` (captions one per line), tokenizes one of them
+    drawn with its own seeded generator (each data-loader worker gets a copy of it)."""
+
+    def __init__(self, tokenizer: Any, seed: int) -> None:
+        self.tokenizer, self.rng = tokenizer, random.Random(seed)
+
+    def pick(self, text: str) -> str:
+        lines = [c for c in text.split("\n") if c.strip()]
+        return self.rng.choice(lines) if lines else text
+
+    def __call__(self, texts: str | list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.tokenizer([self.pick(t) for t in texts], *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "tokenizer":  # unpickling: no state yet
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+
+@contextlib.contextmanager
+def one_caption_per_draw(seed: int) -> Iterator[None]:
+    """Hand open_clip_train a :class:`OneCaption` tokenizer (it looks ``get_tokenizer`` up in
+    its ``main`` module when it builds the data pipeline)."""
+    import open_clip_train.main as trainer
+
+    original = trainer.get_tokenizer
+
+    def get_tokenizer(*args: Any, **kwargs: Any) -> OneCaption:
+        return OneCaption(original(*args, **kwargs), seed)
+
+    trainer.get_tokenizer = get_tokenizer
+    try:
+        yield
+    finally:
+        trainer.get_tokenizer = original
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -109,7 +178,8 @@ def trainer_argv(
         "--precision": resolve_precision(cfg.precision, device),
         "--device": device,
         "--seed": cfg.seed,
-        "--workers": min(cfg.workers, n_shards),  # the trainer asserts shards >= workers
+        # the trainer asserts shards >= workers
+        "--workers": min(resolve_workers(cfg.workers, device), n_shards),
         "--logs": run_dir,
         "--name": TRAINER_NAME,
         "--report-to": "",  # no wandb/tensorboard: we log to MLflow from out.log
@@ -310,7 +380,7 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
     _clean_run_dir(run_dir)
     prov = data_provenance(shards)
     try:
-        data, n_pairs, n_shards = write_pairs(shards, "train", run_dir / "pairs")
+        data, n_pairs, n_shards = training_data(cfg, shards, run_dir, device)
         argv = trainer_argv(cfg, run_dir, data, n_pairs, n_shards)
         n_images = shards_count(shards)
         print(
@@ -325,7 +395,8 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
             tags={"stage": "train", "run_dir": str(run_dir)},
         ):
             t0 = time.time()
-            with cpu_threads(cfg.threads), seeded_sample_shuffle(cfg.seed):
+            view = one_caption_per_draw(cfg.seed) if cfg.view == "images" else nullcontext()
+            with cpu_threads(cfg.threads), seeded_sample_shuffle(cfg.seed), view:
                 run_trainer(argv)
             wall = time.time() - t0
             record = {
@@ -342,6 +413,21 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
         if not cfg.keep_pairs:
             shutil.rmtree(run_dir / "pairs", ignore_errors=True)
     return ckpt
+
+
+def training_data(
+    cfg: VictimConfig, shard_dir: Path, run_dir: Path, device: torch.device
+) -> tuple[str, int, int]:
+    """(shard pattern, pairs per epoch, shard count) of the ``view`` the trainer reads."""
+    if cfg.view == "images":
+        n_pairs = count_captions(shard_dir, "train")
+        if n_pairs == 0:
+            raise ValueError(f"no captions in the train split of {shard_dir}")
+        pattern = shards.brace_pattern(shard_dir, "train")
+        return pattern, n_pairs, len(shards.shard_paths(shard_dir, "train"))
+    n_pairs_guess = count_captions(shard_dir, "train")
+    size = view_shard_size(n_pairs_guess, resolve_workers(cfg.workers, device))
+    return write_pairs(shard_dir, "train", run_dir / "pairs", size)
 
 
 def shards_count(shard_dir: Path) -> int:

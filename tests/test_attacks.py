@@ -154,3 +154,188 @@ def test_random_resized_crop_identity_and_shape():
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _toy_text_model(seed: int, vocab: int = 30, dim: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    table = F.normalize(torch.randn(vocab, dim, generator=g), dim=-1)
+
+    def encode(tokens):  # text feature = normalised mean of the token vectors
+        return F.normalize(table[tokens].mean(dim=1), dim=-1)
+
+    return g, encode
+
+
+def _reference_greedy(encode, trig, cands, img, scale):
+    """Slow greedy pass: sample by sample, each against the texts as they are at that moment."""
+    trig = trig.clone()
+    for p in range(cands.shape[1]):
+        txt = encode(trig)
+        cur = hotflip.own_loss_terms(img, txt, txt[:, None], scale)[:, 0]
+        new_trig = trig.clone()
+        for i in range(len(trig)):
+            best, best_tok = cur[i], trig[i, p]
+            for tok in cands[i, p]:
+                t = txt.clone()
+                row = trig[i].clone()
+                row[p] = tok
+                t[i] = encode(row[None])[0]
+                loss = hotflip.own_loss_terms(img, txt, t[:, None], scale)[i, 0]
+                if loss < best:
+                    best, best_tok = loss, tok
+            new_trig[i, p] = best_tok
+        trig = new_trig
+    return trig
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_flip_compares_against_the_current_negatives(seed):
+    """Regression: ``cur`` was computed once, before other samples' flips changed the negatives,
+    so a later position kept or rejected candidates against a stale loss."""
+    g, encode = _toy_text_model(seed)
+    img = F.normalize(torch.randn(5, 6, generator=g), dim=-1)
+    trig = torch.randint(30, (5, 3), generator=g)
+    cands = torch.randint(30, (5, 3, 4), generator=g)
+    scale = torch.tensor(20.0)
+    new, own = hotflip.greedy_flip(encode, lambda t: t, trig, cands, img, scale)
+    assert torch.equal(new, _reference_greedy(encode, trig, cands, img, scale))
+    final = encode(new)
+    assert torch.allclose(own, hotflip.own_loss_terms(img, final, final[:, None], scale)[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "sizes"),
+    [(9, 4, [4, 5]), (8, 4, [4, 4]), (1, 4, [1]), (5, 4, [5]), (7, 3, [3, 4]), (6, 4, [4, 2])],
+)
+def test_split_batches_never_leaves_a_single_pair(n, batch, sizes):
+    """Regression: ClipLoss of a batch of one is 0, so that image's noise never moved."""
+    from mme.attacks.mem import split_batches
+
+    got = split_batches(torch.arange(n), batch)
+    assert [len(b) for b in got] == sizes
+    assert torch.equal(torch.cat(got), torch.arange(n))
+
+
+def test_surrogate_adamw_does_not_decay_gains_biases_or_temperature():
+    """Regression: AdamW decayed every parameter; CLIP decays weight matrices only (wd 0.2)."""
+    from mme import models
+    from mme.attacks.mem import decay_groups
+    from mme.config import PoisonConfig
+
+    model, _ = models.create_model("mme-tiny-vit", None, torch.device("cpu"))
+    groups = decay_groups(model, PoisonConfig().surrogate_wd)
+    names = {id(p): n for n, p in model.named_parameters()}
+    free = {names[id(p)] for p in groups[0]["params"]}
+    decayed = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0 and groups[1]["weight_decay"] == 0.2
+    assert "logit_scale" in free and "ln_final.weight" in free and "ln_final.bias" in free
+    assert all(n.endswith("bias") or "ln" in n or model.get_parameter(n).ndim < 2 for n in free)
+    assert "token_embedding.weight" in decayed and "text_projection" in decayed
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+    assert free | decayed == set(names.values()) and not free & decayed
+
+
+@pytest.mark.parametrize("model_name", ["mme-tiny-vit", "mme-tiny-rn"])
+def test_trimmed_text_encoding_gives_the_same_features_losses_and_trigger_grads(model_name):
+    """Captions cut to the longest in the batch: same features, ClipLoss, HotFlip gradients."""
+    from mme import models
+    from mme.attacks import text
+
+    torch.manual_seed(0)
+    model, tok = models.create_model(model_name, None, torch.device("cpu"))
+    caps = ["a dog", "two people walk along a beach at sunset with a dog", "red ball"]
+    tokens = tok(caps)
+    n = text.trimmed_length(tokens)
+    assert text.can_trim(model) and n == int((tokens != 0).sum(1).max()) < tokens.shape[1]
+    full, trimmed = model.encode_text(tokens), text.encode_text(model, tokens)
+    assert torch.allclose(full, trimmed, atol=1e-5)
+    img = F.normalize(torch.randn(3, full.shape[1]), dim=-1)
+    scale = torch.tensor(10.0)
+    loss = open_clip.ClipLoss()
+    assert torch.allclose(
+        loss(img, F.normalize(full, dim=-1), scale), loss(img, F.normalize(trimmed, dim=-1), scale)
+    )
+
+    def loss_fn(i, t):
+        return loss(i, t, scale)
+
+    g_full = hotflip.trigger_gradients(model, tokens, img, 2, loss_fn)
+    g_trim = hotflip.trigger_gradients(
+        model, tokens, img, 2, loss_fn, lambda t: text.encode_text(model, t)
+    )
+    assert torch.allclose(g_full, g_trim, rtol=1e-4, atol=1e-5)
+
+
+def test_trimming_falls_back_to_the_full_context_without_a_causal_mask():
+    from mme import models
+    from mme.attacks import text
+
+    model, tok = models.create_model("mme-tiny-vit", None, torch.device("cpu"))
+    model.attn_mask = None  # padding would then be visible: no trimming
+    assert not text.can_trim(model)
+    tokens = tok(["a dog on grass"])
+    assert torch.equal(text.encode_text(model, tokens), model.encode_text(tokens))
+
+
+def _tiny_store(tmp_path, n=6, size=8):
+    import numpy as np
+
+    from mme.attacks.store import PairStore
+
+    clean, noise = PairStore.open_arrays(tmp_path, n, size, np.dtype(np.int8))
+    rng = np.random.default_rng(0)
+    clean[:] = rng.integers(0, 256, clean.shape, dtype=np.uint8)
+    noise[0][:] = rng.integers(-8, 9, clean.shape, dtype=np.int8)
+    return PairStore(
+        clean=clean,
+        noise=noise,
+        current=0,
+        cap_tokens=torch.zeros(n, 4, dtype=torch.long),
+        cap_offsets=torch.arange(n + 1),
+        triggers=torch.zeros(n, 2, dtype=torch.long),
+        protect=torch.ones(n, dtype=torch.bool),
+        eot_id=3,
+    )
+
+
+def test_store_cached_on_a_device_gives_the_same_batches_and_follows_swaps(tmp_path):
+    store = _tiny_store(tmp_path)
+    idx = torch.tensor([4, 0, 2])
+    cpu = torch.device("cpu")
+    before = store.images(idx, cpu), store.clean_batch(idx, cpu), store.noise_batch(idx, cpu)
+    assert store.device_bytes() == 2 * 6 * 3 * 8 * 8
+    store.cache_on(cpu)  # the GPU path, exercised on the CPU
+    after = store.images(idx, cpu), store.clean_batch(idx, cpu), store.noise_batch(idx, cpu)
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)
+    store.begin_round()
+    store.write_noise(idx, torch.full((3, 3, 8, 8), 2 / 255))
+    store.swap()  # the cached noise must now be the new buffer
+    assert torch.allclose(store.noise_batch(idx, cpu) * 255, torch.full((3, 3, 8, 8), 2.0))
+    on_disk = torch.from_numpy(store.noise[store.current][[1, 5]].copy()).float()
+    assert torch.allclose(store.noise_batch(torch.tensor([1, 5]), cpu) * 255, on_disk)
+
+
+def test_compile_flag_wraps_the_image_tower(monkeypatch):
+    """The ``compile`` path, checked without compiling (too slow for CPU tests)."""
+    from mme import models
+    from mme.attacks.mem import MEM
+    from mme.config import PoisonConfig
+
+    seen = []
+
+    def fake_compile(fn):
+        seen.append(fn)
+        return lambda x: fn(x)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model, _ = models.create_model("mme-tiny-vit", None, torch.device("cpu"))
+    cfg = PoisonConfig(model="mme-tiny-vit", compile=True, device="cpu")
+    mem = MEM(model, None, cfg, torch.device("cpu"))  # type: ignore[arg-type]
+    assert seen == [model.encode_image]
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(
+        mem.encode_image(x),
+        F.normalize(model.encode_image((x - mem.mean) / mem.std), dim=-1),
+        atol=1e-6,
+    )

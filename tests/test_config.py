@@ -74,7 +74,7 @@ def test_python_dash_m_entry_point():
     assert out.stdout.startswith("mme ")
 
 
-@pytest.mark.parametrize("params", ["params.yaml", "params.paper.yaml"])
+@pytest.mark.parametrize("params", ["params.yaml", "params.paper.yaml", "params.flickr8k.yaml"])
 def test_every_dvc_yaml_variable_is_in_the_params_file(params):
     """`cp params.paper.yaml params.yaml && dvc repro` must not fail on a missing ${...}."""
     import re

@@ -127,6 +127,7 @@ def test_poison_with_every_eot_transformation(tmp_path, monkeypatch) -> None:
     cfg = PoisonConfig(
         clean=clean,
         out=tmp_path / "mem",
+        private=tmp_path / "private",
         model="mme-tiny-vit",
         rounds=1,
         surrogate_steps=1,

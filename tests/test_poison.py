@@ -73,6 +73,15 @@ def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
     assert cli.main(argv) == 0
 
 
+def test_a_last_batch_of_one_image_still_gets_noise(clean, tmp_path):
+    """Regression: 16 images in batches of 5 left one image alone; its ClipLoss was 0, so after
+    one round its noise was still all zero."""
+    fast = FAST | {"rounds": 1, "batch_size": 5}
+    poison(PoisonConfig(clean=clean, out=tmp_path / "mem", private=tmp_path / "p", **fast))
+    noise = np.load(tmp_path / "p" / "noise.npy")
+    assert (np.abs(noise).reshape(len(noise), -1).max(axis=1) > 0).all()
+
+
 @pytest.mark.parametrize("method", ["random", "em", "errmax"])
 def test_baselines_have_no_trigger_and_respect_budget(clean, tmp_path, method):
     cfg = PoisonConfig(
@@ -179,3 +188,51 @@ def test_poison_is_tracked_in_mlflow(clean, tmp_path, monkeypatch):
     client = mlflow.MlflowClient(uri)
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"grid.png", "manifest.json", "triggers.json"} <= names
+
+
+@pytest.mark.parametrize("n", [1, 64, 150])
+def test_parallel_png_encoding_is_byte_identical(tmp_path, n):
+    """write_outputs' process pool gives the same bytes, in the same order, as one process."""
+    from mme.attacks.store import PairStore
+    from mme.poison import protected_pngs
+
+    clean, noise = PairStore.open_arrays(tmp_path, n, 16, np.dtype(np.int8))
+    rng = np.random.default_rng(n)
+    clean[:] = rng.integers(0, 256, clean.shape, dtype=np.uint8)
+    noise[0][:] = rng.integers(-8, 9, clean.shape, dtype=np.int8)  # written, not yet flushed
+    one = list(protected_pngs(clean, noise[0], workers=1))
+    many = list(protected_pngs(clean, noise[0], workers=3))
+    assert len(one) == n and one == many
+    assert one[-1] == shards.encode_png(
+        imageops.apply_noise(clean[-1], noise[0][-1]).transpose(1, 2, 0)
+    )
+
+
+def test_protected_set_does_not_depend_on_write_workers(clean, tmp_path):
+    fast = FAST | {"rounds": 1, "method": "random"}
+    a = poison(
+        PoisonConfig(
+            clean=clean, out=tmp_path / "a", private=tmp_path / "pa", write_workers=1, **fast
+        )
+    )
+    poison(
+        PoisonConfig(
+            clean=clean,
+            out=tmp_path / "b",
+            private=tmp_path / "pb",
+            write_workers=2,
+            shard_size=5,
+            **fast,
+        )
+    )
+    c = poison(
+        PoisonConfig(
+            clean=clean, out=tmp_path / "c", private=tmp_path / "pc", write_workers=2, **fast
+        )
+    )
+    assert tar_bytes(tmp_path / "a") == tar_bytes(tmp_path / "c")
+    assert len(tar_bytes(tmp_path / "b")) == 4
+    assert a["splits"] == c["splits"] and "write_workers" not in a["config"]
+    for m in (a, c):
+        m["config"].pop("out")
+    assert a == c

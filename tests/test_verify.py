@@ -373,3 +373,18 @@ def test_without_private_folder_public_checks_still_run(sets, tmp_path, capsys):
     records[2]["pixels"][0, 0, 0] ^= 0xFF  # far outside the budget
     bad = write_protected(tmp_path / "bad", clean, records)
     assert verify(clean, bad).violations["linf"] == [records[2]["id"]]
+
+
+def test_parallel_verify_gives_the_same_report(sets, tmp_path, monkeypatch):
+    """Pairs checked by a process pool: same counts, problems (in order) and summaries."""
+    from mme import verify as verify_module
+
+    clean, samples, records = sets
+    records[1]["pixels"] = np.clip(records[1]["pixels"].astype(int) + 40, 0, 255).astype(np.uint8)
+    records[2]["captions"] = ["no trigger here"] * len(records[2]["captions"])
+    prot = write_protected(tmp_path / "P", clean, records)
+    monkeypatch.setattr(verify_module, "VERIFY_CHUNK", 2)  # several chunks from a tiny set
+    one = verify_module.verify(clean, prot, workers=1).to_dict()
+    many = verify_module.verify(clean, prot, workers=2).to_dict()
+    assert not one["ok"] and one["n_checked"] == len(samples)
+    assert one == many

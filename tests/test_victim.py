@@ -183,3 +183,72 @@ def test_manifest_sha256_is_the_dataset_version(tmp_path: Path) -> None:
     want = hashlib.sha256((tmp_path / "manifest.json").read_bytes()).hexdigest()
     assert shards.manifest_sha256(tmp_path) == want
     assert victim.data_provenance(tmp_path)["data_manifest_sha256"] == want
+
+
+def test_one_caption_per_draw_tokenizes_one_line_seeded() -> None:
+    import open_clip
+
+    tok = open_clip.get_tokenizer("mme-tiny-vit")
+    text = "a red square\n\na picture that is entirely red\n"
+    a, b = victim.OneCaption(tok, seed=3), victim.OneCaption(tok, seed=3)
+    got_a = [a(text)[0] for _ in range(20)]
+    got_b = [b(text)[0] for _ in range(20)]
+    options = tok(["a red square", "a picture that is entirely red"])
+    assert all(torch.equal(x, y) for x, y in zip(got_a, got_b, strict=True))  # seeded
+    assert all(any(torch.equal(x, o) for o in options) for x in got_a)  # one whole caption
+    assert {int((x != 0).sum()) for x in got_a} == {int((o != 0).sum()) for o in options}
+    assert a.context_length == tok.context_length  # everything else is the tokenizer's
+
+
+@pytest.mark.parametrize(
+    ("workers", "device", "cores", "want"),
+    [(None, "cpu", 16, 1), (None, "cuda", 16, 14), (None, "cuda", 64, 16), (None, "cuda", 2, 1)]
+    + [(3, "cuda", 16, 3), (0, "cpu", 16, 0)],
+)
+def test_resolve_workers(monkeypatch, workers, device, cores, want) -> None:
+    monkeypatch.setattr(victim.os, "cpu_count", lambda: cores)
+    assert victim.resolve_workers(workers, torch.device(device)) == want
+
+
+@pytest.mark.parametrize(("n", "workers", "want"), [(30000, 14, 1000), (6000, 14, 429), (5, 8, 1)])
+def test_view_shard_size_gives_every_worker_a_shard(n, workers, want) -> None:
+    assert victim.view_shard_size(n, workers) == want
+
+
+def test_images_view_reads_the_shards_in_place(colour_shards: Path, tmp_path: Path) -> None:
+    """Default view: no per-caption copy; an epoch still holds one draw per caption."""
+    cfg = VictimConfig(model="mme-tiny-vit", device="cpu")
+    data, n_pairs, n_shards = victim.training_data(
+        cfg, colour_shards, tmp_path, torch.device("cpu")
+    )
+    assert data == shards.brace_pattern(colour_shards, "train") and (n_pairs, n_shards) == (80, 1)
+    assert not (tmp_path / "pairs").exists()
+    pairs = VictimConfig(model="mme-tiny-vit", device="cpu", view="pairs", workers=2)
+    data, n_pairs, n_shards = victim.training_data(
+        pairs, colour_shards, tmp_path, torch.device("cpu")
+    )
+    assert (n_pairs, n_shards) == (80, 2) and (tmp_path / "pairs").is_dir()
+
+
+def test_trainer_gets_the_one_caption_tokenizer_and_workers_can_receive_it() -> None:
+    import pickle
+
+    import open_clip_train.main as trainer
+
+    original = trainer.get_tokenizer
+    with victim.one_caption_per_draw(seed=0):
+        tok = trainer.get_tokenizer("mme-tiny-vit")
+        assert isinstance(tok, victim.OneCaption)
+        copy = pickle.loads(pickle.dumps(tok))  # spawn-started data-loader workers
+        assert torch.equal(copy("a dog\na cat")[0], tok("a dog\na cat")[0])
+    assert trainer.get_tokenizer is original
+
+
+def test_images_view_epoch_holds_one_draw_per_caption(tiny_run: dict) -> None:
+    """40 images x 2 captions at batch 16: 5 steps an epoch, not the 2 of one pass over images
+    (the trainer's with_epoch repeats the shards until the epoch is full)."""
+    log = (tiny_run["run_dir"] / "trainer" / "out.log").read_text()
+    assert "[80/80 (100%)]" in log
+    steps = [int(line.split(",")[0]) for line in
+             (tiny_run["run_dir"] / "train_loss.csv").read_text().splitlines()[1:]]  # fmt: skip
+    assert max(steps) == 80 // 16 - 1

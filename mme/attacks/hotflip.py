@@ -11,7 +11,10 @@ Spec (Ebrahimi et al. 2018, "HotFlip"; as used by MEM, arXiv 2407.16307 Alg. 1):
 
 A sample's own term, with the other samples' texts held fixed, is
 ``½ [CE(row i of image→text logits, i) + CE(text→image logits of text i, i)]``; it is evaluated for
-all ``B × C`` candidates at once with the current texts' logits as the shared negatives.
+all ``B × C`` candidates at once with the current texts' logits as the shared negatives. Those
+negatives change whenever other samples flip, so before each position every sample's current term
+is recomputed against them: a candidate replaces the current token only if it beats the current
+token *under the same negatives*, and the returned terms are those of the final texts.
 """
 
 from __future__ import annotations
@@ -48,12 +51,14 @@ def trigger_gradients(
     img: torch.Tensor,
     k: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    encode: EncodeText | None = None,
 ) -> torch.Tensor:
     """∂loss/∂(embeddings of token positions 1..k), shape (B, k, W).
 
     ``tokens`` (B, L) already hold the triggers at positions 1..k; ``loss_fn(img, txt)`` is the
-    batch contrastive loss. A forward hook swaps the token-embedding output for a leaf tensor so
-    only that gradient is computed (no parameter gradients).
+    batch contrastive loss; ``encode`` (default ``model.encode_text``) maps tokens to features
+    through ``model.token_embedding``. A forward hook swaps the token-embedding output for a
+    leaf tensor so only that gradient is computed (no parameter gradients).
     """
     captured: dict[str, torch.Tensor] = {}
 
@@ -65,7 +70,7 @@ def trigger_gradients(
     handle = model.token_embedding.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            txt = F.normalize(model.encode_text(tokens), dim=-1)
+            txt = F.normalize((encode or model.encode_text)(tokens), dim=-1)
             (grad,) = torch.autograd.grad(loss_fn(img, txt), captured["emb"])
     finally:
         handle.remove()
@@ -100,9 +105,10 @@ def greedy_flip(
     b, k, c = cands.shape
     trigger = trigger.clone()
     txt_cur = encode(build(trigger))  # (B, D)
-    cur = own_loss_terms(img, txt_cur, txt_cur[:, None], scale)[:, 0]
     rows = torch.arange(b, device=trigger.device)
     for p in range(k):
+        # other samples' flips at p - 1 changed the shared negatives: re-score the current texts
+        cur = own_loss_terms(img, txt_cur, txt_cur[:, None], scale)[:, 0]
         trial = trigger[:, None, :].repeat(1, c, 1)  # (B, C, k)
         trial[:, :, p] = cands[:, p, :]
         txt_new = encode(build(trial.reshape(b * c, k))).reshape(b, c, -1)
@@ -111,5 +117,4 @@ def greedy_flip(
         better = best < cur  # keep the current token unless a candidate lowers the loss
         trigger[better, p] = cands[rows, p, arg][better]
         txt_cur = torch.where(better[:, None], txt_new[rows, arg], txt_cur)
-        cur = torch.where(better, best, cur)
-    return trigger, cur
+    return trigger, own_loss_terms(img, txt_cur, txt_cur[:, None], scale)[:, 0]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mme.attacks import hotflip
+from mme.attacks import hotflip, text
 from mme.attacks.augment import eot
 from mme.attacks.pgd import pgd
 from mme.attacks.store import PairStore
@@ -41,6 +41,34 @@ from mme.config import PoisonConfig
 from mme.models import normalizer
 
 RoundHook = Callable[[int, dict[str, float]], None]
+NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
+
+
+def no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """CLIP's rule (open_clip_train; the MEM code's CyCLIP-derived trainer): gains, biases, norm
+    layers and the temperature are not decayed; weight matrices and embeddings are."""
+    return param.ndim < 2 or any(key in name for key in NO_DECAY_KEYS)
+
+
+def decay_groups(model: torch.nn.Module, wd: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: ``wd`` for weights, 0 for what :func:`no_decay` excludes."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": wd},
+    ]
+
+
+def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Cut ``order`` into batches; a last batch of one joins the previous one.
+
+    Why: ClipLoss of a single pair is 0 (its only candidate is itself), so that image's
+    noise, trigger and surrogate step would never move.
+    """
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
 class MEM:
@@ -61,7 +89,7 @@ class MEM:
         self.with_trigger = cfg.method == "mem"
         self.loss = open_clip.ClipLoss()
         self.opt = torch.optim.AdamW(
-            model.parameters(), lr=cfg.surrogate_lr, weight_decay=cfg.surrogate_wd
+            decay_groups(model, cfg.surrogate_wd), lr=cfg.surrogate_lr, weight_decay=0.0
         )
         self.gen = torch.Generator().manual_seed(cfg.seed)  # all data sampling draws from it
         mean, std = normalizer(model)
@@ -71,6 +99,7 @@ class MEM:
         self.encode_image_raw = model.encode_image
         if self.cuda:
             model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         if cfg.compile:  # the image tower carries almost all PGD work
             self.encode_image_raw = torch.compile(model.encode_image)
 
@@ -88,11 +117,15 @@ class MEM:
         with self.autocast():
             return F.normalize(self.encode_image_raw(x).float(), dim=-1)
 
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n, L) -> (n, D) raw text features, captions trimmed to the longest (``text.py``)."""
+        return text.encode_text(self.model, tokens)
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(n, L) -> (n, D) unit features, in chunks (HotFlip sends B × C texts at once)."""
         chunk = max(self.cfg.batch_size * 4, 256)
         with self.autocast():
-            out = [self.model.encode_text(t.to(self.device)).float() for t in tokens.split(chunk)]
+            out = [self.text_features(t.to(self.device)).float() for t in tokens.split(chunk)]
         return F.normalize(torch.cat(out), dim=-1)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,12 +141,23 @@ class MEM:
     def clip_loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         return self.loss(img, txt, self.scale())
 
+    def cache_store(self) -> None:
+        """Move the store's pixels and noise to the GPU when they take < 40 % of free memory.
+
+        Done on first use (after ``init_state`` / ``--resume`` filled the noise), not in
+        ``__init__``."""
+        if self.cuda and not self.store.cached:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if self.store.device_bytes() < 0.4 * free:
+                self.store.cache_on(self.device)
+
     def batches(self, protected_only: bool) -> list[torch.Tensor]:
         """A fresh random order of image indices, cut into batches."""
+        self.cache_store()
         pool = torch.nonzero(self.store.protect).flatten() if protected_only else None
         pool = torch.arange(self.store.n) if pool is None else pool
         order = pool[torch.randperm(len(pool), generator=self.gen)]
-        return list(order.split(self.cfg.batch_size))
+        return split_batches(order, self.cfg.batch_size)
 
     # -- the three steps of a round ------------------------------------------------------
     def train_surrogate(self, steps: int, noisy: bool) -> float:
@@ -129,7 +173,7 @@ class MEM:
             tokens = self.store.texts(idx, self.store.captions(idx, self.gen), self.with_trigger)
             with self.autocast():
                 img = F.normalize(self.encode_image_raw((x - self.mean) / self.std), dim=-1)
-                txt = F.normalize(self.model.encode_text(tokens.to(self.device)), dim=-1)
+                txt = F.normalize(self.text_features(tokens.to(self.device)), dim=-1)
                 loss = self.loss(img.float(), txt.float(), self.model.logit_scale.exp())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -151,7 +195,9 @@ class MEM:
                 img = self.encode_image(self.store.images(idx, self.device))
             trig = self.store.triggers[idx].to(self.device)
             tokens = self.store.texts(idx, caps, True).to(self.device)
-            grad = hotflip.trigger_gradients(self.model, tokens, img, k, self.clip_loss)
+            grad = hotflip.trigger_gradients(
+                self.model, tokens, img, k, self.clip_loss, self.text_features
+            )
             cands = hotflip.top_candidates(grad, emb, allowed, self.cfg.candidates)
 
             def build(t: torch.Tensor, caps=caps) -> torch.Tensor:
