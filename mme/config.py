@@ -108,6 +108,9 @@ class PoisonConfig(Section):
     pgd_steps: int = Field(8, ge=1, description="PGD steps per noise update (paper: 8)")
     rounds: int = Field(20, ge=1, description="outer rounds T (paper: 20)")
     surrogate_steps: int = Field(200, ge=0, description="surrogate steps per round M (paper: 200)")
+    surrogate_epochs: float | None = Field(
+        None, gt=0, description="M as a fraction of an epoch (overrides surrogate_steps)"
+    )
     surrogate_lr: float = Field(1e-4, gt=0, description="surrogate AdamW lr (paper: 1e-4)")
     surrogate_wd: float = Field(
         0.2, ge=0, description="AdamW wd on weights, 0 on gains/biases/temperature (paper: 0.2)"
@@ -141,6 +144,12 @@ class PoisonConfig(Section):
     shard_size: int = Field(1000, ge=1)
     write_workers: int = Field(
         0, ge=0, description="processes encoding + verifying the protected PNGs (0: one per core)"
+    )
+    work: Path | None = Field(
+        None, description="folder of the memory-mapped work store (default <private>/work)"
+    )
+    nproc: int = Field(
+        1, ge=1, description="processes (GPUs) per node: dvc.yaml runs torchrun when > 1"
     )
 
     @field_validator("eot", "eot_resize", "eot_jpeg_quality", mode="before")
@@ -219,6 +228,9 @@ class VictimConfig(Section):
         0, ge=0, description="torch CPU threads (0: torch default); 1 when jobs share the CPU"
     )
     keep_pairs: bool = Field(False, description="keep the expanded one-caption-per-sample shards")
+    nproc: int = Field(
+        1, ge=1, description="processes (GPUs) per node: dvc.yaml runs torchrun when > 1"
+    )
 
     @model_validator(mode="before")
     @classmethod

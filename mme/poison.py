@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mme import __version__, fsio, imageops, models, shards
+from mme import __version__, distributed, fsio, imageops, models, shards
 from mme.attacks.mem import MEM, RoundHook
 from mme.attacks.store import PairStore
 from mme.attacks.triggers import candidate_mask, protected_caption, trigger_text
@@ -42,7 +42,12 @@ from mme.config import ConfigError, PoisonConfig, add_section_arguments, section
 CKPT = "checkpoint.pt"
 TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
 # settings that do not change the result: left out of the resume hash
-NOT_IN_RESULT = {"device", "compile", "grid_samples", "shard_size", "write_workers"}
+NOT_IN_RESULT = {"device", "compile", "grid_samples", "shard_size", "write_workers"} | {
+    "nproc",  # the resume check compares the world size itself
+    "work",
+}
+# config keys left out of the output manifest: local paths and settings that keep the bytes
+NOT_IN_MANIFEST = {"private", "write_workers", "work", "nproc"}
 
 
 OWNER = "mme poison"
@@ -50,7 +55,13 @@ PRIVATE_FILES = ("noise.npy", "triggers.json", "grid.png")
 
 
 def work_dir(cfg: PoisonConfig) -> Path:
-    return Path(cfg.private) / "work"
+    """The memory-mapped store and checkpoints: ``<private>/work``, or a subfolder of
+    ``poison.work`` (e.g. a local NVMe disk) named after the private folder, so that the run
+    only ever creates and removes its own folder there."""
+    if cfg.work is None:
+        return Path(cfg.private) / "work"
+    key = hashlib.sha256(str(Path(cfg.private).resolve()).encode()).hexdigest()[:12]
+    return Path(cfg.work) / f"mme-poison-{key}"
 
 
 def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
@@ -69,6 +80,9 @@ def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
         fsio.check_disjoint(cfg.out, {"clean input": cfg.clean}, "poison.out")
         fsio.check_disjoint(cfg.private, {"clean input": cfg.clean}, "poison.private")
         fsio.check_disjoint(cfg.out, {"private folder": cfg.private}, "poison.out")
+        if cfg.work is not None:  # the store holds clean pixels: never inside the public folder
+            others = {"clean input": cfg.clean, "public folder": cfg.out}
+            fsio.check_disjoint(cfg.work, others, "poison.work")
     except fsio.UnsafePath as err:
         raise ConfigError(str(err)) from None
     return manifest
@@ -80,25 +94,48 @@ def config_hash(cfg: PoisonConfig) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
-def load_pairs(
-    cfg: PoisonConfig, work: Path, tokenizer: Any, size: int
-) -> tuple[PairStore, list[str], list[list[str]], list[str]]:
-    """Stream the clean train split into the memmapped store; returns (store, ids, captions)."""
+TOKENS = "tokens_i32.bin"  # (Ncap, L) int32, raw: every caption's token ids, row-major
+LOAD_CHUNK = 1024  # images tokenized at once: bounds the host memory of the load pass
+
+
+def load_pairs(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int) -> PairStore:
+    """Stream the clean train split into the memmapped store (pixels + caption tokens).
+
+    Host memory stays flat in the dataset size: pixels go straight to the memmap, caption tokens
+    are appended to an int32 file in chunks and memory-mapped back; only the per-image caption
+    offsets (8 bytes an image) stay in memory. Ids and captions are read again when writing."""
     n = shards.load_manifest(cfg.clean)["splits"]["train"]["images"]
     clean, noise = PairStore.open_arrays(work, n, size, imageops.noise_dtype(cfg.epsilon))
-    ids, captions, source_sha = [], [], []
-    it = shards.iter_samples(cfg.clean, "train")
-    for i, s in enumerate(tqdm(it, total=n, desc="load", unit="img", file=sys.stderr)):
-        clean[i] = imageops.to_working_resolution(s.image_bytes, size)
-        ids.append(s.id)
-        captions.append(s.captions)
-        source_sha.append(s.meta.get("sha256", shards.sha256_bytes(s.image_bytes)))
-    if len(ids) != n:
-        raise ConfigError(f"{cfg.clean}: manifest lists {n} train images, shards hold {len(ids)}")
-    counts = torch.tensor([len(c) for c in captions])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    tokens = tokenizer([c for caps in captions for c in caps])
-    store = PairStore(
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    pending: list[str] = []
+    i = -1
+    with open(work / TOKENS, "wb") as tok_file:
+        it = shards.iter_samples(cfg.clean, "train")
+        for i, s in enumerate(tqdm(it, total=n, desc="load", unit="img", file=sys.stderr)):
+            if i >= n:
+                break
+            clean[i] = imageops.to_working_resolution(s.image_bytes, size)
+            offsets[i + 1] = offsets[i] + len(s.captions)
+            pending.extend(s.captions)
+            if (i + 1) % LOAD_CHUNK == 0:
+                tok_file.write(tokenizer(pending).numpy().astype(np.int32).tobytes())
+                pending = []
+        if pending:
+            tok_file.write(tokenizer(pending).numpy().astype(np.int32).tobytes())
+    if i + 1 != n:
+        raise ConfigError(f"{cfg.clean}: manifest lists {n} train images, shards hold {i + 1}")
+    np.save(work / "cap_offsets.npy", offsets)
+    clean.flush()
+    return open_store(cfg, work, tokenizer, size, n)
+
+
+def open_store(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int, n: int) -> PairStore:
+    """The store :func:`load_pairs` wrote to ``work`` (other ranks open it once it is there)."""
+    clean, noise = PairStore.open_arrays(work, n, size, imageops.noise_dtype(cfg.epsilon))
+    offsets = torch.from_numpy(np.load(work / "cap_offsets.npy"))
+    length = int(tokenizer.context_length)
+    tokens = np.memmap(work / TOKENS, dtype=np.int32, mode="r", shape=(int(offsets[-1]), length))
+    return PairStore(
         clean=clean,
         noise=noise,
         current=0,
@@ -108,27 +145,38 @@ def load_pairs(
         protect=torch.ones(n, dtype=torch.bool),
         eot_id=tokenizer.eot_token_id,
     )
-    return store, ids, captions, source_sha
 
 
-def init_state(store: PairStore, cfg: PoisonConfig, allowed: torch.Tensor) -> None:
-    """Fresh start: zero noise, random allowed triggers, the protected subset (all by seed)."""
+def init_state(
+    store: PairStore,
+    cfg: PoisonConfig,
+    allowed: torch.Tensor,
+    world: distributed.World | None = None,
+) -> None:
+    """Fresh start: zero noise, random allowed triggers, the protected subset (all by seed).
+
+    Every rank draws the same triggers and subset; only rank 0 writes the shared noise files."""
+    world = world or distributed.World()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    for buf in store.noise:
-        buf[:] = 0
+    if world.main:
+        for buf in store.noise:
+            buf[:] = 0
     pool = torch.nonzero(allowed).flatten()
     store.triggers = pool[torch.randint(len(pool), store.triggers.shape, generator=gen)]
     n_protect = max(1, round(cfg.protect_fraction * store.n))
     chosen = torch.randperm(store.n, generator=gen)[:n_protect]
     store.protect = torch.zeros(store.n, dtype=torch.bool)
     store.protect[chosen] = True
-    if cfg.method == "random":  # uniform integer noise in [-ε, ε], then kept inside [0, 255]
+    if cfg.method == "random" and world.main:  # uniform integer noise in [-ε, ε], in [0, 255]
         e = int(cfg.epsilon)
         for rows in torch.nonzero(store.protect).flatten().split(1024):
             r = rows.numpy()
             d = torch.randint(-e, e + 1, (len(r), *store.clean.shape[1:]), generator=gen)
             px = torch.from_numpy(store.clean[r].astype(np.int16))
             store.noise[0][r] = ((px + d).clamp(0, 255) - px).numpy()
+    if world.active:
+        store.noise[0].flush()
+        distributed.barrier(world)
 
 
 def save_checkpoint(work: Path, mem: MEM, store: PairStore, r: int, cfg: PoisonConfig) -> None:
@@ -142,6 +190,8 @@ def save_checkpoint(work: Path, mem: MEM, store: PairStore, r: int, cfg: PoisonC
         "mem": mem.state(),
         "stats": mem.history,
     }
+    if mem.world.active:  # per-rank EOT draws: resume with the same number of processes
+        ckpt["world_size"] = mem.world.size
     with fsio.atomic_open(work / CKPT) as f:
         torch.save(ckpt, f)
 
@@ -163,6 +213,11 @@ def resume_from(work: Path, mem: MEM, store: PairStore, cfg: PoisonConfig) -> in
         raise ConfigError(
             f"--resume: {path} was made from another version of {cfg.clean} (its manifest.json"
             " changed since): start afresh without --resume"
+        )
+    if ckpt.get("world_size", 1) != mem.world.size:
+        raise ConfigError(
+            f"--resume: {path} was made by {ckpt.get('world_size', 1)} process(es), this run has"
+            f" {mem.world.size}: resume with the same torchrun --nproc_per_node"
         )
     store.current, store.triggers, store.protect = (
         ckpt["current"],
@@ -188,35 +243,38 @@ def run_rounds(
     for r in tqdm(rounds, desc=f"{cfg.method} rounds", unit="round", file=sys.stderr):
         stats = mem.run_round(r)
         mem.history.append({"round": r, **stats})
-        tracking.log_metrics(stats, step=r)
-        save_checkpoint(work, mem, store, r, cfg)
+        if mem.world.main:  # one writer: the checkpoint and the log
+            tracking.log_metrics(stats, step=r)
+            save_checkpoint(work, mem, store, r, cfg)
+        distributed.barrier(mem.world)  # a killed run resumes from a complete checkpoint
         tqdm.write(f"round {r}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
         if on_round is not None:
             on_round(r, stats)
 
 
 def write_outputs(
-    cfg: PoisonConfig,
-    store: PairStore,
-    ids: list[str],
-    captions: list[list[str]],
-    source_sha: list[str],
-    tokenizer: Any,
+    cfg: PoisonConfig, store: PairStore, tokenizer: Any
 ) -> tuple[list[dict[str, Any]], int]:
-    """Protected shards, raw artifacts and the picture grid; returns the shard records."""
+    """Protected shards, raw artifacts and the picture grid; returns the shard records.
+
+    Ids, captions and source hashes are streamed again from the clean shards (same order as
+    :func:`load_pairs`) rather than kept in memory for the whole run."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     noise = store.noise[store.current]
     texts = [trigger_text(tokenizer, t.tolist()) for t in store.triggers]
     writer = shards.ShardWriter(out, "train", cfg.shard_size)
     pngs = protected_pngs(store.clean, noise, workers=cfg.write_workers)
-    for i in tqdm(range(store.n), desc="write", unit="img", file=sys.stderr):
+    grid_rows = set(grid_indices(cfg, store).tolist())
+    ids, grid_caps = [], {}
+    rows = tqdm(range(store.n), desc="write", unit="img", file=sys.stderr)
+    for i, s in zip(rows, shards.iter_samples(cfg.clean, "train"), strict=True):
         prot = bool(store.protect[i])
         trig = texts[i] if prot and cfg.method == "mem" else ""
         png = next(pngs)
         size = store.clean.shape[-1]
         meta = {
-            "id": ids[i],
+            "id": s.id,
             "source": str(cfg.clean),
             "sha256": shards.sha256_bytes(png),
             "width": size,
@@ -226,10 +284,13 @@ def write_outputs(
             "protected": prot,
             "trigger_text": trig,
             "trigger_ids": store.triggers[i].tolist() if trig else [],
-            "clean_sha256": source_sha[i],
+            "clean_sha256": s.meta.get("sha256", shards.sha256_bytes(s.image_bytes)),
         }
-        caps = [protected_caption(trig, c) for c in captions[i]]
-        writer.write(shards.Sample(ids[i], png, "png", caps, meta))
+        caps = [protected_caption(trig, c) for c in s.captions]
+        writer.write(shards.Sample(s.id, png, "png", caps, meta))
+        ids.append(s.id)
+        if i in grid_rows:
+            grid_caps[i] = s.captions[0]
     records = writer.close()
     private = Path(cfg.private)
     with fsio.atomic_open(private / "noise.npy") as f:
@@ -241,7 +302,7 @@ def write_outputs(
         "trigger_text": texts if cfg.method == "mem" else [],
     }
     fsio.write_json(private / "triggers.json", trig_json)
-    write_grid(cfg, store, captions, texts, noise)
+    write_grid(cfg, store, grid_caps, texts, noise)
     return records, writer.n_captions
 
 
@@ -290,20 +351,26 @@ def protected_pngs(clean: np.ndarray, noise: np.ndarray, workers: int = 0) -> It
             yield from pngs
 
 
+def grid_indices(cfg: PoisonConfig, store: PairStore) -> torch.Tensor:
+    """Rows shown in ``grid.png``: the first protected images."""
+    return torch.nonzero(store.protect).flatten()[: cfg.grid_samples]
+
+
 def write_grid(
     cfg: PoisonConfig,
     store: PairStore,
-    captions: list[list[str]],
+    first_captions: dict[int, str],
     texts: list[str],
     noise: np.ndarray,
 ) -> Path:
     from mme import grid
 
-    rows = torch.nonzero(store.protect).flatten()[: cfg.grid_samples].numpy()
+    rows = grid_indices(cfg, store).numpy()
     clean = np.asarray(store.clean[rows])
     prot = imageops.apply_noise(clean, np.asarray(noise[rows]))
     caps = [
-        protected_caption(texts[r] if cfg.method == "mem" else "", captions[r][0]) for r in rows
+        protected_caption(texts[r] if cfg.method == "mem" else "", first_captions[int(r)])
+        for r in rows
     ]
     path = Path(cfg.private) / "grid.png"
     title = f"{cfg.method}, eps={cfg.epsilon:g}/255"
@@ -313,46 +380,87 @@ def write_grid(
 
 def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None = None) -> dict:
     """Protect ``cfg.clean``'s train split into ``cfg.out`` (public) and ``cfg.private``;
-    returns the output manifest."""
+    returns the output manifest (``{}`` on ranks other than 0 under ``torchrun``)."""
     clean_manifest = check_inputs(cfg)
+    world = distributed.init(models.resolve_device(cfg.device))
+    if not world.main:  # rank 0 holds the locks and writes every output (mme/distributed.py)
+        return _poison(cfg, clean_manifest, resume, on_round, world)
     try:
         with fsio.locked(cfg.out), fsio.locked(cfg.private):
             fsio.claim(cfg.out, OWNER)
             fsio.claim(cfg.private, OWNER)
             for name in PRIVATE_FILES:  # the old layout kept them here: never again
                 (Path(cfg.out) / name).unlink(missing_ok=True)
-            return _poison(cfg, clean_manifest, resume, on_round)
+            return _poison(cfg, clean_manifest, resume, on_round, world)
     except (fsio.FolderBusy, fsio.UnsafePath) as err:
         raise ConfigError(str(err)) from None
 
 
-def _poison(
-    cfg: PoisonConfig, clean_manifest: dict, resume: bool, on_round: RoundHook | None
-) -> dict:
-    from mme import tracking
-
-    t0 = time.perf_counter()
+def prepare_work(cfg: PoisonConfig, resume: bool, world: distributed.World) -> Path:
+    """Rank 0 empties (or, resuming, keeps) the work folder; the others wait for it."""
     work = work_dir(cfg)
-    if not resume and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # surrogate init: same seed, same model
-    device = models.resolve_device(cfg.device)
+    if world.main:
+        if not resume and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(world)
+    return work
+
+
+def _poison(
+    cfg: PoisonConfig,
+    clean_manifest: dict,
+    resume: bool,
+    on_round: RoundHook | None,
+    world: distributed.World,
+) -> dict:
+    t0 = time.perf_counter()
+    work = prepare_work(cfg, resume, world)
+    torch.manual_seed(cfg.seed)  # surrogate init: same seed, same model on every rank
+    device = distributed.device_for(world, models.resolve_device(cfg.device))
     model, tokenizer = models.create_model(cfg.model, cfg.pretrained, device)
     size = models.image_size(model)
-    store, ids, captions, source_sha = load_pairs(cfg, work, tokenizer, size)
+    n = clean_manifest["splits"]["train"]["images"]
+    if world.main:
+        check_disk(cfg, work, n, size, tokenizer.context_length, resume)
+        store = load_pairs(cfg, work, tokenizer, size)
+    distributed.barrier(world)
+    if not world.main:
+        store = open_store(cfg, work, tokenizer, size, n)
     allowed = candidate_mask(tokenizer, model.token_embedding.num_embeddings)
-    mem = MEM(model, store, cfg, device, allowed)
+    mem = MEM(model, store, cfg, device, allowed, world=world)
     start = resume_from(work, mem, store, cfg) if resume else 0
     if start == 0:
-        init_state(store, cfg, allowed)
+        init_state(store, cfg, allowed, world)
+    if not world.main:
+        run_rounds(mem, store, cfg, start, on_round, work)
+        distributed.barrier(world)  # rank 0 writes the outputs from here on
+        return {}
+    return _rounds_and_outputs(cfg, clean_manifest, mem, store, tokenizer, start, on_round, t0)
+
+
+def _rounds_and_outputs(
+    cfg: PoisonConfig,
+    clean_manifest: dict,
+    mem: MEM,
+    store: PairStore,
+    tokenizer: Any,
+    start: int,
+    on_round: RoundHook | None,
+    t0: float,
+) -> dict:
+    """Rank 0 (or the only process): the rounds, then the outputs, tracked in one MLflow run."""
+    from mme import tracking
+
+    work = work_dir(cfg)
     params = poison_params(cfg)
     with tracking.start_run(tracking.experiment_name(), f"poison-{cfg.method}", params):
         run_rounds(mem, store, cfg, start, on_round, work)
+        distributed.barrier(mem.world)  # the other ranks are done with the store
         t_gen = time.perf_counter() - t0
         # while shards are being replaced no manifest may describe the folder
         (Path(cfg.out) / "manifest.json").unlink(missing_ok=True)
-        records, n_captions = write_outputs(cfg, store, ids, captions, source_sha, tokenizer)
+        records, n_captions = write_outputs(cfg, store, tokenizer)
         manifest = output_manifest(cfg, clean_manifest, store, records, n_captions, mem)
         # the manifest is what makes the folder a dataset: written last, only once verified
         manifest["verify"] = verify_outputs(cfg, manifest)
@@ -367,6 +475,36 @@ def _poison(
         file=sys.stderr,
     )
     return manifest
+
+
+def store_bytes(cfg: PoisonConfig, n: int, size: int, context: int, n_captions: int) -> dict:
+    """Bytes of the work store by part: clean pixels, two noise buffers, caption tokens."""
+    px = n * 3 * size * size
+    return {
+        "pixels": px,
+        "noise": 2 * px * imageops.noise_dtype(cfg.epsilon).itemsize,
+        "tokens": n_captions * context * 4 + (n + 1) * 8,
+    }
+
+
+def check_disk(cfg: PoisonConfig, work: Path, n: int, size: int, context: int, resume: bool):
+    """Report the store's size up front; stop before any work when its disk is too small."""
+    caps = shards.load_manifest(cfg.clean)["splits"]["train"].get("captions") or 5 * n
+    need = store_bytes(cfg, n, size, context, int(caps))
+    total = sum(need.values())
+    have = sum(f.stat().st_size for f in work.iterdir() if f.is_file()) if resume else 0
+    free = shutil.disk_usage(work).free
+    gb = 1e9
+    parts = ", ".join(f"{k} {v / gb:.2f}" for k, v in need.items())
+    print(
+        f"mme poison: work store {work}: {total / gb:.2f} GB ({parts}); {free / gb:.2f} GB free",
+        file=sys.stderr,
+    )
+    if total - have > free:
+        raise ConfigError(
+            f"poison.work = {str(work)!r}: the store needs {total / gb:.2f} GB ({parts}) but"
+            f" only {free / gb:.2f} GB is free there; give a local disk with room (--work)"
+        )
 
 
 def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
@@ -412,7 +550,7 @@ def output_manifest(
         "epsilon": cfg.epsilon,
         "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
         # private: a local path, not data; write_workers: does not change the bytes
-        "config": cfg.model_dump(mode="json", exclude={"private", "write_workers"}),
+        "config": cfg.model_dump(mode="json", exclude=NOT_IN_MANIFEST),
         "clean": str(cfg.clean),
         "clean_splits": {k: v["images"] for k, v in clean_manifest["splits"].items()},
         "working_size": int(store.clean.shape[-1]),

@@ -22,6 +22,7 @@ uniform integer noise in [−ε, ε] (no model).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mme import distributed
 from mme.attacks import hotflip, text
 from mme.attacks.augment import eot
 from mme.attacks.pgd import pgd
@@ -59,14 +61,15 @@ def decay_groups(model: torch.nn.Module, wd: float) -> list[dict[str, Any]]:
     ]
 
 
-def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Cut ``order`` into batches; a last batch of one joins the previous one.
+def split_batches(order: torch.Tensor, batch_size: int, min_last: int = 2) -> list[torch.Tensor]:
+    """Cut ``order`` into batches; a last batch under ``min_last`` joins the previous one.
 
     Why: ClipLoss of a single pair is 0 (its only candidate is itself), so that image's
-    noise, trigger and surrogate step would never move.
+    noise, trigger and surrogate step would never move. Under torchrun a surrogate batch is
+    split over the ranks, so it needs a row for each (``min_last`` = world size).
     """
     batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) < 2:
+    if len(batches) > 1 and len(batches[-1]) < min_last:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
 
@@ -81,8 +84,10 @@ class MEM:
         cfg: PoisonConfig,
         device: torch.device,
         allowed: torch.Tensor | None = None,
+        world: distributed.World | None = None,
     ) -> None:
         self.model, self.store, self.cfg, self.device = model, store, cfg, torch.device(device)
+        self.world = world or distributed.World()
         self.allowed = allowed  # (V,) bool trigger vocabulary, see triggers.candidate_mask
         self.history: list[dict[str, float]] = []  # per-round stats, saved in checkpoints
         self.eps, self.alpha = cfg.epsilon / 255.0, cfg.step_size / 255.0
@@ -92,6 +97,12 @@ class MEM:
             decay_groups(model, cfg.surrogate_wd), lr=cfg.surrogate_lr, weight_decay=0.0
         )
         self.gen = torch.Generator().manual_seed(cfg.seed)  # all data sampling draws from it
+        # Under torchrun every rank keeps ``gen`` in step (same batches, captions, shuffles) and
+        # draws its EOT transformations from its own generator; one process: ``gen`` for all.
+        self.aug_gen = self.gen
+        if self.world.active:
+            self.aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1 + self.world.rank)
+        self.ddp: torch.nn.Module | None = None  # the DDP-wrapped towers, made on first use
         mean, std = normalizer(model)
         self.mean = mean.to(self.device)[:, None, None]
         self.std = std.to(self.device)[:, None, None]
@@ -133,7 +144,7 @@ class MEM:
         if not self.cfg.augment:
             return x
         c = self.cfg
-        return eot(x, self.gen, c.eot, c.eot_interpolation, c.eot_resize, c.eot_jpeg_quality)
+        return eot(x, self.aug_gen, c.eot, c.eot_interpolation, c.eot_resize, c.eot_jpeg_quality)
 
     def scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp().detach()
@@ -157,23 +168,44 @@ class MEM:
         pool = torch.nonzero(self.store.protect).flatten() if protected_only else None
         pool = torch.arange(self.store.n) if pool is None else pool
         order = pool[torch.randperm(len(pool), generator=self.gen)]
-        return split_batches(order, self.cfg.batch_size)
+        min_last = max(2, self.world.size) if not protected_only else 2
+        return split_batches(order, self.cfg.batch_size, min_last)
+
+    def surrogate_steps(self) -> int:
+        """M: ``surrogate_steps``, or ``surrogate_epochs`` of an epoch of surrogate batches."""
+        if self.cfg.surrogate_epochs is None:
+            return self.cfg.surrogate_steps
+        return max(1, math.ceil(self.cfg.surrogate_epochs * self.store.n / self.cfg.batch_size))
+
+    def mine(self, i: int) -> bool:
+        """Whether batch ``i`` of a HotFlip/PGD pass is this rank's (all of them for one)."""
+        return i % self.world.size == self.world.rank
 
     # -- the three steps of a round ------------------------------------------------------
     def train_surrogate(self, steps: int, noisy: bool) -> float:
-        """M steps of contrastive training on (protected) pairs; mean loss."""
+        """M steps of contrastive training on (protected) pairs; mean loss.
+
+        Under torchrun each rank encodes its share of every batch; the features are gathered
+        (with gradients) so the loss is the whole batch's, and DDP averages the gradients: the
+        update is the one-process update up to float rounding."""
         self.model.train().requires_grad_(True)
+        towers = self.towers()
         batches: list[torch.Tensor] = []
         total = torch.zeros((), device=self.device)
         for _ in tqdm(range(steps), desc="  surrogate", leave=False, unit="step"):
             if not batches:
                 batches = self.batches(protected_only=False)
             idx = batches.pop()
-            x = self.augment(self.store.images(idx, self.device, noisy=noisy))
+            local = distributed.shard(self.world, torch.arange(len(idx)))
+            x = self.augment(self.store.images(idx[local], self.device, noisy=noisy))
+            # captions for the whole batch on every rank: ``gen`` stays in step across ranks
             tokens = self.store.texts(idx, self.store.captions(idx, self.gen), self.with_trigger)
             with self.autocast():
-                img = F.normalize(self.encode_image_raw((x - self.mean) / self.std), dim=-1)
-                txt = F.normalize(self.text_features(tokens.to(self.device)), dim=-1)
+                img, txt = towers(x, tokens[local].to(self.device))
+                if self.world.active:
+                    sizes = distributed.counts(self.world, len(idx))
+                    img = distributed.gather_rows(self.world, img, sizes)
+                    txt = distributed.gather_rows(self.world, txt, sizes)
                 loss = self.loss(img.float(), txt.float(), self.model.logit_scale.exp())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -184,13 +216,32 @@ class MEM:
         self.model.eval().requires_grad_(False)
         return float(total) / max(steps, 1)
 
+    def towers(self) -> torch.nn.Module:
+        """``(x, tokens) -> (image, text)`` unit features; DDP-wrapped under torchrun."""
+        towers = _Towers(self)
+        if not self.world.active:
+            return towers
+        if self.ddp is None:  # built once, while the parameters require gradients
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.cuda else None
+            self.ddp = DistributedDataParallel(towers, device_ids=ids, broadcast_buffers=False)
+        return self.ddp
+
     def update_triggers(self) -> float:
-        """One HotFlip pass over all protected pairs; mean own loss term after the update."""
+        """One HotFlip pass over all protected pairs; mean own loss term after the update.
+
+        Under torchrun each rank takes every ``world``-th batch (the surrogate is frozen, so
+        batches are independent), then the ranks exchange the triggers they changed."""
         allowed = self.allowed.to(self.device)
         emb = self.model.token_embedding.weight.detach()
         k, total, count = self.cfg.trigger_len, 0.0, 0
-        for idx in tqdm(self.batches(protected_only=True), desc="  triggers", leave=False):
-            caps = self.store.captions(idx, self.gen)
+        owned = torch.zeros(self.store.n, dtype=torch.bool)
+        for i, idx in enumerate(tqdm(self.batches(True), desc="  triggers", leave=False)):
+            caps = self.store.captions(idx, self.gen)  # drawn by every rank: keeps gen in step
+            if not self.mine(i):
+                continue
+            owned[idx] = True
             with torch.no_grad():
                 img = self.encode_image(self.store.images(idx, self.device))
             trig = self.store.triggers[idx].to(self.device)
@@ -207,19 +258,39 @@ class MEM:
             new, own = hotflip.greedy_flip(self.encode_text, build, trig, cands, img, self.scale())
             self.store.triggers[idx] = new.cpu()
             total, count = total + float(own.sum()), count + len(idx)
+        if self.world.active:
+            self.share_triggers(owned)
+            total, count = self.sum_over_ranks(total, count)
         return total / max(count, 1)
+
+    def share_triggers(self, owned: torch.Tensor) -> None:
+        """Every rank gets each trigger from the rank that updated it (each row has one owner)."""
+        mine = torch.where(owned[:, None], self.store.triggers, 0)
+        updated = distributed.all_sum_(self.world, owned.long())
+        new = distributed.all_sum_(self.world, mine)
+        self.store.triggers = torch.where(updated[:, None] > 0, new, self.store.triggers)
+
+    def sum_over_ranks(self, total: float, count: int) -> tuple[float, int]:
+        t = torch.tensor([total, float(count)], dtype=torch.float64)
+        t = distributed.all_sum_(self.world, t)
+        return float(t[0]), int(t[1])
 
     def update_noise(self, minimize: bool, shuffle: bool) -> float:
         """S PGD steps for every protected image, written to the next noise buffer."""
         s = self.cfg.pgd_steps
         total, count = 0.0, 0
-        self.store.begin_round()
-        for idx in tqdm(self.batches(protected_only=True), desc="  noise", leave=False):
+        if self.world.main:  # one copy of the shared file; the ranks then write disjoint rows
+            self.store.begin_round()
+            self.store.noise[1 - self.store.current].flush()
+        distributed.barrier(self.world)
+        for i, idx in enumerate(tqdm(self.batches(True), desc="  noise", leave=False)):
             b = len(idx)
             caps = self.store.captions(idx, self.gen)
             # MEM: a new shuffle of the caption bodies at every step; otherwise captions stay put
             perms = [torch.randperm(b, generator=self.gen) for _ in range(s)]
             perms = perms if shuffle else [torch.arange(b)]
+            if not self.mine(i):  # another rank's batch (its draws above keep gen in step)
+                continue
             texts = torch.cat([self.store.texts(idx, caps[p], self.with_trigger) for p in perms])
             with torch.no_grad():  # the text is fixed during PGD: features once, no grad
                 txt = self.encode_text(texts).view(len(perms), b, -1)
@@ -232,6 +303,9 @@ class MEM:
             delta, loss = pgd(x, delta, loss_fn, s, self.alpha, self.eps, minimize)
             self.store.write_noise(idx, delta)
             total, count = total + float(loss) * b, count + b
+        if self.world.active:
+            self.store.noise[1 - self.store.current].flush()
+            total, count = self.sum_over_ranks(total, count)  # also: every rank has written
         return total / max(count, 1)
 
     # -- outer loop ----------------------------------------------------------------------
@@ -239,11 +313,11 @@ class MEM:
         cfg, t0 = self.cfg, time.perf_counter()
         stats: dict[str, float] = {}
         if cfg.method == "errmax":  # surrogate on clean pairs; one maximising pass at the end
-            stats["surrogate_loss"] = self.train_surrogate(cfg.surrogate_steps, noisy=False)
+            stats["surrogate_loss"] = self.train_surrogate(self.surrogate_steps(), noisy=False)
             if r == cfg.rounds - 1:
                 stats["pgd_loss"] = self.update_noise(minimize=False, shuffle=False)
         else:
-            stats["surrogate_loss"] = self.train_surrogate(cfg.surrogate_steps, noisy=True)
+            stats["surrogate_loss"] = self.train_surrogate(self.surrogate_steps(), noisy=True)
             if self.with_trigger and r < cfg.trigger_rounds:
                 stats["trigger_loss"] = self.update_triggers()
             shuffle = self.with_trigger and cfg.shuffle_captions
@@ -276,3 +350,17 @@ class MEM:
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
+
+
+class _Towers(torch.nn.Module):
+    """The surrogate's two towers as one module, so DDP sees (and syncs) one forward pass."""
+
+    def __init__(self, mem: MEM) -> None:
+        super().__init__()
+        self.model = mem.model
+        self._mem = [mem]  # a list: not registered as a submodule
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mem = self._mem[0]
+        img = F.normalize(mem.encode_image_raw((x - mem.mean) / mem.std), dim=-1)
+        return img, F.normalize(mem.text_features(tokens), dim=-1)

@@ -28,7 +28,7 @@ class PairStore:
     clean: np.ndarray  # (N, 3, S, S) uint8 memmap
     noise: list[np.ndarray]  # two (N, 3, S, S) int memmaps, pixel units
     current: int  # index of the noise buffer that holds the latest complete noise
-    cap_tokens: torch.Tensor  # (Ncap, L) long, every caption of every image
+    cap_tokens: np.ndarray | torch.Tensor  # (Ncap, L) int32 memmap: every caption's tokens
     cap_offsets: torch.Tensor  # (N + 1,) long: captions of image i are rows off[i]:off[i+1]
     triggers: torch.Tensor  # (N, k) long
     protect: torch.Tensor  # (N,) bool
@@ -104,7 +104,9 @@ class PairStore:
         """One random caption per image: tokens (B, L)."""
         start, count = self.cap_offsets[idx], self.cap_offsets[idx + 1] - self.cap_offsets[idx]
         pick = start + (torch.rand(len(idx), generator=gen) * count).long()
-        return self.cap_tokens[pick]
+        if isinstance(self.cap_tokens, torch.Tensor):
+            return self.cap_tokens[pick].long()
+        return torch.from_numpy(np.asarray(self.cap_tokens[pick.numpy()], dtype=np.int64))
 
     def texts(self, idx: torch.Tensor, tokens: torch.Tensor, with_trigger: bool) -> torch.Tensor:
         """Caption tokens with each protected image's trigger inserted: (B, L)."""

@@ -1,0 +1,175 @@
+"""`torchrun -m mme poison` (CPU, gloo, 1 and 2 processes) and the single-process helpers.
+
+Tolerance: with EOT off, the 2-process run computes the same losses as one process up to float
+rounding (gathered features, averaged gradients, the same batches); measured differences are
+~1e-6 relative, the test allows 1e-3. With EOT on, each rank draws its own transformations, so
+the losses agree only statistically (not tested here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mme import distributed, shards
+from mme.config import ConfigError, DataConfig, PoisonConfig
+from mme.prepare import prepare
+
+FLAGS = (
+    "--params /nonexistent --model mme-tiny-vit --rounds 2 --surrogate-steps 2 --batch-size 8"
+    " --trigger-rounds 1 --candidates 2 --pgd-steps 2 --device cpu --grid-samples 2"
+    " --no-augment --write-workers 1"
+).split()
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean")
+    prepare(DataConfig(source="synthetic", out=out, n_train=16, n_test=4, image_size=64))
+    return out
+
+
+def run_poison(clean: Path, root: Path, nproc: int | None) -> subprocess.CompletedProcess:
+    """``python -m mme poison`` (nproc None) or ``torchrun --nproc_per_node nproc -m mme ...``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"MME_TRACKING": "off", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "mme"]
+    if nproc is not None:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        launcher += ["--nproc_per_node", str(nproc), "-m", "mme"]
+    args = ["poison", *FLAGS, "--clean", str(clean)]
+    args += ["--out", str(root / "out"), "--private", str(root / "private")]
+    proc = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in shards.shard_paths(root / "out", "train")}
+    for name in ("noise.npy", "triggers.json", "grid.png"):
+        files[name] = (root / "private" / name).read_bytes()
+    manifest = json.loads((root / "out" / "manifest.json").read_text())
+    del manifest["config"]["out"]
+    files["manifest"] = json.dumps(manifest, sort_keys=True).encode()
+    return files
+
+
+@pytest.fixture(scope="module")
+def single(clean, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("single")
+    run_poison(clean, root, None)
+    return root
+
+
+def test_torchrun_with_one_process_gives_the_plain_commands_bytes(clean, single, tmp_path):
+    run_poison(clean, tmp_path, 1)
+    assert outputs(tmp_path) == outputs(single)
+
+
+def test_torchrun_with_two_processes_verifies_and_matches_the_losses(clean, single, tmp_path):
+    run_poison(clean, tmp_path, 2)
+    assert not (tmp_path / "private" / "work").exists()  # rank 0 cleaned up after success
+    verify = [sys.executable, "-m", "mme", "verify", "--clean", str(clean)]
+    verify += ["--protected", str(tmp_path / "out"), "--private", str(tmp_path / "private")]
+    proc = subprocess.run(verify, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    two, one = (json.loads((r / "out" / "manifest.json").read_text()) for r in (tmp_path, single))
+    assert two["n_protected"] == one["n_protected"] == 16
+    assert len(two["rounds"]) == len(one["rounds"]) == 2
+    for a, b in zip(two["rounds"], one["rounds"], strict=True):
+        assert a.keys() == b.keys()
+        for key in ("surrogate_loss", "trigger_loss", "pgd_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-3), key
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, distributed.World(0, 1, 0)),
+        ({"WORLD_SIZE": "1", "RANK": "0"}, distributed.World(0, 1, 0)),
+        ({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}, distributed.World(3, 4, 1)),
+    ],
+)
+def test_world_from_env(monkeypatch, env, want):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.from_env() == want
+
+
+@pytest.mark.parametrize("size, n", [(1, 5), (2, 5), (3, 7), (4, 4)])
+def test_shards_of_a_batch_are_disjoint_and_cover_it(size, n):
+    parts = [distributed.shard(distributed.World(r, size), torch.arange(n)) for r in range(size)]
+    assert sorted(torch.cat(parts).tolist()) == list(range(n))
+    assert [len(p) for p in parts] == distributed.counts(distributed.World(0, size), n)
+
+
+def test_single_process_helpers_do_nothing():
+    one, t = distributed.World(), torch.arange(3)
+    assert distributed.all_sum_(one, t.clone()).tolist() == [0, 1, 2]
+    assert distributed.gather_rows(one, t, [3]) is t
+    distributed.barrier(one)
+
+
+def test_a_disk_too_small_for_the_store_stops_before_any_work(clean, tmp_path, monkeypatch):
+    import shutil
+
+    from mme.poison import poison
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=1000))
+    monkeypatch.setenv("MME_TRACKING", "off")
+    cfg = PoisonConfig(
+        clean=clean, out=tmp_path / "o", private=tmp_path / "p", work=tmp_path / "w", device="cpu"
+    )
+    with pytest.raises(ConfigError, match=r"poison.work = .*needs 0\.00 GB .* only 0\.00 GB"):
+        poison(cfg)
+    assert not list((tmp_path / "w").rglob("clean_u8.npy"))
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_the_store_lives_in_the_chosen_work_folder(clean, tmp_path, monkeypatch, capfd):
+    from mme.poison import poison
+
+    monkeypatch.setenv("MME_TRACKING", "off")
+    kw = dict(rounds=1, surrogate_steps=1, batch_size=8, pgd_steps=1, trigger_rounds=0)
+    cfg = PoisonConfig(
+        clean=clean, out=tmp_path / "o", private=tmp_path / "p", work=tmp_path / "w",
+        device="cpu", write_workers=1, **kw,
+    )  # fmt: skip
+    poison(cfg)
+    assert f"mme poison: work store {tmp_path / 'w'}/mme-poison-" in capfd.readouterr().err
+    assert not (tmp_path / "p" / "work").exists()
+    assert list((tmp_path / "w").iterdir()) == []  # its own subfolder, removed after success
+
+
+def test_the_work_folder_may_not_be_inside_the_public_folder(clean, tmp_path):
+    from mme.poison import check_inputs
+
+    cfg = PoisonConfig(
+        clean=clean, out=tmp_path / "o", private=tmp_path / "p", work=tmp_path / "o" / "w"
+    )
+    with pytest.raises(ConfigError, match="poison.work"):
+        check_inputs(cfg)
+
+
+@pytest.mark.parametrize(
+    "epochs, n, batch, want",
+    [(None, 16, 8, 7), (1.0, 16, 8, 2), (0.1, 16, 8, 1), (2.5, 100, 8, 32)],
+)
+def test_surrogate_steps_as_a_fraction_of_an_epoch(epochs, n, batch, want):
+    from types import SimpleNamespace
+
+    from mme.attacks.mem import MEM
+
+    cfg = SimpleNamespace(surrogate_epochs=epochs, surrogate_steps=7, batch_size=batch)
+    mem = SimpleNamespace(cfg=cfg, store=SimpleNamespace(n=n))
+    assert MEM.surrogate_steps(mem) == want
