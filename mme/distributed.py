@@ -8,9 +8,11 @@ single-process code path (and its bytes) is exactly the plain command's.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +101,44 @@ def shard(world: World, idx: torch.Tensor) -> torch.Tensor:
 def counts(world: World, n: int) -> list[int]:
     """Sizes of :func:`shard`'s parts of ``n`` items, per rank."""
     return [len(range(r, n, world.size)) for r in range(world.size)]
+
+
+def broadcast(world: World, obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (pickled; small objects only)."""
+    if not world.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def joined_group() -> Iterator[None]:
+    """Run a trainer that starts DDP itself (open_clip_train) inside mme's process group.
+
+    - its ``init_process_group`` call is skipped while a default group exists;
+    - its ``DistributedDataParallel(model, device_ids=[cpu])`` on the CPU (gloo), which DDP
+      rejects, gets no ``device_ids`` (DDP's rule for CPU modules)."""
+    from torch.nn import parallel
+
+    original_init, original_ddp = dist.init_process_group, parallel.DistributedDataParallel
+
+    def init_once(*args: object, **kwargs: object) -> None:
+        if not dist.is_initialized():
+            original_init(*args, **kwargs)
+
+    def ddp(module: torch.nn.Module, *args: object, **kwargs: object) -> torch.nn.Module:
+        ids = kwargs.get("device_ids")
+        if ids and all(torch.device(i).type == "cpu" for i in ids):  # type: ignore[arg-type]
+            kwargs["device_ids"] = None
+        return original_ddp(module, *args, **kwargs)
+
+    dist.init_process_group, parallel.DistributedDataParallel = init_once, ddp
+    try:
+        yield
+    finally:
+        dist.init_process_group = original_init
+        parallel.DistributedDataParallel = original_ddp
 
 
 def finish(world: World) -> None:

@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from mme import fsio, models, paths, plots, shards, tracking
-from mme.config import VictimConfig, add_section_arguments, section_from_args
+from mme import distributed, fsio, models, paths, plots, shards, tracking
+from mme.config import ConfigError, VictimConfig, add_section_arguments, section_from_args
 
 PAIRS_SHARD_SIZE = 1000
 TRAINER_NAME = "trainer"  # open_clip_train's --name: its logs go to run_dir/trainer
@@ -372,51 +372,71 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
     Seeded end to end (initialisation, shard and sample order, augmentation): on one device
     and thread count the same inputs give the same loss curve. Re-running into the same
     ``run_dir`` replaces its outputs.
+
+    Under ``torchrun`` open_clip_train runs DDP on every rank; rank 0 alone prepares the data
+    view, finalizes the checkpoint and logs (MLflow); the other ranks wait at barriers.
     """
     shards, run_dir = Path(shards), Path(run_dir)
     models.check_model_name(cfg.model)
     device = models.resolve_device(cfg.device)  # fail before any work if cuda is missing
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _clean_run_dir(run_dir)
+    world = distributed.init(device)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _clean_run_dir(run_dir)
     prov = data_provenance(shards)
     try:
-        data, n_pairs, n_shards = training_data(cfg, shards, run_dir, device)
+        view = training_data(cfg, shards, run_dir, device, world.size) if world.main else None
+        data, n_pairs, n_shards = distributed.broadcast(world, view)  # type: ignore[misc]
+        if n_shards < world.size:  # webdataset gives each rank whole shards
+            raise ConfigError(
+                f"{shards}: {n_shards} train shard(s) for {world.size} processes; write the set"
+                " with a smaller shard_size or train with view: pairs"
+            )
         argv = trainer_argv(cfg, run_dir, data, n_pairs, n_shards)
         n_images = shards_count(shards)
-        print(
-            f"mme train: {cfg.model} on {n_images} images / {n_pairs} pairs, {cfg.epochs} "
-            f"epochs, device {device}",
-            file=sys.stderr,
+        if world.main:
+            print(
+                f"mme train: {cfg.model} on {n_images} images / {n_pairs} pairs, {cfg.epochs} "
+                f"epochs, device {device}, {world.size} process(es)",
+                file=sys.stderr,
+            )
+        run = (
+            tracking.start_run(
+                tracking.experiment_name(),
+                f"train-{run_dir.name}",
+                train_params(cfg, prov),
+                tags={"stage": "train", "run_dir": str(run_dir)},
+            )
+            if world.main
+            else nullcontext()
         )
-        with tracking.start_run(
-            tracking.experiment_name(),
-            f"train-{run_dir.name}",
-            train_params(cfg, prov),
-            tags={"stage": "train", "run_dir": str(run_dir)},
-        ):
+        with run:
             t0 = time.time()
             view = one_caption_per_draw(cfg.seed) if cfg.view == "images" else nullcontext()
             with cpu_threads(cfg.threads), seeded_sample_shuffle(cfg.seed), view:
-                run_trainer(argv)
+                with distributed.joined_group():
+                    run_trainer(argv)
             wall = time.time() - t0
-            record = {
-                "model": cfg.model,
-                "victim": cfg.model_dump(mode="json"),
-                "train_shards": str(shards),
-                "n_images": n_images,
-                "n_pairs": n_pairs,
-                **prov,
-            }
-            ckpt = finalize_checkpoint(run_dir, cfg.epochs, record)
-            _record_outputs(run_dir, cfg, record, wall, str(device), argv)
+            distributed.barrier(world)  # every rank is done with the data and the checkpoints
+            if world.main:
+                record = {
+                    "model": cfg.model,
+                    "victim": cfg.model_dump(mode="json", exclude={"nproc"}),
+                    "train_shards": str(shards),
+                    "n_images": n_images,
+                    "n_pairs": n_pairs,
+                    **prov,
+                }
+                finalize_checkpoint(run_dir, cfg.epochs, record)
+                _record_outputs(run_dir, cfg, record, wall, str(device), argv)
     finally:
-        if not cfg.keep_pairs:
+        if world.main and not cfg.keep_pairs:
             shutil.rmtree(run_dir / "pairs", ignore_errors=True)
-    return ckpt
+    return run_dir / "checkpoint.pt"
 
 
 def training_data(
-    cfg: VictimConfig, shard_dir: Path, run_dir: Path, device: torch.device
+    cfg: VictimConfig, shard_dir: Path, run_dir: Path, device: torch.device, ranks: int = 1
 ) -> tuple[str, int, int]:
     """(shard pattern, pairs per epoch, shard count) of the ``view`` the trainer reads."""
     if cfg.view == "images":
@@ -426,7 +446,7 @@ def training_data(
         pattern = shards.brace_pattern(shard_dir, "train")
         return pattern, n_pairs, len(shards.shard_paths(shard_dir, "train"))
     n_pairs_guess = count_captions(shard_dir, "train")
-    size = view_shard_size(n_pairs_guess, resolve_workers(cfg.workers, device))
+    size = view_shard_size(n_pairs_guess, max(1, resolve_workers(cfg.workers, device)) * ranks)
     return write_pairs(shard_dir, "train", run_dir / "pairs", size)
 
 

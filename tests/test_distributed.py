@@ -35,19 +35,27 @@ def clean(tmp_path_factory) -> Path:
     return out
 
 
-def run_poison(clean: Path, root: Path, nproc: int | None) -> subprocess.CompletedProcess:
-    """``python -m mme poison`` (nproc None) or ``torchrun --nproc_per_node nproc -m mme ...``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env |= {"MME_TRACKING": "off", "OMP_NUM_THREADS": "1"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(nproc: int | None, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """``python -m mme ARGS`` (nproc None) or ``torchrun --nproc_per_node nproc -m mme ARGS``,
+    with this checkout's code."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    base |= {"MME_TRACKING": "off", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, **env}
     launcher = [sys.executable, "-m", "mme"]
     if nproc is not None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         launcher += ["--nproc_per_node", str(nproc), "-m", "mme"]
-    args = ["poison", *FLAGS, "--clean", str(clean)]
-    args += ["--out", str(root / "out"), "--private", str(root / "private")]
-    proc = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True)
+    proc = subprocess.run([*launcher, *args], env=base, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def run_poison(clean: Path, root: Path, nproc: int | None) -> subprocess.CompletedProcess:
+    args = ["poison", *FLAGS, "--clean", str(clean)]
+    return launch(nproc, args + ["--out", str(root / "out"), "--private", str(root / "private")])
 
 
 def outputs(root: Path) -> dict[str, bytes]:
@@ -173,3 +181,23 @@ def test_surrogate_steps_as_a_fraction_of_an_epoch(epochs, n, batch, want):
     cfg = SimpleNamespace(surrogate_epochs=epochs, surrogate_steps=7, batch_size=batch)
     mem = SimpleNamespace(cfg=cfg, store=SimpleNamespace(n=n))
     assert MEM.surrogate_steps(mem) == want
+
+
+def test_torchrun_train_with_two_processes_has_one_writer(tmp_path):
+    """open_clip_train runs DDP on both ranks; one checkpoint, one train.json, one MLflow run."""
+    import mlflow
+
+    data = tmp_path / "data"  # 4 shards: webdataset hands each rank whole shards
+    prepare(DataConfig(source="synthetic", out=data, n_train=16, n_test=4, shard_size=4))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["train", "--params", "none", "--shards", str(data), "--run-dir", str(tmp_path / "r")]
+    args += ["--model", "mme-tiny-rn", "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+    proc = launch(2, [*args, "--workers", "0"], MME_TRACKING="on", MLFLOW_TRACKING_URI=uri)
+    assert "2 process(es)" in proc.stderr
+    assert (tmp_path / "r" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "r" / "trainer" / "checkpoints").exists()  # finalized by rank 0
+    assert json.loads((tmp_path / "r" / "train.json").read_text())["n_pairs"] == 80
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("mme")
+    (run,) = client.search_runs([exp.experiment_id], "tags.stage = 'train'")
+    assert run.info.status == "FINISHED"
