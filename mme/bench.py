@@ -159,7 +159,7 @@ def poison_phases(cfg: BenchConfig, model: Any, tok: Any, root: Path, device: to
     store: list[Any] = []
     sec = timed(lambda: store.append(poison.load_pairs(pcfg, work, tok, size)), device)
     res["load"] = {"value": n / sec, "unit": "img/s", "img_per_s": n / sec}
-    pairs, ids, captions, source_sha = store[0]
+    pairs = store[0]
     allowed = candidate_mask(tok, model.token_embedding.num_embeddings)
     poison.init_state(pairs, pcfg, allowed)
     mem = MEM(model, pairs, pcfg, device, allowed)
@@ -179,17 +179,17 @@ def poison_phases(cfg: BenchConfig, model: Any, tok: Any, root: Path, device: to
         sec = timed(mem.update_triggers, device) / cfg.batches
         res["hotflip"] = {"value": sec, "unit": "s/batch", "img_per_s": cfg.batch_size / sec}
     if "write_verify" in want:
-        args = (pcfg, pairs, ids, captions, source_sha, tok, mem)
+        args = (pcfg, pairs, tok, mem)
         sec = timed(lambda: write_and_verify(*args), device)
         res["write_verify"] = {"value": n / sec, "unit": "img/s", "img_per_s": n / sec}
     return {k: v for k, v in res.items() if k in cfg.phases}
 
 
-def write_and_verify(pcfg, store, ids, captions, source_sha, tok, mem) -> None:  # noqa: ANN001
+def write_and_verify(pcfg, store, tok, mem) -> None:  # noqa: ANN001
     """What ``mme poison`` does after the last round: write the set, its manifest, verify it."""
     from mme import fsio, poison, shards
 
-    records, n_captions = poison.write_outputs(pcfg, store, ids, captions, source_sha, tok)
+    records, n_captions = poison.write_outputs(pcfg, store, tok)
     clean_manifest = shards.load_manifest(pcfg.clean)
     manifest = poison.output_manifest(pcfg, clean_manifest, store, records, n_captions, mem)
     manifest["verify"] = poison.verify_outputs(pcfg, manifest)  # verified, then written last

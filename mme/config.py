@@ -149,7 +149,7 @@ class PoisonConfig(Section):
         None, description="folder of the memory-mapped work store (default <private>/work)"
     )
     nproc: int = Field(
-        1, ge=1, description="processes (GPUs) per node: dvc.yaml runs torchrun when > 1"
+        1, ge=1, description="processes (GPUs) per node (dvc.yaml: torchrun --nproc_per_node)"
     )
 
     @field_validator("eot", "eot_resize", "eot_jpeg_quality", mode="before")
@@ -229,7 +229,7 @@ class VictimConfig(Section):
     )
     keep_pairs: bool = Field(False, description="keep the expanded one-caption-per-sample shards")
     nproc: int = Field(
-        1, ge=1, description="processes (GPUs) per node: dvc.yaml runs torchrun when > 1"
+        1, ge=1, description="processes (GPUs) per node (dvc.yaml: torchrun --nproc_per_node)"
     )
 
     @model_validator(mode="before")
