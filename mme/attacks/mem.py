@@ -332,9 +332,12 @@ class MEM:
         """Mean |δ| in pixel units over protected images (streamed, constant memory)."""
         buf = self.store.noise[self.store.current]
         rows = torch.nonzero(self.store.protect).flatten().numpy()
+        mine = rows[self.world.rank :: self.world.size]  # each rank reads its share
         total = 0.0
-        for chunk in np.array_split(rows, max(1, len(rows) // 256)):
+        for chunk in np.array_split(mine, max(1, len(mine) // 256)):
             total += float(np.abs(buf[chunk].astype(np.int16)).sum(dtype=np.float64))
+        if self.world.active:
+            total, _ = self.sum_over_ranks(total, 0)
         return total / max(len(rows) * int(np.prod(buf.shape[1:])), 1)
 
     def state(self) -> dict[str, Any]:
