@@ -143,7 +143,7 @@ class PoisonConfig(Section):
     grid_samples: int = Field(6, ge=1, le=64)
     shard_size: int = Field(1000, ge=1)
     write_workers: int = Field(
-        0, ge=0, description="processes encoding + verifying the protected PNGs (0: one per core)"
+        0, ge=0, description="processes decoding, encoding + verifying the images (0: one per core)"
     )
     work: Path | None = Field(
         None, description="folder of the memory-mapped work store (default <private>/work)"

@@ -101,20 +101,21 @@ LOAD_CHUNK = 1024  # images tokenized at once: bounds the host memory of the loa
 def load_pairs(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int) -> PairStore:
     """Stream the clean train split into the memmapped store (pixels + caption tokens).
 
-    Host memory stays flat in the dataset size: pixels go straight to the memmap, caption tokens
-    are appended to an int32 file in chunks and memory-mapped back; only the per-image caption
-    offsets (8 bytes an image) stay in memory. Ids and captions are read again when writing."""
+    Host memory stays flat in the dataset size: pixels go straight to the memmap (decoded by
+    ``write_workers`` processes), caption tokens are appended to an int32 file in chunks and
+    memory-mapped back; only the per-image caption offsets (8 bytes an image) stay in memory.
+    Ids and captions are read again when writing."""
     n = shards.load_manifest(cfg.clean)["splits"]["train"]["images"]
-    clean, noise = PairStore.open_arrays(work, n, size, imageops.noise_dtype(cfg.epsilon))
+    clean, _ = PairStore.open_arrays(work, n, size, imageops.noise_dtype(cfg.epsilon))
     offsets = np.zeros(n + 1, dtype=np.int64)
     pending: list[str] = []
     i = -1
-    with open(work / TOKENS, "wb") as tok_file:
+    with open(work / TOKENS, "wb") as tok_file, PixelDecoder(clean, cfg.write_workers) as pixels:
         it = shards.iter_samples(cfg.clean, "train")
         for i, s in enumerate(tqdm(it, total=n, desc="load", unit="img", file=sys.stderr)):
             if i >= n:
                 break
-            clean[i] = imageops.to_working_resolution(s.image_bytes, size)
+            pixels.add(i, s.image_bytes)
             offsets[i + 1] = offsets[i] + len(s.captions)
             pending.extend(s.captions)
             if (i + 1) % LOAD_CHUNK == 0:
@@ -125,8 +126,59 @@ def load_pairs(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int) -> Pair
     if i + 1 != n:
         raise ConfigError(f"{cfg.clean}: manifest lists {n} train images, shards hold {i + 1}")
     np.save(work / "cap_offsets.npy", offsets)
-    clean.flush()
     return open_store(cfg, work, tokenizer, size, n)
+
+
+def _decode_rows(job: tuple[Any, int, list[bytes]]) -> None:
+    """Decode images to the working size into rows ``start:start + len(blobs)`` of the store."""
+    ref, start, blobs = job
+    clean = np.load(ref, mmap_mode="r+") if isinstance(ref, str) else ref
+    size = clean.shape[-1]
+    for k, blob in enumerate(blobs):
+        clean[start + k] = imageops.to_working_resolution(blob, size)
+    if isinstance(ref, str):
+        clean.flush()
+
+
+class PixelDecoder:
+    """Decodes images into the clean memmap in chunks: in this process (``workers`` 1) or in a
+    pool (0: one process per core), with a bounded number of chunks in flight. The same
+    function decodes every image either way, so the store is the same."""
+
+    def __init__(self, clean: np.ndarray, workers: int) -> None:
+        self.clean, self.workers = clean, workers or os.cpu_count() or 1
+        self.start, self.blobs, self.inflight = 0, [], []
+        self.pool = ProcessPoolExecutor(self.workers) if self.workers > 1 else None
+        self.ref = _array_ref(clean) if self.pool else clean
+
+    def add(self, i: int, blob: bytes) -> None:
+        if not self.blobs:
+            self.start = i
+        self.blobs.append(blob)
+        if len(self.blobs) == ENCODE_CHUNK:
+            self._submit()
+
+    def _submit(self) -> None:
+        job = (self.ref, self.start, self.blobs)
+        self.blobs = []
+        if self.pool is None:
+            return _decode_rows(job)
+        self.inflight.append(self.pool.submit(_decode_rows, job))
+        if len(self.inflight) > 2 * self.workers:  # bound the bytes waiting in memory
+            self.inflight.pop(0).result()
+
+    def __enter__(self) -> PixelDecoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.blobs and exc[0] is None:
+            self._submit()
+        for f in self.inflight:
+            if exc[0] is None:
+                f.result()
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+        self.clean.flush()
 
 
 def open_store(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int, n: int) -> PairStore:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mme import distributed, shards
+from mme import distributed, imageops, shards
 from mme.config import ConfigError, DataConfig, PoisonConfig
 from mme.prepare import prepare
 
@@ -201,3 +201,47 @@ def test_torchrun_train_with_two_processes_has_one_writer(tmp_path):
     exp = client.get_experiment_by_name("mme")
     (run,) = client.search_runs([exp.experiment_id], "tags.stage = 'train'")
     assert run.info.status == "FINISHED"
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_refuses_a_checkpoint_of_another_number_of_processes(clean, tmp_path, monkeypatch):
+    from mme.poison import CKPT, poison, work_dir
+
+    monkeypatch.setenv("MME_TRACKING", "off")
+    kw = dict(rounds=2, surrogate_steps=1, batch_size=8, pgd_steps=1, trigger_rounds=0)
+    cfg = PoisonConfig(
+        clean=clean, out=tmp_path / "o", private=tmp_path / "p", work=tmp_path / "w",
+        device="cpu", write_workers=1, **kw,
+    )  # fmt: skip
+
+    def kill(r, stats):
+        raise Killed
+
+    with pytest.raises(Killed):
+        poison(cfg, on_round=kill)
+    path = work_dir(cfg) / CKPT
+    ckpt = torch.load(path, weights_only=True)
+    assert "world_size" not in ckpt  # one process: the checkpoint is as before
+    torch.save({**ckpt, "world_size": 2}, path)
+    with pytest.raises(ConfigError, match="made by 2 process"):
+        poison(cfg, resume=True)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_load_decodes_the_same_pixels_with_any_number_of_processes(tmp_path, workers):
+    import numpy as np
+
+    from mme.poison import PixelDecoder
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (150, 40, 40, 3), dtype=np.uint8)
+    blobs = [shards.encode_png(p) for p in pixels]
+    want = np.stack([imageops.to_working_resolution(b, 32) for b in blobs])
+    clean = np.lib.format.open_memmap(tmp_path / "c.npy", "w+", np.uint8, (150, 3, 32, 32))
+    with PixelDecoder(clean, workers) as dec:
+        for i, b in enumerate(blobs):
+            dec.add(i, b)
+    assert np.array_equal(np.load(tmp_path / "c.npy"), want)
