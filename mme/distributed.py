@@ -112,6 +112,15 @@ def broadcast(world: World, obj: object) -> object:
     return box[0]
 
 
+def gather_objects(world: World, obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order, on every rank (pickled; small objects only)."""
+    if not world.active:
+        return [obj]
+    out: list[object] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @contextlib.contextmanager
 def joined_group() -> Iterator[None]:
     """Run a trainer that starts DDP itself (open_clip_train) inside mme's process group.

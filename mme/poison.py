@@ -231,7 +231,14 @@ def init_state(
         distributed.barrier(world)
 
 
-def save_checkpoint(work: Path, mem: MEM, store: PairStore, r: int, cfg: PoisonConfig) -> None:
+def save_checkpoint(
+    work: Path,
+    mem: MEM,
+    store: PairStore,
+    r: int,
+    cfg: PoisonConfig,
+    state: dict[str, Any] | None = None,
+) -> None:
     ckpt = {
         "round": r,
         "config_hash": config_hash(cfg),
@@ -239,7 +246,7 @@ def save_checkpoint(work: Path, mem: MEM, store: PairStore, r: int, cfg: PoisonC
         "current": store.current,
         "triggers": store.triggers,
         "protect": store.protect,
-        "mem": mem.state(),
+        "mem": state if state is not None else mem.state(),
         "stats": mem.history,
     }
     if mem.world.active:  # per-rank EOT draws: resume with the same number of processes
@@ -295,9 +302,10 @@ def run_rounds(
     for r in tqdm(rounds, desc=f"{cfg.method} rounds", unit="round", file=sys.stderr):
         stats = mem.run_round(r)
         mem.history.append({"round": r, **stats})
+        state = mem.state()  # every rank takes part (its EOT generator)
         if mem.world.main:  # one writer: the checkpoint and the log
             tracking.log_metrics(stats, step=r)
-            save_checkpoint(work, mem, store, r, cfg)
+            save_checkpoint(work, mem, store, r, cfg, state)
         distributed.barrier(mem.world)  # a killed run resumes from a complete checkpoint
         tqdm.write(f"round {r}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
         if on_round is not None:

@@ -38,9 +38,9 @@ def clean(tmp_path_factory) -> Path:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch(nproc: int | None, args: list[str], **env: str) -> subprocess.CompletedProcess:
+def command(nproc: int | None, args: list[str], **env: str) -> tuple[list[str], dict]:
     """``python -m mme ARGS`` (nproc None) or ``torchrun --nproc_per_node nproc -m mme ARGS``,
-    with this checkout's code."""
+    with this checkout's code; returns (argv, environment)."""
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     base |= {"MME_TRACKING": "off", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, **env}
@@ -48,7 +48,12 @@ def launch(nproc: int | None, args: list[str], **env: str) -> subprocess.Complet
     if nproc is not None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         launcher += ["--nproc_per_node", str(nproc), "-m", "mme"]
-    proc = subprocess.run([*launcher, *args], env=base, capture_output=True, text=True)
+    return [*launcher, *args], base
+
+
+def launch(nproc: int | None, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    argv, base = command(nproc, args, **env)
+    proc = subprocess.run(argv, env=base, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -80,8 +85,15 @@ def test_torchrun_with_one_process_gives_the_plain_commands_bytes(clean, single,
     assert outputs(tmp_path) == outputs(single)
 
 
-def test_torchrun_with_two_processes_verifies_and_matches_the_losses(clean, single, tmp_path):
-    run_poison(clean, tmp_path, 2)
+@pytest.fixture(scope="module")
+def two(clean, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("two")
+    run_poison(clean, root, 2)
+    return root
+
+
+def test_torchrun_with_two_processes_verifies_and_matches_the_losses(clean, single, two):
+    tmp_path = two
     assert not (tmp_path / "private" / "work").exists()  # rank 0 cleaned up after success
     verify = [sys.executable, "-m", "mme", "verify", "--clean", str(clean)]
     verify += ["--protected", str(tmp_path / "out"), "--private", str(tmp_path / "private")]
@@ -245,3 +257,28 @@ def test_load_decodes_the_same_pixels_with_any_number_of_processes(tmp_path, wor
         for i, b in enumerate(blobs):
             dec.add(i, b)
     assert np.array_equal(np.load(tmp_path / "c.npy"), want)
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_bytes(clean, two, tmp_path):
+    """SIGKILL to torchrun and both ranks once the first round's checkpoint exists; ``--resume``
+    with 2 processes then gives the uninterrupted 2-process run's bytes."""
+    import signal
+    import time
+
+    args = ["poison", *FLAGS, "--clean", str(clean)]
+    args += ["--out", str(tmp_path / "out"), "--private", str(tmp_path / "private")]
+    argv, env = command(2, args)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    ckpt = tmp_path / "private" / "work" / "checkpoint.pt"
+    try:
+        deadline = time.monotonic() + 300
+        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert ckpt.exists() and not (tmp_path / "out" / "manifest.json").exists()
+    launch(2, [*args, "--resume"])
+    assert outputs(tmp_path) == outputs(two)

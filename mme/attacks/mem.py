@@ -341,18 +341,24 @@ class MEM:
         return total / max(len(rows) * int(np.prod(buf.shape[1:])), 1)
 
     def state(self) -> dict[str, Any]:
-        return {
+        """What a checkpoint keeps; under torchrun a collective (every rank's EOT generator)."""
+        state = {
             "model": self.model.state_dict(),
             "opt": self.opt.state_dict(),
             "gen": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
+        if self.world.active:
+            state["aug_gens"] = distributed.gather_objects(self.world, self.aug_gen.get_state())
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
+        if self.world.active and "aug_gens" in state:
+            self.aug_gen.set_state(state["aug_gens"][self.world.rank])
 
 
 class _Towers(torch.nn.Module):
