@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +56,18 @@ def init(device: torch.device | str = "cpu") -> World:
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     return world
+
+
+def note_nproc(world: World, nproc: int, key: str) -> None:
+    """``nproc`` in params.yaml is the launcher's business (dvc.yaml passes it to torchrun); say
+    so when this run's process count differs, rather than silently running another way."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    if world.main and nproc != per_node:
+        print(
+            f"mme: {key} = {nproc} but this run has {per_node} process(es) per node; start it"
+            f" with `torchrun --nproc_per_node {nproc} -m mme ...` to use {nproc}",
+            file=sys.stderr,
+        )
 
 
 def device_for(world: World, device: torch.device) -> torch.device:

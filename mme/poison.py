@@ -443,6 +443,7 @@ def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None =
     returns the output manifest (``{}`` on ranks other than 0 under ``torchrun``)."""
     clean_manifest = check_inputs(cfg)
     world = distributed.init(models.resolve_device(cfg.device))
+    distributed.note_nproc(world, cfg.nproc, "poison.nproc")
     if not world.main:  # rank 0 holds the locks and writes every output (mme/distributed.py)
         return _poison(cfg, clean_manifest, resume, on_round, world)
     try:

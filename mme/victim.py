@@ -380,6 +380,7 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
     models.check_model_name(cfg.model)
     device = models.resolve_device(cfg.device)  # fail before any work if cuda is missing
     world = distributed.init(device)
+    distributed.note_nproc(world, cfg.nproc, "victim.nproc")
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _clean_run_dir(run_dir)

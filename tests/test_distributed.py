@@ -282,3 +282,15 @@ def test_a_killed_two_process_run_resumes_to_the_same_bytes(clean, two, tmp_path
     assert ckpt.exists() and not (tmp_path / "out" / "manifest.json").exists()
     launch(2, [*args, "--resume"])
     assert outputs(tmp_path) == outputs(two)
+
+
+@pytest.mark.parametrize(
+    "nproc, env, noted", [(1, {}, False), (2, {}, True), (2, {"LOCAL_WORLD_SIZE": "2"}, False)]
+)
+def test_a_params_nproc_other_than_the_runs_is_noted(monkeypatch, capsys, nproc, env, noted):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    world = distributed.World(0, int(env.get("LOCAL_WORLD_SIZE", 1)))
+    distributed.note_nproc(world, nproc, "poison.nproc")
+    assert ("poison.nproc = 2 but" in capsys.readouterr().err) == noted
