@@ -24,7 +24,19 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from mme.config import ConfigError
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+class DeviceError(ConfigError, RuntimeError):
+    """The requested device does not exist here (a user error: exit 2 with one line)."""
+
+
+class CheckpointNotFound(ConfigError, FileNotFoundError):
+    """A ``pretrained`` checkpoint that is neither a file nor cached (a user error)."""
+
+
 _registered = False
 
 
@@ -60,7 +72,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise DeviceError(
+            f"device {device!r} requested but CUDA is not available: use --device cpu (or auto)"
+        )
     return dev
 
 
@@ -81,7 +95,9 @@ def create_model(
     if pretrained is not None:
         pretrained = Path(pretrained)
         if not pretrained.is_file():
-            raise FileNotFoundError(f"checkpoint {pretrained} not found")
+            raise CheckpointNotFound(
+                f"pretrained checkpoint {pretrained} not found: give an existing file"
+            )
         open_clip.load_checkpoint(model, str(pretrained), strict=True, device="cpu")
     model = model.to(dev).eval()
     return model, open_clip.get_tokenizer(name)

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mme import __version__, imageops, models, shards
+from mme import __version__, arguments, imageops, models, shards
 from mme.attacks.mem import MEM, RoundHook
 from mme.attacks.store import PairStore
 from mme.attacks.triggers import candidate_mask, protected_caption, trigger_text
-from mme.config import ConfigError, PoisonConfig, add_section_arguments, section_from_args
+from mme.config import ConfigError, PoisonConfig, section_from_args
 
 CKPT = "checkpoint.pt"
 TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
@@ -360,9 +360,7 @@ def log_outputs(cfg: PoisonConfig, manifest: dict, seconds: dict[str, float]) ->
         tracking.log_artifact(Path(cfg.out) / name)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resume", action="store_true", help="continue a killed run")
-    add_section_arguments(parser, "poison")
+add_arguments = arguments.poison  # flags live where --help needs no torch
 
 
 def run(args: argparse.Namespace) -> int:

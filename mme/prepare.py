@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mme import __version__
-from mme.config import DataConfig, add_section_arguments, section_from_args
+from mme.config import ConfigError, DataConfig, add_section_arguments, section_from_args
 from mme.shards import Sample, ShardWriter, sha256_bytes, write_json_atomic
 
 SPLITS = ("train", "test")
@@ -108,8 +108,33 @@ def _synthetic_samples(cfg: DataConfig) -> Iterator[tuple[str, Sample]]:
             yield split, sample
 
 
+def check_inputs(cfg: DataConfig) -> None:
+    """Fail before any work, in one line naming the fix, when an input path does not exist."""
+    files = {"csv": cfg.csv, "train_csv": cfg.train_csv, "test_csv": cfg.test_csv}
+    for key, path in files.items():
+        if cfg.source == "csv" and path is not None and not Path(path).is_file():
+            raise ConfigError(f"data.{key} = {str(path)!r}: no such CSV file: fix the path")
+    if cfg.source == "csv" and cfg.image_root is not None and not Path(cfg.image_root).is_dir():
+        raise ConfigError(
+            f"data.image_root = {str(cfg.image_root)!r}: no such folder: give the folder the "
+            "CSV's image paths are relative to"
+        )
+    if cfg.source == "folder" and not Path(cfg.input).is_dir():
+        raise ConfigError(
+            f"data.input = {str(cfg.input)!r}: no such folder: give the folder of images "
+            "(each with a same-named .txt of captions)"
+        )
+    pattern = "{" in str(cfg.input) or "*" in str(cfg.input)
+    if cfg.source == "webdataset" and not pattern and not Path(cfg.input).exists():
+        raise ConfigError(
+            f"data.input = {str(cfg.input)!r}: no such folder or tar: give the shard folder, "
+            "a .tar or a brace pattern"
+        )
+
+
 def prepare(cfg: DataConfig) -> dict[str, Any]:
     """Write ``cfg.out/{train,test}-*.tar`` and ``cfg.out/manifest.json``; return the manifest."""
+    check_inputs(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     # Drop the old manifest first: while shards are being rewritten none describes the folder.

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mme import plots, shards, tracking
-from mme.config import ReportConfig, VictimConfig, load_section
+from mme.config import ReportConfig, VictimConfig, add_params_argument, load_section
 
 KS = (1, 5, 10)
 METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -208,9 +208,7 @@ def mlflow_rows(experiment: str | None, datasets: list[Path]) -> list[Row]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--params", type=Path, default=Path("params.yaml"), help="params file (report: section)"
-    )
+    add_params_argument(parser, "report: section")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: all)")
     parser.add_argument(
         "--dataset",

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mme import arguments
 from mme.config import ConfigError
 from mme.imageops import psnr, ssim, to_working_resolution
 from mme.shards import (
@@ -450,18 +451,7 @@ def verify(clean: Path, protected: Path, epsilon: float | None = None) -> Verify
     return report
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--clean", type=Path, required=True, help="clean shard folder (mme prepare)"
-    )
-    parser.add_argument("--protected", type=Path, required=True, help="protected set (mme poison)")
-    parser.add_argument(
-        "--epsilon",
-        type=float,
-        default=None,
-        help="L-inf bound in 0-255 units (default: the manifest's)",
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+add_arguments = arguments.verify  # flags live where --help needs no torch
 
 
 def run(args: argparse.Namespace) -> int:

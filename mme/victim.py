@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from mme import models, plots, shards, tracking
-from mme.config import VictimConfig, add_section_arguments, section_from_args
+from mme import arguments, models, plots, shards, tracking
+from mme.config import VictimConfig, section_from_args
 
 PAIRS_SHARD_SIZE = 1000
 TRAINER_NAME = "trainer"  # open_clip_train's --name: its logs go to run_dir/trainer
@@ -381,20 +381,7 @@ def _record_outputs(
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--shards",
-        type=Path,
-        default=None,
-        help="shard folder with train-*.tar (default: params.yaml data.out)",
-    )
-    parser.add_argument(
-        "--run-dir",
-        type=Path,
-        default=None,
-        help="output folder (default: runs/victim-<shards name>)",
-    )
-    add_section_arguments(parser, "victim")
+add_arguments = arguments.train  # flags live where --help needs no torch
 
 
 def default_shards(params: Path | None) -> Path:

@@ -80,7 +80,7 @@ def test_folder_round_trip_through_prepare(protected, tmp_path):
     out = tmp_path / "pub"
     assert run_export(prot, out) == 0
     back = tmp_path / "back"
-    args = ["prepare", "--params", str(tmp_path / "none.yaml"), "--source", "folder"]
+    args = ["prepare", "--params", "none", "--source", "folder"]
     assert main([*args, "--input", str(out), "--out", str(back)]) == 0
     read = {s.id: s for s in iter_samples(back, "train")}
     assert sorted(read) == sorted(s.id for s in samples)

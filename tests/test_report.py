@@ -73,7 +73,7 @@ def test_metrics_files_table_and_recall_curves(tmp_path: Path, capsys) -> None:
     for name in ("clean", "protected"):
         (tmp_path / f"{name}.json").write_text(json.dumps(METRICS))
     out, curves = tmp_path / "table.md", tmp_path / "recall"
-    argv = ["report", "--params", str(tmp_path / "none.yaml"), "--out", str(out)]
+    argv = ["report", "--params", "none", "--out", str(out)]
     argv += ["--metrics", str(tmp_path / "clean.json"), str(tmp_path / "protected.json")]
     assert cli.main([*argv, "--recall-dir", str(curves)]) == 0
     printed = capsys.readouterr().out
@@ -121,7 +121,7 @@ def test_mlflow_report_and_pending_victims(store: Path, monkeypatch, capsys) -> 
     assert report.pending_victims(version, [vit, rn], "exp-report") == [rn]
     assert report.pending_victims(version, [vit, rn], "other") == [vit, rn]
 
-    argv = ["report", "--params", str(store / "none.yaml"), "--experiment", "exp-report"]
+    argv = ["report", "--params", "none", "--experiment", "exp-report"]
     argv += ["--dataset", str(data)]
     assert cli.main(argv) == 0
     assert "| synthetic | mem |" in capsys.readouterr().out
