@@ -20,6 +20,11 @@ from mme.config import ConfigError
 
 # name -> (module with run(), help, where its add_arguments lives)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "protect": (
+        "mme.protect",
+        "protect a folder / CSV / shards in one go: prepare, poison, verify, export",
+        "mme.protect",
+    ),
     "prepare": (
         "mme.prepare",
         "ingest a dataset into WebDataset shards + manifest",
@@ -94,7 +99,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(
         prog="mme",
         description="Multimodal unlearnable examples (MEM): protect image-caption data. "
-        "",
+        "Start with `mme protect PHOTOS OUT` (`mme protect --help`).",
     )
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)

@@ -4,7 +4,9 @@ Formats:
 
 - ``folder``: ``DIR/<id>.png`` + ``DIR/<id>.txt`` (captions, one per line) for every protected
   image, plus ``DIR/metadata.jsonl`` (one JSON object per image: its file names and shard meta)
-  and ``DIR/README.txt`` (method, ε, counts). It reads back with
+  and ``DIR/README.txt`` (method, ε, counts). ``metadata.jsonl`` carries ``file_name`` and ``text``
+  (the first caption; ``captions`` has all), so ``datasets.load_dataset("imagefolder",
+  data_dir=DIR)`` loads it with its captions. It reads back with
   ``mme prepare --source folder --input DIR``, which takes exactly the images and their
   same-named ``.txt`` files. A set with several splits gets one subfolder per split.
 - ``webdataset``: the shards as they are, plus a ``manifest.json`` and ``README.txt``.
@@ -87,6 +89,8 @@ def _write_folder(protected: Path, dest: Path, splits: list[str]) -> dict[str, d
                 rel = image.relative_to(dest).as_posix()
                 record = {**s.meta, "id": s.id, "split": split, "file": rel}
                 record["captions_file"] = rel.rsplit(".", 1)[0] + ".txt"
+                # Hugging Face `datasets` imagefolder reads file_name (and text: the caption)
+                record |= {"file_name": rel, "text": s.captions[0], "captions": list(s.captions)}
                 index.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
                 n, n_caps = n + 1, n_caps + len(s.captions)
             counts[split] = {"images": n, "captions": n_caps}
