@@ -416,9 +416,9 @@ def add_section_arguments(
             )
             continue
         metavar, choices = _metavar(field.annotation)
-        group.add_argument(
-            flag, dest=name, default=None, metavar=metavar, choices=choices, help=help_text
-        )
+        if choices:  # shown, but checked by pydantic: the same message as in params.yaml
+            metavar = "{" + ",".join(choices) + "}"
+        group.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
 
 
 def section_from_args(section: str, args: Any):

@@ -30,6 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mme import __version__
+from mme.manifest import Manifest
 from mme.shards import iter_samples, load_manifest, shard_paths, write_json_atomic
 
 FORMATS = ("folder", "webdataset")
@@ -126,7 +127,8 @@ def _write_readme(path: Path, manifest: dict[str, Any], fmt: str, counts: dict) 
         "",
         f"method: {cfg.get('method', '?')}",
         f"epsilon: {eps} (L-inf bound of the image noise, 0-255 pixel units, at {size}x{size} px)",
-        f"trigger length: {cfg.get('trigger_len', 0)} word token(s) prepended to each caption",
+        f"trigger length: {Manifest.model_validate(manifest).trigger_len or 0} word token(s) "
+        "prepended to each caption",
         f"tokenizer: {cfg.get('model', '?')}",
     ]
     lines += [f"{s}: {c['images']} images, {c['captions']} captions" for s, c in counts.items()]

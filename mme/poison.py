@@ -29,6 +29,7 @@ from mme.attacks.mem import MEM, RoundHook
 from mme.attacks.store import PairStore
 from mme.attacks.triggers import candidate_mask, protected_caption, trigger_text
 from mme.config import ConfigError, PoisonConfig, section_from_args
+from mme.manifest import Manifest, read_manifest, write_manifest
 
 CKPT = "checkpoint.pt"
 TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
@@ -38,17 +39,17 @@ def work_dir(cfg: PoisonConfig) -> Path:
     return Path(f"{cfg.out}.work")
 
 
-def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
+def check_inputs(cfg: PoisonConfig) -> Manifest:
     """Fail before any work on a bad model name or a missing/empty clean dataset."""
     try:
         models.check_model_name(cfg.model)
     except ValueError as err:
         raise ConfigError(f"poison.model = {cfg.model!r}: {err}") from None
     try:
-        manifest = shards.load_manifest(cfg.clean)
+        manifest = read_manifest(cfg.clean)
     except FileNotFoundError as err:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: {err}") from None
-    if manifest.get("splits", {}).get("train", {}).get("images", 0) == 0:
+    if manifest.images("train") == 0:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: the train split has no images")
     if Path(cfg.out).resolve() == Path(cfg.clean).resolve():
         raise ConfigError("poison.out must differ from poison.clean (inputs are never modified)")
@@ -65,7 +66,7 @@ def load_pairs(
     cfg: PoisonConfig, work: Path, tokenizer: Any, size: int
 ) -> tuple[PairStore, list[str], list[list[str]], list[str]]:
     """Stream the clean train split into the memmapped store; returns (store, ids, captions)."""
-    n = shards.load_manifest(cfg.clean)["splits"]["train"]["images"]
+    n = read_manifest(cfg.clean).images("train")
     clean, noise = PairStore.open_arrays(work, n, size, imageops.noise_dtype(cfg.epsilon))
     ids, captions, source_sha = [], [], []
     it = shards.iter_samples(cfg.clean, "train")
@@ -266,9 +267,9 @@ def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None =
         (Path(cfg.out) / "manifest.json").unlink(missing_ok=True)
         records, n_captions = write_outputs(cfg, store, ids, captions, source_sha, tokenizer)
         manifest = output_manifest(cfg, clean_manifest, store, records, n_captions, mem)
-        shards.write_json_atomic(Path(cfg.out) / "manifest.json", manifest)
+        write_manifest(cfg.out, manifest)
         manifest["verify"] = verify_outputs(cfg)
-        shards.write_json_atomic(Path(cfg.out) / "manifest.json", manifest)
+        write_manifest(cfg.out, manifest)
         seconds = {"seconds_generation": t_gen, "seconds_total": time.perf_counter() - t0}
         log_outputs(cfg, manifest, seconds)
     shutil.rmtree(work)
@@ -303,7 +304,7 @@ def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
 
 def output_manifest(
     cfg: PoisonConfig,
-    clean_manifest: dict[str, Any],
+    clean_manifest: Manifest,
     store: PairStore,
     records: list[dict[str, Any]],
     n_captions: int,
@@ -313,6 +314,7 @@ def output_manifest(
     same inputs give the same bytes, hence the same dataset version (its sha256: what
     ``mme report`` and ``reevaluate`` key results on) and the same DVC hash downstream."""
     first = [t for t, p in zip(store.triggers.tolist(), store.protect.tolist(), strict=True) if p]
+    has_trigger = cfg.method == "mem"
     return {
         "created_by": "mme poison",
         "version": __version__,
@@ -320,9 +322,10 @@ def output_manifest(
         "method": cfg.method,
         "epsilon": cfg.epsilon,
         "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
-        "config": cfg.model_dump(mode="json"),
+        # a baseline has no trigger: its config must not name a second trigger_len
+        "config": cfg.model_dump(mode="json", exclude=None if has_trigger else {"trigger_len"}),
         "clean": str(cfg.clean),
-        "clean_splits": {k: v["images"] for k, v in clean_manifest["splits"].items()},
+        "clean_splits": {k: v.images for k, v in clean_manifest.splits.items()},
         "working_size": int(store.clean.shape[-1]),
         "n_protected": int(store.protect.sum()),
         "distinct_triggers": len({tuple(t) for t in first}) if cfg.method == "mem" else 0,

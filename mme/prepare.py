@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from mme import __version__
 from mme.config import ConfigError, DataConfig, add_section_arguments, section_from_args
-from mme.shards import Sample, ShardWriter, sha256_bytes, write_json_atomic
+from mme.manifest import write_manifest
+from mme.shards import Sample, ShardWriter, sha256_bytes
 
 SPLITS = ("train", "test")
 
@@ -160,7 +161,7 @@ def prepare(cfg: DataConfig) -> dict[str, Any]:
     }
     if splits["train"]["images"] + splits["test"]["images"] == 0:
         raise SystemExit(f"mme prepare: no usable images in the input ({summary(manifest)})")
-    write_json_atomic(out / "manifest.json", manifest)
+    write_manifest(out, manifest)
     return manifest
 
 

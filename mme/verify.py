@@ -41,6 +41,7 @@ from tqdm import tqdm
 from mme import arguments
 from mme.config import ConfigError
 from mme.imageops import psnr, ssim, to_working_resolution
+from mme.manifest import Manifest
 from mme.shards import (
     Sample,
     iter_samples,
@@ -392,7 +393,8 @@ def _context(protected: Path, manifest: dict[str, Any], eps: float, errors: list
         raise ConfigError(f"{protected}/manifest.json has no working_size")
     size = int(manifest["working_size"])
     tokenizer = load_tokenizer(cfg.get("model") or "ViT-B-32")
-    ctx = _Context(size, eps, cfg.get("trigger_len"), tokenizer)
+    trigger_len = Manifest.model_validate(manifest).trigger_len  # one value (0: baselines)
+    ctx = _Context(size, eps, trigger_len, tokenizer)
     tpath, npath = protected / "triggers.json", protected / "noise.npy"
     if not tpath.exists():
         return ctx

@@ -234,8 +234,8 @@ def write_loss_csv(rows: list[dict[str, float]], path: Path) -> None:
 def data_provenance(shard_dir: Path) -> dict[str, Any]:
     """What the training data is: manifest hash and, for protected data, method/epsilon/trigger.
 
-    ``method`` is ``clean`` unless the manifest (top level, or its ``poison``/``config`` record)
-    names one. Shards without a manifest give ``None`` for the hash.
+    ``method`` is ``clean`` unless the manifest names one (:meth:`Manifest.data_record`). Shards
+    without a manifest give ``None`` for the hash.
     """
     version = shards.manifest_sha256(shard_dir)
     if version is None:
@@ -245,15 +245,9 @@ def data_provenance(shard_dir: Path) -> dict[str, Any]:
             "epsilon": None,
             "trigger_len": None,
         }
-    manifest = shards.load_manifest(shard_dir)
-    out: dict[str, Any] = {"data_manifest_sha256": version}
-    for key in ("method", "epsilon", "trigger_len"):
-        records = (manifest, manifest.get("poison"), manifest.get("config"))
-        found = [r.get(key) for r in records if isinstance(r, dict)]
-        found = [v for v in found if isinstance(v, (str, int, float))]
-        out[key] = found[0] if found else None
-    out["method"] = out["method"] or "clean"
-    return out
+    from mme.manifest import read_manifest
+
+    return {"data_manifest_sha256": version, **read_manifest(shard_dir).data_record()}
 
 
 def finalize_checkpoint(run_dir: Path, epochs: int, record: dict[str, Any]) -> Path:

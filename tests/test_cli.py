@@ -124,7 +124,8 @@ def test_error_missing_params_file_unless_default(capsys, tmp_path, monkeypatch)
 
 
 def test_error_bad_choice_and_bad_value_are_one_line(capsys):
-    _one_line_error(capsys, ["poison", "--method", "magic"], "invalid choice", "--method")
+    _one_line_error(capsys, ["poison", "--params", "none", "--method", "magic"], "mem", "magic")
+    _one_line_error(capsys, ["poison", "--no-such-flag"], "unrecognized arguments")
     _one_line_error(capsys, ["poison", "--params", "none", "--epsilon", "-1"], "poison.epsilon")
 
 
