@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mme import arguments, models, plots, retrieval, shards, tracking
+from mme.api import make_callable
 from mme.config import ConfigError, EvaluateConfig, section_from_args
 
 PROVENANCE_KEYS = ("method", "epsilon", "trigger_len", "data_manifest_sha256", "n_pairs")
@@ -205,3 +206,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     print(f"mme evaluate: wrote {out}", file=sys.stderr)
     return 0
+
+
+make_callable(__name__)  # `mme.evaluate(...)` is the API function of mme/api.py

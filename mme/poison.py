@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from mme import __version__, arguments, imageops, models, shards
+from mme.api import make_callable
 from mme.attacks.mem import MEM, RoundHook
 from mme.attacks.store import PairStore
 from mme.attacks.triggers import candidate_mask, protected_caption, trigger_text
@@ -369,3 +370,6 @@ add_arguments = arguments.poison  # flags live where --help needs no torch
 def run(args: argparse.Namespace) -> int:
     poison(section_from_args("poison", args), resume=args.resume)
     return 0
+
+
+make_callable(__name__)  # `mme.poison(...)` is the API function of mme/api.py

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mme.api import make_callable
 from mme.config import (
     PHOTO_PROFILE,
     ConfigError,
@@ -388,3 +389,6 @@ def run(args: argparse.Namespace) -> int:
     result = protect(cfg, resume=args.resume)
     print(result.summary())
     return 0 if result.verified else 1
+
+
+make_callable(__name__)  # `mme.protect(...)` is the API function of mme/api.py
