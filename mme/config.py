@@ -125,7 +125,11 @@ class PoisonConfig(Section):
     clean: Path = Field(Path("data/shards/synthetic"), description="clean shards from prepare")
     out: Path = Field(Path("data/protected/mem"), description="protected set folder")
     model: str = Field("mme-tiny-vit", description="surrogate open_clip config (paper: RN50)")
-    pretrained: Path | None = Field(None, description="local surrogate checkpoint")
+    pretrained: Path | None = Field(
+        None,
+        description="surrogate weights: a checkpoint file, or an open_clip model:tag in "
+        "the local Hugging Face cache",
+    )
     epsilon: float = Field(8.0, gt=0, le=255, description="L-inf budget, pixel units (paper: 8)")
     step_size: float = Field(1.0, gt=0, le=255, description="PGD step, pixel units (paper: 1)")
     pgd_steps: int = Field(8, ge=1, description="PGD steps per noise update (paper: 8)")
