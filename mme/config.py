@@ -27,7 +27,7 @@ class Section(BaseModel):
 class DataConfig(Section):
     """``data:`` section — the ``prepare`` stage."""
 
-    source: Literal["synthetic", "csv", "folder", "webdataset"] = Field(
+    source: Literal["synthetic", "csv", "folder", "webdataset", "hf"] = Field(
         "synthetic", description="where the images and captions come from"
     )
     out: Path = Field(Path("data/shards/synthetic"), description="shard folder to write")
@@ -41,12 +41,18 @@ class DataConfig(Section):
     csv: Path | None = Field(None, description="csv: one CSV, one row per caption")
     train_csv: Path | None = Field(None, description="csv: the source's own train CSV")
     test_csv: Path | None = Field(None, description="csv: the source's own test CSV")
-    image_column: str = Field("images", description="csv: column with the image path")
-    caption_column: str = Field("caption", description="csv: column with the caption")
+    image_column: str = Field(
+        "images", description="csv: column with the image path (hf: image column, else 'image')"
+    )
+    caption_column: str = Field(
+        "caption", description="csv/hf: column with the caption(s) (hf: else 'text', ...)"
+    )
     delimiter: str = Field(",", description="csv: field delimiter")
     image_root: Path | None = Field(None, description="csv: folder the image paths are under")
     # folder / webdataset sources
-    input: Path | None = Field(None, description="folder/webdataset: the input folder")
+    input: Path | None = Field(
+        None, description="folder/webdataset: the input folder; hf: save_to_disk folder/parquet"
+    )
     # split when the source has none: fraction of images (by a hash of the id) that go to test
     test_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="share of images for the test split (by id hash)"
@@ -62,7 +68,12 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _source_inputs(self) -> DataConfig:
-        need = {"csv": ("csv", "train_csv"), "folder": ("input",), "webdataset": ("input",)}
+        need = {
+            "csv": ("csv", "train_csv"),
+            "folder": ("input",),
+            "webdataset": ("input",),
+            "hf": ("input",),
+        }
         keys = need.get(self.source, ())
         if keys and all(getattr(self, k) is None for k in keys):
             raise ValueError(f"source={self.source!r} needs one of: {', '.join(keys)}")

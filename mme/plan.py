@@ -85,6 +85,11 @@ def count_images(cfg: ProtectConfig) -> tuple[int, int]:
     if dcfg.source == "folder":
         items = list(sources.iter_folder(dcfg.input))
         return len(items), sum(Path(i.source).stat().st_size for i in items)
+    if dcfg.source == "hf":
+        cols = dict(image_column=dcfg.image_column, caption_column=dcfg.caption_column)
+        n = sum(1 for _ in sources.iter_hf(dcfg.input, **cols))
+        files = [dcfg.input] if Path(dcfg.input).is_file() else Path(dcfg.input).rglob("*")
+        return n, sum(Path(f).stat().st_size for f in files if Path(f).is_file())
     tars = [dcfg.input] if Path(dcfg.input).is_file() else sorted(Path(dcfg.input).glob("*.tar"))
     n = sum(1 for _ in sources.iter_webdataset(dcfg.input))
     return n, sum(t.stat().st_size for t in tars)

@@ -1,10 +1,11 @@
 """``mme prepare``: ingest a dataset into WebDataset shards plus ``manifest.json``.
 
 Sources: ``synthetic`` (the embedded default, generated here), ``csv`` (the MEM paper's split
-files), ``folder`` (images with same-named ``.txt``), ``webdataset`` (existing shards). Broken
-input is skipped and counted with its reason (manifest + one stderr line); ``--strict`` turns any
-skip into a non-zero exit. The input is never modified; shards are written atomically and are
-byte-identical for the same inputs and params.
+files), ``folder`` (images with same-named ``.txt``), ``webdataset`` (existing shards), ``hf`` (a
+local ``datasets`` save_to_disk folder or parquet). Broken input is skipped and counted with its
+reason (manifest + one stderr line); ``--strict`` turns any skip into a non-zero exit. The input
+is never modified; shards are written atomically and are byte-identical for the same inputs and
+params.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def _raw_items(cfg: DataConfig) -> Iterator[Any]:
         yield from sources.iter_folder(cfg.input)
     elif cfg.source == "webdataset":
         yield from sources.iter_webdataset(cfg.input)
+    elif cfg.source == "hf":
+        cols = dict(image_column=cfg.image_column, caption_column=cfg.caption_column)
+        yield from sources.iter_hf(cfg.input, **cols)
     else:  # csv: either one file (split by hash) or the paper's separate train/test files
         csv_kw = dict(
             image_column=cfg.image_column,
@@ -125,6 +129,11 @@ def check_inputs(cfg: DataConfig) -> None:
         raise ConfigError(
             f"data.input = {str(cfg.input)!r}: no such folder: give the folder of images "
             "(each with a same-named .txt of captions)"
+        )
+    if cfg.source == "hf" and not Path(cfg.input).exists():
+        raise ConfigError(
+            f"data.input = {str(cfg.input)!r}: not found: give a datasets save_to_disk folder, "
+            "a .parquet file or a folder of them"
         )
     pattern = "{" in str(cfg.input) or "*" in str(cfg.input)
     if cfg.source == "webdataset" and not pattern and not Path(cfg.input).exists():

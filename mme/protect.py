@@ -6,7 +6,8 @@ image against its clean source: L-inf <= epsilon, trigger and caption checks, PS
 ``export`` (OUTPUT: ``<id>.png`` + ``<id>.txt`` + ``metadata.jsonl`` + ``README.txt``).
 
 INPUT is a folder of images with same-named ``.txt`` captions (one per line), a caption CSV (one
-row per caption; image paths relative to the CSV), or a folder of WebDataset shards.
+row per caption; image paths relative to the CSV), a folder of WebDataset shards, or a local
+Hugging Face ``datasets`` folder (``save_to_disk``) or parquet file(s).
 
 Everything that must NOT be published goes to the private work area next to OUTPUT
 (``OUTPUT.private/`` unless ``--private`` says otherwise): the clean shards, the protected shards
@@ -117,13 +118,18 @@ class ProtectResult(BaseModel):
 # ------------------------------------------------------------------------------- planning
 
 
-def input_kind(path: Path) -> Literal["csv", "folder", "webdataset"]:
+def input_kind(path: Path) -> Literal["csv", "folder", "webdataset", "hf"]:
     """What INPUT is; a one-line error naming the accepted kinds otherwise."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
         return "csv"
+    hf_marks = ("state.json", "dataset_dict.json")
+    if path.suffix == ".parquet" or any((path / m).is_file() for m in hf_marks):
+        return "hf"
     if path.is_dir():
-        return "webdataset" if any(path.glob("*.tar")) else "folder"
+        if any(path.glob("*.tar")):
+            return "webdataset"
+        return "hf" if any(path.glob("*.parquet")) else "folder"
     if path.is_file() and path.suffix == ".tar":
         return "webdataset"
     raise ConfigError(
@@ -136,6 +142,9 @@ def data_config(cfg: ProtectConfig) -> DataConfig:
     kind = input_kind(cfg.input)
     clean = cfg.private_dir / "clean"
     common = {"out": clean, "source": kind, "test_fraction": 0.0, "max_side": cfg.max_side}
+    if kind == "hf":
+        cols = {"image_column": cfg.image_column, "caption_column": cfg.caption_column}
+        return DataConfig(**common, input=cfg.input, **cols)
     if kind == "csv":
         delimiter = "\t" if cfg.input.suffix.lower() == ".tsv" else ","
         return DataConfig(
