@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -100,12 +101,13 @@ class ProtectResult(BaseModel):
             if self.psnr_mean is not None and self.ssim_mean is not None
             else "PSNR/SSIM n/a"
         )
+        trig = ", each starting with its image's trigger words" if self.method == "mem" else ""
         return "\n".join(
             [
                 f"mme protect: done in {self.seconds:.0f} s -- verified: "
                 + ("yes" if self.verified else "NO"),
                 f"  images     {self.images} in, {self.protected} protected, skipped: {skipped}",
-                f"  captions   {self.captions}, each starting with its image's trigger words",
+                f"  captions   {self.captions}{trig}",
                 f"  noise      {self.method}, epsilon {self.epsilon:g}/255 (max seen "
                 f"{self.max_linf}), {self.working_size}x{self.working_size} px; {q}",
                 f"  PUBLISH    {self.output}/  (images, captions, metadata.jsonl, README.txt)",
@@ -188,6 +190,12 @@ def check_paths(cfg: ProtectConfig, resume: bool) -> None:
             f"{cfg.private_dir} holds an earlier run: pass --resume to continue it "
             "or --force to start over"
         )
+    foreign = cfg.private_dir.is_dir() and any(cfg.private_dir.iterdir()) and not state.exists()
+    if foreign:  # never write into (or, with --force, delete) a folder we did not make
+        raise ConfigError(
+            f"private area {cfg.private_dir} is not empty and was not made by mme protect: "
+            "empty it or pass another --private"
+        )
     occupied = cfg.output.exists() and any(Path(cfg.output).iterdir())
     if occupied and not (cfg.force or resume):
         raise ConfigError(
@@ -266,7 +274,17 @@ def _stage_export(cfg: ProtectConfig) -> dict[str, Any]:
 
 
 def protect(cfg: ProtectConfig, resume: bool = False) -> ProtectResult:
-    """Prepare -> poison -> verify -> export ``cfg.input`` into ``cfg.output`` (see module doc)."""
+    """Prepare -> poison -> verify -> export ``cfg.input`` into ``cfg.output`` (see module doc).
+
+    MLflow tracking is off unless ``MME_TRACKING`` asks for it: a data owner's run should not
+    leave an ``mlflow.db`` in the folder it was started from.
+    """
+    if "MME_TRACKING" not in os.environ:
+        os.environ["MME_TRACKING"] = "off"
+        try:
+            return protect(cfg, resume)
+        finally:
+            del os.environ["MME_TRACKING"]
     t0 = time.perf_counter()
     check_paths(cfg, resume)
     data_config(cfg), poison_config(cfg)  # validate every setting before any work

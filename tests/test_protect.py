@@ -77,9 +77,14 @@ def test_dry_run_plans_and_writes_nothing(photos, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "pub.private").exists()
 
 
-def test_resume_skips_finished_stages_and_refuses_other_settings(photos, tmp_path, capsys):
+def test_resume_skips_finished_stages_and_refuses_other_settings(
+    photos, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("MME_TRACKING")  # protect's own default: no MLflow store in the cwd
+    monkeypatch.chdir(tmp_path)
     cfg = ProtectConfig(input=photos, output=tmp_path / "pub", poison=TINY_POISON)
     first = protect(cfg)
+    assert not (tmp_path / "mlflow.db").exists() and "MME_TRACKING" not in os.environ
     assert first.verified and first.images == 20 and first.protected == 20
     assert first.psnr_mean is not None and first.epsilon == 8
     with pytest.raises(Exception, match="--resume"):
@@ -116,3 +121,14 @@ def test_folder_without_captions_says_what_is_missing(tmp_path, capsys):
         shutil.copy(p, inp / p.name)
     assert cli.main(["protect", str(inp), str(tmp_path / "pub"), *TINY]) == 2
     assert "needs captions" in capsys.readouterr().err
+
+
+def test_never_writes_into_or_deletes_a_foreign_private_folder(photos, tmp_path, capsys):
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "letter.txt").write_text("keep me")
+    for extra in ([], ["--force"]):
+        argv = ["protect", str(photos), str(tmp_path / "pub"), "--private", str(mine), *extra]
+        assert cli.main([*argv, *TINY]) == 2
+        assert "not made by mme protect" in capsys.readouterr().err
+    assert (mine / "letter.txt").read_text() == "keep me"
