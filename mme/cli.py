@@ -22,7 +22,7 @@ from mme.config import ConfigError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "protect": (
         "mme.protect",
-        "protect a folder / CSV / shards in one go: prepare, poison, verify, export",
+        "protect a folder / CSV / shards / HF dataset in one go: prepare, poison, verify, export",
         "mme.protect",
     ),
     "prepare": (

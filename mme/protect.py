@@ -337,10 +337,16 @@ def _result(cfg: ProtectConfig, r: dict[str, dict[str, Any]], seconds: float) ->
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", type=Path, help="image folder (+ .txt captions), CSV, or shards")
+    parser.add_argument(
+        "input", type=Path, help="image folder (+ .txt captions), CSV, shards, or HF dataset"
+    )
     parser.add_argument("output", type=Path, help="publishable folder to write")
     parser.add_argument(
-        "--private", type=Path, default=None, help="private work area (default: OUTPUT.private)"
+        "--private",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="private work area (default: OUTPUT.private)",
     )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument("--dry-run", action="store_true", help="print plan, time, disk; stop")
