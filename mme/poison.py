@@ -33,11 +33,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mme import __version__, fsio, imageops, models, shards
+from mme import __version__, arguments, fsio, imageops, models, shards
+from mme.api import make_callable
 from mme.attacks.mem import MEM, RoundHook
 from mme.attacks.store import PairStore
 from mme.attacks.triggers import candidate_mask, protected_caption, trigger_text
-from mme.config import ConfigError, PoisonConfig, add_section_arguments, section_from_args
+from mme.config import ConfigError, PoisonConfig, section_from_args
+from mme.manifest import Manifest, read_manifest, write_manifest
 
 CKPT = "checkpoint.pt"
 TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
@@ -49,21 +51,26 @@ OWNER = "mme poison"
 PRIVATE_FILES = ("noise.npy", "triggers.json", "grid.png")
 
 
+def result_excluded(has_trigger: bool) -> set[str]:
+    """Config keys the output manifest leaves out (see :func:`output_manifest`)."""
+    return {"private", "write_workers"} | (set() if has_trigger else {"trigger_len"})
+
+
 def work_dir(cfg: PoisonConfig) -> Path:
     return Path(cfg.private) / "work"
 
 
-def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
+def check_inputs(cfg: PoisonConfig) -> Manifest:
     """Fail before any work on a bad model name or a missing/empty clean dataset."""
     try:
         models.check_model_name(cfg.model)
     except ValueError as err:
         raise ConfigError(f"poison.model = {cfg.model!r}: {err}") from None
     try:
-        manifest = shards.load_manifest(cfg.clean)
+        manifest = read_manifest(cfg.clean)
     except FileNotFoundError as err:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: {err}") from None
-    if manifest.get("splits", {}).get("train", {}).get("images", 0) == 0:
+    if manifest.images("train") == 0:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: the train split has no images")
     try:  # inputs are never modified, and public and private files never mix
         fsio.check_disjoint(cfg.out, {"clean input": cfg.clean}, "poison.out")
@@ -84,7 +91,7 @@ def load_pairs(
     cfg: PoisonConfig, work: Path, tokenizer: Any, size: int
 ) -> tuple[PairStore, list[str], list[list[str]], list[str]]:
     """Stream the clean train split into the memmapped store; returns (store, ids, captions)."""
-    n = shards.load_manifest(cfg.clean)["splits"]["train"]["images"]
+    n = read_manifest(cfg.clean).images("train")
     clean, noise = PairStore.open_arrays(work, n, size, imageops.noise_dtype(cfg.epsilon))
     ids, captions, source_sha = [], [], []
     it = shards.iter_samples(cfg.clean, "train")
@@ -356,7 +363,7 @@ def _poison(
         manifest = output_manifest(cfg, clean_manifest, store, records, n_captions, mem)
         # the manifest is what makes the folder a dataset: written last, only once verified
         manifest["verify"] = verify_outputs(cfg, manifest)
-        fsio.write_json(Path(cfg.out) / "manifest.json", manifest)
+        write_manifest(cfg.out, manifest)
         seconds = {"seconds_generation": t_gen, "seconds_total": time.perf_counter() - t0}
         log_outputs(cfg, manifest, seconds)
     shutil.rmtree(work)
@@ -394,7 +401,7 @@ def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
 
 def output_manifest(
     cfg: PoisonConfig,
-    clean_manifest: dict[str, Any],
+    clean_manifest: Manifest,
     store: PairStore,
     records: list[dict[str, Any]],
     n_captions: int,
@@ -404,6 +411,7 @@ def output_manifest(
     same inputs give the same bytes, hence the same dataset version (its sha256: what
     ``mme report`` and ``reevaluate`` key results on) and the same DVC hash downstream."""
     first = [t for t, p in zip(store.triggers.tolist(), store.protect.tolist(), strict=True) if p]
+    has_trigger = cfg.method == "mem"
     return {
         "created_by": "mme poison",
         "version": __version__,
@@ -411,10 +419,11 @@ def output_manifest(
         "method": cfg.method,
         "epsilon": cfg.epsilon,
         "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
-        # private: a local path, not data; write_workers: does not change the bytes
-        "config": cfg.model_dump(mode="json", exclude={"private", "write_workers"}),
+        # private: a local path, not data; write_workers: does not change the bytes; a baseline
+        # has no trigger: its config must not name a second trigger_len
+        "config": cfg.model_dump(mode="json", exclude=result_excluded(has_trigger)),
         "clean": str(cfg.clean),
-        "clean_splits": {k: v["images"] for k, v in clean_manifest["splits"].items()},
+        "clean_splits": {k: v.images for k, v in clean_manifest.splits.items()},
         "working_size": int(store.clean.shape[-1]),
         "n_protected": int(store.protect.sum()),
         "distinct_triggers": len({tuple(t) for t in first}) if cfg.method == "mem" else 0,
@@ -456,11 +465,12 @@ def log_outputs(cfg: PoisonConfig, manifest: dict, seconds: dict[str, float]) ->
         tracking.log_artifact(Path(cfg.private) / name)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resume", action="store_true", help="continue a killed run")
-    add_section_arguments(parser, "poison")
+add_arguments = arguments.poison  # flags live where --help needs no torch
 
 
 def run(args: argparse.Namespace) -> int:
     poison(section_from_args("poison", args), resume=args.resume)
     return 0
+
+
+make_callable(__name__)  # `mme.poison(...)` is the API function of mme/api.py

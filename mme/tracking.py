@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +44,33 @@ PARENT_TAG = "mme.parent"
 
 
 def enabled() -> bool:
-    """False when ``MME_TRACKING`` is ``off``/``0``/``false``/``no``."""
-    return os.environ.get("MME_TRACKING", "on").strip().lower() not in {"off", "0", "false", "no"}
+    """False when ``MME_TRACKING`` is ``off``/``0``/``false``/``no``, or MLflow is not installed."""
+    if os.environ.get("MME_TRACKING", "on").strip().lower() in {"off", "0", "false", "no"}:
+        return False
+    return mlflow_installed()
+
+
+_missing_noted: list[bool] = []
+
+
+def mlflow_installed() -> bool:
+    """Whether MLflow can be imported (the ``ops`` extra); says once when it cannot."""
+    import importlib.util
+
+    try:
+        found = sys.modules.get("mlflow", True) is not None and bool(
+            importlib.util.find_spec("mlflow")
+        )
+    except (ImportError, ValueError):
+        found = False
+    if not found and not _missing_noted:
+        _missing_noted.append(True)
+        print(
+            "mme: MLflow is not installed: tracking is off "
+            "(pip install 'mme[ops]' to turn it on; MME_TRACKING=off hides this line)",
+            file=sys.stderr,
+        )
+    return found
 
 
 def experiment_name() -> str:

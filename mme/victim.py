@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from mme import fsio, models, paths, plots, shards, tracking
-from mme.config import VictimConfig, add_section_arguments, section_from_args
+from mme import arguments, fsio, models, paths, plots, shards, tracking
+from mme.config import VictimConfig, section_from_args
 
 PAIRS_SHARD_SIZE = 1000
 TRAINER_NAME = "trainer"  # open_clip_train's --name: its logs go to run_dir/trainer
@@ -303,8 +303,8 @@ def data_provenance(shard_dir: Path) -> dict[str, Any]:
     """What the training data is: manifest hash and, for protected data, method/epsilon/trigger,
     and for a copy made by ``mme attack`` the attack (its spec).
 
-    ``method`` is ``clean`` unless the manifest (top level, or its ``poison``/``config`` record)
-    names one. Shards without a manifest give ``None`` for the hash.
+    ``method`` is ``clean`` unless the manifest names one (:meth:`Manifest.data_record`). Shards
+    without a manifest give ``None`` for the hash.
     """
     version = shards.manifest_sha256(shard_dir)
     if version is None:
@@ -315,15 +315,9 @@ def data_provenance(shard_dir: Path) -> dict[str, Any]:
             "trigger_len": None,
             "attack": None,
         }
-    manifest = shards.load_manifest(shard_dir)
-    out: dict[str, Any] = {"data_manifest_sha256": version}
-    for key in ("method", "epsilon", "trigger_len", "attack"):
-        records = (manifest, manifest.get("poison"), manifest.get("config"))
-        found = [r.get(key) for r in records if isinstance(r, dict)]
-        found = [v for v in found if isinstance(v, (str, int, float))]
-        out[key] = found[0] if found else None
-    out["method"] = out["method"] or "clean"
-    return out
+    from mme.manifest import read_manifest
+
+    return {"data_manifest_sha256": version, **read_manifest(shard_dir).data_record()}
 
 
 def finalize_checkpoint(run_dir: Path, epochs: int, record: dict[str, Any]) -> Path:
@@ -466,20 +460,7 @@ def _record_outputs(
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--shards",
-        type=Path,
-        default=None,
-        help="shard folder with train-*.tar (default: params.yaml data.out)",
-    )
-    parser.add_argument(
-        "--run-dir",
-        type=Path,
-        default=None,
-        help="output folder (default: runs/victim-<shards name>)",
-    )
-    add_section_arguments(parser, "victim")
+add_arguments = arguments.train  # flags live where --help needs no torch
 
 
 def default_shards(params: Path | None) -> Path:

@@ -63,7 +63,7 @@ def tiny_run(colour_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     root = tmp_path_factory.mktemp("tiny_run")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     run_dir = root / "run"
-    argv = ["train", "--params", str(root / "none.yaml"), "--shards", str(colour_shards)]
+    argv = ["train", "--params", "none", "--shards", str(colour_shards)]
     argv += ["--run-dir", str(run_dir), "--model", "mme-tiny-vit", "--epochs", "1"]
     argv += ["--batch-size", "16", "--warmup", "2", "--device", "cpu", "--workers", "1"]
     with pytest.MonkeyPatch.context() as mp:

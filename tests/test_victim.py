@@ -11,7 +11,7 @@ import torch
 from mme import cli, models, shards, victim
 from mme.config import VictimConfig
 
-NO_PARAMS = ["--params", "/nonexistent/params.yaml"]
+NO_PARAMS = ["--params", "none"]  # no params file: the built-in defaults
 
 
 def test_profiles_fill_unset_fields() -> None:
