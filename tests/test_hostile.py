@@ -156,7 +156,7 @@ def test_planted_checkpoint_runs_no_code_on_resume(clean, tmp_path):
     fsio.claim(cfg.private, "mme poison")  # a killed run's folder, with a planted checkpoint
     work = work_dir(cfg)
     work.mkdir(parents=True)
-    (work / CKPT).write_bytes(pickle.dumps({"config_hash": Payload()}))
+    (work / CKPT).write_bytes(pickle.dumps({"config_hash": Payload()}, protocol=2))
     with pytest.raises(ConfigError, match="not a checkpoint mme can load safely"):
         poison(cfg, resume=True)
     assert not marker.exists()
@@ -588,19 +588,20 @@ def test_checkpoint_holds_tensors_and_plain_data_only(clean, tmp_path):
 # ------------------------------------------------------------------------------------ telemetry
 
 
-@pytest.mark.parametrize("module", ["flows.reevaluate", "flows.serve"])
-def test_flow_entry_point_outside_make_phones_no_home(module):
+def test_flow_entry_point_outside_make_phones_no_home():
     """`python -m flows.reevaluate` (documented in the README) ran with analytics on."""
     env = {k: v for k, v in os.environ.items() if "TELEMETRY" not in k and "ANALYTICS" not in k}
     env.pop("DO_NOT_TRACK", None)
     code = (
-        f"import {module}, os\n"
+        "import os, flows.reevaluate\n"  # the README's `python -m flows.reevaluate`
         "from prefect.settings import get_current_settings\n"
         "s = get_current_settings()\n"
         "assert s.server.analytics_enabled is False, 'server analytics on'\n"
         "assert s.cloud.enable_orchestration_telemetry is False, 'orchestration telemetry on'\n"
         "assert os.environ['MLFLOW_DISABLE_TELEMETRY'] == 'true'\n"
         "assert os.environ['DO_NOT_TRACK'] == '1'\n"
+        "import flows.serve\n"  # the server entry point: nothing it imports turns it back on
+        "assert get_current_settings().server.analytics_enabled is False\n"
     )
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
