@@ -56,7 +56,7 @@ def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
         raise ConfigError(f"poison.model = {cfg.model!r}: {err}") from None
     try:
         manifest = shards.load_manifest(cfg.clean)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, shards.BadShard) as err:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: {err}") from None
     if manifest.get("splits", {}).get("train", {}).get("images", 0) == 0:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: the train split has no images")

@@ -643,3 +643,16 @@ def test_rerun_over_old_layout_removes_private_files_from_public_folder(clean, t
         (out / name).write_bytes(b"old private data")
     poison(PoisonConfig(clean=clean, out=out, private=tmp_path / "priv", **FAST))
     assert {p.name for p in out.iterdir()} == {fsio.OWNER, "manifest.json", "train-000000.tar"}
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b"\xff\xfe"])
+def test_crafted_manifest_is_a_clear_error(tmp_path, content, capsys):
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(shards.BadShard, match="manifest.json"):
+        shards.load_manifest(tmp_path)
+
+
+def test_fifo_as_manifest_does_not_hang(tmp_path, alarm):
+    os.mkfifo(tmp_path / "manifest.json")
+    with pytest.raises(shards.BadShard, match="not a regular file"):
+        shards.load_manifest(tmp_path)
