@@ -121,8 +121,10 @@ def test_published_set_gives_back_no_clean_image(clean, protected):
 # ------------------------------------------------------------------------ writing and executing
 
 
-def test_crafted_shard_key_escapes_export_folder(tmp_path, capsys):
-    """A protected shard whose sample key is a path must not write outside --out."""
+@pytest.mark.parametrize("fmt", ["folder", "webdataset"])
+def test_crafted_shard_key_escapes_export_folder(tmp_path, capsys, fmt):
+    """A protected shard whose sample key is a path must not write outside --out (nor be passed
+    on as it is in a WebDataset export)."""
     prot = tmp_path / "prot"
     prot.mkdir()
     target = tmp_path / "victim"
@@ -133,7 +135,8 @@ def test_crafted_shard_key_escapes_export_folder(tmp_path, capsys):
         {f"{evil}.png": png(), f"{evil}.txt": b"x", f"{evil}.json": b"{}"},
     )
     shards.write_json_atomic(prot / "manifest.json", {"splits": {"train": {"images": 1}}})
-    assert cli.main(["export", "--protected", str(prot), "--out", str(tmp_path / "pub")]) == 2
+    argv = ["export", "--protected", str(prot), "--out", str(tmp_path / "pub"), "--format", fmt]
+    assert cli.main(argv) == 2
     assert "not KEY.EXT" in capsys.readouterr().err
     assert not any(target.iterdir()) and not (tmp_path / "pub").exists()
 
