@@ -135,8 +135,12 @@ def _write_folder(
 def _write_webdataset(
     protected: Path, dest: Path, splits: list[str], manifest: dict[str, Any]
 ) -> dict[str, dict[str, int]]:
-    """Copy the shards byte for byte; a manifest without local paths or side files."""
+    """Copy the shards byte for byte, once each has been read through (every key, caption and
+    metadata member validated: a crafted shard is not passed on); a manifest without local
+    paths or side files."""
     for split in splits:
+        for _ in iter_samples(protected, split):
+            pass
         for tar in tqdm(shard_paths(protected, split), desc=f"export {split}", file=sys.stderr):
             shutil.copyfile(tar, dest / tar.name)
     counts = {s: {k: manifest["splits"][s].get(k) for k in ("images", "captions")} for s in splits}

@@ -13,7 +13,6 @@ config still says 3 next to a top-level 0, read as 0.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +93,14 @@ class Manifest(BaseModel):
 
 
 def read_manifest(folder: Path) -> Manifest:
-    """The manifest of ``folder``; FileNotFoundError when absent, ConfigError when malformed."""
+    """The manifest of ``folder``; FileNotFoundError when absent, ConfigError when malformed
+    (read by :func:`mme.shards.load_manifest`: a regular file, size-capped, a JSON object)."""
+    from mme.shards import BadShard, load_manifest
+
     path = Path(folder) / FILENAME
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `mme prepare` (or `mme poison`) first")
     try:
-        return Manifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, ValidationError) as err:  # JSONDecodeError is a ValueError
+        return Manifest.model_validate(load_manifest(Path(folder)))
+    except (BadShard, ValidationError) as err:
         raise ConfigError(f"{path} is not a valid manifest: {err}".splitlines()[0]) from None
 
 
