@@ -110,6 +110,11 @@ class PoisonConfig(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(False, description="torch.compile the image tower")
+    threads: int = Field(
+        1,
+        ge=1,
+        description="torch CPU threads of the loop; part of the result (same count: same bytes)",
+    )
     grid_samples: int = Field(6, ge=1, le=64)
     shard_size: int = Field(1000, ge=1)
 

@@ -11,12 +11,14 @@ clip(x + δ) as PNG at the working resolution, captions = trigger words + captio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,25 @@ def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
     if Path(cfg.out).resolve() == Path(cfg.clean).resolve():
         raise ConfigError("poison.out must differ from poison.clean (inputs are never modified)")
     return manifest
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """Run the body with exactly ``n`` torch intra-op threads, whatever the machine offers.
+
+    Why: CPU kernels split their reductions by thread count (e.g. LayerNorm's weight/bias
+    gradients are summed in one partial per thread), so the surrogate's weights, and through
+    them every PGD sign and HotFlip choice, drift with ``OMP_NUM_THREADS`` or the core count.
+    A fixed count gives the same partition, hence the same bytes, on any machine with the same
+    CPU instruction set (docs/orchestration.md, "Reproducibility"). ``n`` above the core count
+    only time-shares; ``poison.threads`` is part of the result like ``seed``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def config_hash(cfg: PoisonConfig) -> str:
@@ -260,7 +281,8 @@ def poison(cfg: PoisonConfig, resume: bool = False, on_round: RoundHook | None =
         init_state(store, cfg, allowed)
     params = poison_params(cfg)
     with tracking.start_run(tracking.experiment_name(), f"poison-{cfg.method}", params):
-        run_rounds(mem, store, cfg, start, on_round, work)
+        with fixed_threads(cfg.threads):  # the bytes must not depend on the machine's cores
+            run_rounds(mem, store, cfg, start, on_round, work)
         t_gen = time.perf_counter() - t0
         # while shards are being replaced no manifest may describe the folder
         (Path(cfg.out) / "manifest.json").unlink(missing_ok=True)
@@ -297,6 +319,7 @@ def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
         "surrogate_model": cfg.model,
         "batch_size": cfg.batch_size,
         "protect_fraction": cfg.protect_fraction,
+        "threads": cfg.threads,
         "data_manifest_sha256": shards.manifest_sha256(cfg.clean),
     }
 
