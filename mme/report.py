@@ -250,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     table = markdown_table(rows)
     print(table)
+    tracking.log_text_to_parent(table + "\n", "report.md")  # the DVC pipeline's parent run
     if cfg.out is not None:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         cfg.out.write_text(table + "\n")
