@@ -20,6 +20,7 @@ PREFECT_ENV  := PREFECT_HOME=$(CURDIR)/.prefect \
 
 
 .PHONY: benchmark
+.PHONY: exp
 .PHONY: venv run report test test-fast lint format lock clean prefect-server serve mlflow-ui
 
 venv: $(STAMP)
@@ -57,6 +58,13 @@ mlflow-ui: venv
 	{ (sleep 5; $(BIN)/python -m webbrowser -t "$$url" >/dev/null 2>&1 || true) & } && \
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/mlflow ui \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(HOST) --port $(MLFLOW_PORT)
+
+# One readable table of the DVC experiments (`dvc exp run -S ...`): the params that vary between
+# them and rsum/chance of every victim (metrics/<victim>.json). No venv dependency: after `make run`.
+EXP_DROP := Created|metrics|data/|mme/|runs/|reevaluate\.|report\.|tracking\.
+exp:
+	$(BIN)/dvc exp show --md --no-pager --only-changed --precision 3 \
+		--drop '$(EXP_DROP)' --keep 'Experiment|.*:rsum_over_chance$$'
 
 test: venv lint
 	$(BIN)/python -m pytest -q

@@ -52,6 +52,10 @@ HEADLINE_PARAMS = ("method", "epsilon", "trigger_len", "victim_model", "attack")
 # MLflow 3's experiment kinds (mlflow/server/js: GENAI_DEVELOPMENT, CUSTOM_MODEL_DEVELOPMENT);
 # without the tag the UI guesses and may open the GenAI "Overview", which lists no runs.
 KIND_TAG, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# The UI's global GenAI / "Model training" switch is read from this URL parameter (else from
+# the browser's local storage, GenAI by default).
+UI_MODE = "workflowType=machine_learning"
+UI_SORT = "orderByKey=metrics.%600_rsum_over_chance%60&orderByAsc=false"  # best victim first
 
 
 def with_headline(values: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -99,7 +103,8 @@ def _experiment_id(mlflow: Any, name: str) -> str:
 
 def ui_url(base: str, experiment: str) -> str:
     """The runs table of ``experiment`` in the MLflow UI served at ``base`` (created if new)."""
-    return f"{base.rstrip('/')}/#/experiments/{_experiment_id(_mlflow(), experiment)}/runs"
+    exp_id = _experiment_id(_mlflow(), experiment)
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{UI_MODE}&{UI_SORT}"
 
 
 def artifact_location(experiment: str) -> str | None:

@@ -134,7 +134,10 @@ def test_headline_columns_and_model_training_kind(store: Path) -> None:
     exp = _client().get_experiment_by_name("exp-kind")
     assert exp.tags[tracking.KIND_TAG] == "custom_model_development"
     url = tracking.ui_url("http://127.0.0.1:5000/", "exp-kind")
-    assert url == f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
+    assert (
+        url
+        == f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?{tracking.UI_MODE}&{tracking.UI_SORT}"
+    )
 
 
 def test_old_experiment_gets_the_kind_tag(store: Path) -> None:
@@ -151,7 +154,10 @@ def test_ui_url_command_reads_params(store: Path, capsys, monkeypatch) -> None:
     params.write_text("tracking:\n  experiment: from-params\n")
     assert tracking.main(["ui-url", "--base", "http://x:9", "--params", str(params)]) == 0
     exp = _client().get_experiment_by_name("from-params")
-    assert capsys.readouterr().out.strip() == f"http://x:9/#/experiments/{exp.experiment_id}/runs"
+    runs = (
+        f"http://x:9/#/experiments/{exp.experiment_id}/runs?{tracking.UI_MODE}&{tracking.UI_SORT}"
+    )
+    assert capsys.readouterr().out.strip() == runs
 
 
 def test_report_table_goes_to_the_named_parent(store: Path, monkeypatch) -> None:
