@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from mme import models, report, shards
 from mme.config import (
+    ConfigError,
     DataConfig,
     EvaluateConfig,
     PoisonConfig,
@@ -174,14 +175,16 @@ def plan_task(
 
     Without ``protected`` (and ``rev``) the data follow whichever pipeline made them: of the DVC
     pipeline's protected set (``reevaluate.protected``) and the served Prefect pipeline's
-    (``runs/prefect/protected/<method>``), the one written last. Without ``clean``: the clean
-    set that protected set was made from (its manifest's ``clean``), else ``reevaluate.clean``.
+    (``runs/prefect/protected/<method>``), the one written last. Without ``clean``:
+    ``reevaluate.clean`` for ``reevaluate.protected``, else the clean set the protected set was
+    made from (its manifest's ``clean``).
     """
     cfg = load_section("reevaluate", params, {"protected": protected, "rev": rev})
+    dvc_protected = cfg.protected
     if protected is None and rev is None:
-        cfg = cfg.model_copy(update={"protected": _latest_protected(params, cfg.protected)})
-    if clean is None:
-        clean = _clean_of(cfg.protected) if rev is None else None
+        cfg = cfg.model_copy(update={"protected": _latest_protected(params, dvc_protected)})
+    if clean is None and rev is None and Path(cfg.protected) != Path(dvc_protected):
+        clean = _clean_of(cfg.protected)  # not the params.yaml pair: the set it was made from
     if clean is not None:
         cfg = cfg.model_copy(update={"clean": Path(clean)})
     return Plan(
@@ -196,7 +199,7 @@ def _latest_protected(params: Path, dvc_default: Path) -> Path:
     candidates = [Path(dvc_default)]
     try:
         candidates.append(prefect_outputs(params)[1].out)
-    except Exception:  # a params file without data/poison sections: only the DVC default
+    except ConfigError:  # data/poison sections unusable here: only the DVC default
         pass
     made = [p for p in candidates if (p / "manifest.json").is_file()]
     if not made:

@@ -207,3 +207,35 @@ def test_reevaluate_checks_every_input_first(env: Path, tmp_path: Path) -> None:
     for needle in ("no manifest.json", "no test split", "no-such-model"):
         assert needle in state.message
     assert len(_runs("train")) == n_train
+
+
+def test_reevaluate_defaults_follow_the_newest_pipeline_output(tmp_path: Path, monkeypatch) -> None:
+    import json
+    import os
+
+    from flows.tasks import plan_task
+
+    monkeypatch.chdir(tmp_path)
+    params = {
+        "data": {"out": "data/shards/syn"},
+        "poison": {"method": "mem"},
+        "reevaluate": {"protected": "data/protected/mem", "clean": "data/shards/syn"},
+    }
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    dvc_made, prefect_made = Path("data/protected/mem"), Path("runs/prefect/protected/mem")
+    for folder, clean in ((dvc_made, "data/shards/syn"), (prefect_made, "runs/prefect/shards/syn")):
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"clean": clean}))
+
+    def plan(**kw):
+        args = {"protected": None, "clean": None, "rev": None, "victims": [], **kw}
+        return plan_task.fn(Path("params.yaml"), **args).cfg
+
+    os.utime(dvc_made / "manifest.json", (1, 1))  # the Prefect pipeline ran last
+    cfg = plan()
+    assert (cfg.protected, cfg.clean) == (prefect_made, Path("runs/prefect/shards/syn"))
+    os.utime(prefect_made / "manifest.json", (0, 0))  # now the DVC pipeline's is newer
+    cfg = plan()
+    assert (cfg.protected, cfg.clean) == (dvc_made, Path("data/shards/syn"))
+    cfg = plan(protected=prefect_made, clean=Path("elsewhere"))  # parameters win
+    assert (cfg.protected, cfg.clean) == (prefect_made, Path("elsewhere"))
