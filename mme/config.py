@@ -185,6 +185,11 @@ class PoisonConfig(Section):
     seed: int = Field(0, description="seed of the surrogate, triggers and subset")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available")
     compile: bool = Field(False, description="torch.compile the image tower")
+    threads: int = Field(
+        1,
+        ge=1,
+        description="torch CPU threads of the loop; part of the result (same count: same bytes)",
+    )
     grid_samples: int = Field(6, ge=1, le=64, description="examples in grid.png")
     shard_size: int = Field(1000, ge=1, description="samples per tar shard")
     write_workers: int = Field(

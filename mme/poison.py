@@ -18,6 +18,7 @@ disjoint from each other and from the clean input, which is never modified.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -79,6 +80,25 @@ def check_inputs(cfg: PoisonConfig) -> Manifest:
     except fsio.UnsafePath as err:
         raise ConfigError(str(err)) from None
     return manifest
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """Run the body with exactly ``n`` torch intra-op threads, whatever the machine offers.
+
+    Why: CPU kernels split their reductions by thread count (e.g. LayerNorm's weight/bias
+    gradients are summed in one partial per thread), so the surrogate's weights, and through
+    them every PGD sign and HotFlip choice, drift with ``OMP_NUM_THREADS`` or the core count.
+    A fixed count gives the same partition, hence the same bytes, on any machine with the same
+    CPU instruction set (docs/orchestration.md, "Reproducibility"). ``n`` above the core count
+    only time-shares; ``poison.threads`` is part of the result like ``seed``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def config_hash(cfg: PoisonConfig) -> str:
@@ -355,7 +375,8 @@ def _poison(
         init_state(store, cfg, allowed)
     params = poison_params(cfg)
     with tracking.start_run(tracking.experiment_name(), f"poison-{cfg.method}", params):
-        run_rounds(mem, store, cfg, start, on_round, work)
+        with fixed_threads(cfg.threads):  # the bytes must not depend on the machine's cores
+            run_rounds(mem, store, cfg, start, on_round, work)
         t_gen = time.perf_counter() - t0
         # while shards are being replaced no manifest may describe the folder
         (Path(cfg.out) / "manifest.json").unlink(missing_ok=True)
@@ -395,6 +416,7 @@ def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
         "protect_fraction": cfg.protect_fraction,
         "eot": ",".join(cfg.eot) if cfg.augment else "none",
         "eot_interpolation": cfg.eot_interpolation,
+        "threads": cfg.threads,
         "data_manifest_sha256": shards.manifest_sha256(cfg.clean),
     }
 

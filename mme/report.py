@@ -270,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     table = markdown_table(rows)
     print(table)
+    tracking.log_text_to_parent(table + "\n", "report.md")  # the DVC pipeline's parent run
     if cfg.out is not None:
         fsio.write_text(cfg.out, table + "\n")
     if args.recall_dir is not None:

@@ -235,6 +235,31 @@ def seeded_sample_shuffle(seed: int) -> Iterator[None]:
         webdataset.shuffle = original
 
 
+class _NoModelPrintout(logging.Filter):
+    """Drops open_clip_train's "Model:" line and the module printout after it (hundreds of
+    lines of ``str(model)``); the model's config is in the run folder's params.txt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip_next = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.skip_next:
+            self.skip_next = False
+            return False
+        if record.name == "root" and record.msg == "Model:":
+            self.skip_next = True
+            return False
+        return True
+
+
+class _NotTrainerRecords(logging.Filter):
+    """Passes everything but the trainer's own records (it logs through the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "root"
+
+
 def run_trainer(argv: list[str]) -> None:
     """Run ``open_clip_train.main.main(argv)`` in-process and undo its global logging changes.
 
@@ -249,9 +274,18 @@ def run_trainer(argv: list[str]) -> None:
     levels = {
         n: lg.level for n, lg in root.manager.loggerDict.items() if isinstance(lg, logging.Logger)
     }
+    # Once, and without the model printout: the trainer prints through its own stderr handler,
+    # so handlers that were already there (e.g. Prefect's console) skip its root-logger records.
+    quiet, own = _NoModelPrintout(), _NotTrainerRecords()
+    root.addFilter(quiet)
+    for h in handlers:
+        h.addFilter(own)
     try:
         status = trainer_main(argv)
     finally:
+        root.removeFilter(quiet)
+        for h in handlers:
+            h.removeFilter(own)
         for h in root.handlers[:]:
             if h not in handlers:
                 root.removeHandler(h)
