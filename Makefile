@@ -19,7 +19,7 @@ PREFECT_ENV  := PREFECT_HOME=$(CURDIR)/.prefect \
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
 
 
-.PHONY: benchmark bench flickr8k gpu-wheels gpu-data
+.PHONY: benchmark bench flickr8k gpu-wheels gpu-data exp
 .PHONY: venv run report test test-fast lint format lock clean prefect-server serve mlflow-ui
 
 venv: $(STAMP)
@@ -49,10 +49,21 @@ prefect-server: venv
 serve: venv
 	$(PREFECT_ENV) $(BIN)/python -m flows.serve
 
-# MLflow UI on http://$(HOST):$(MLFLOW_PORT) over the project's store.
+# MLflow UI on http://$(HOST):$(MLFLOW_PORT) over the project's store; prints the runs view of
+# params.yaml's experiment (tracking.experiment, model-training mode) and opens it in a browser.
 mlflow-ui: venv
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
-		--host $(HOST) --port $(MLFLOW_PORT)
+	@url=$$($(BIN)/python -m mme.tracking ui-url --base http://$(HOST):$(MLFLOW_PORT)) && \
+	echo "MLflow runs view: $$url" && \
+	{ (sleep 5; $(BIN)/python -m webbrowser -t "$$url" >/dev/null 2>&1 || true) & } && \
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/mlflow ui \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(HOST) --port $(MLFLOW_PORT)
+
+# One readable table of the DVC experiments (`dvc exp run -S ...`): the params that vary between
+# them and rsum/chance of every victim (metrics/<victim>.json). No venv dependency: after `make run`.
+EXP_DROP := Created|metrics|data/|mme/|runs/|reevaluate\.|report\.|tracking\.
+exp:
+	$(BIN)/dvc exp show --md --no-pager --only-changed --precision 3 \
+		--drop '$(EXP_DROP)' --keep 'Experiment|.*:rsum_over_chance$$'
 
 test: venv lint
 	$(BIN)/python -m pytest -q

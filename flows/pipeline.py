@@ -21,7 +21,7 @@ from flows.tasks import (
     run_params,
     train_task,
 )
-from mme import tracking
+from mme import __version__, tracking
 from mme.config import DataConfig, EvaluateConfig, PoisonConfig, VictimConfig
 
 
@@ -37,10 +37,9 @@ def mme_pipeline(
     """Protect ``data`` with ``poison``, train ``victim`` on the clean and on the protected
     set (run folders under ``runs``), evaluate both on the clean test split; returns
     ``{"clean": metrics, <method>: metrics}`` and prints the comparison table."""
-    tags = {"stage": "pipeline", "orchestrator": "prefect"}
-    with tracking.start_run(
-        experiment, f"pipeline-{flow_run.name}", run_params(poison, victim), tags
-    ):
+    tags = {"stage": "pipeline", "orchestrator": "prefect", "prefect_flow_run": flow_run.name}
+    name = f"pipeline-{__version__}-{tracking.run_stamp()}"  # unique and readable
+    with tracking.start_run(experiment, name, run_params(poison, victim), tags):
         clean = prepare_task(data)
         protected = poison_task(poison, clean)
         clean_ckpt = train_task(victim, clean, runs / "clean")
@@ -49,7 +48,8 @@ def mme_pipeline(
             "clean": evaluate_task(evaluate, clean_ckpt, clean),
             poison.method: evaluate_task(evaluate, protected_ckpt, clean),
         }
-    report_task(experiment, [clean, protected])
+        table = report_task(experiment, [clean, protected])
+        tracking.log_text(table + "\n", "report.md")  # the table, with the runs it sums up
     return results
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.tasks import (
+    check_task,
     evaluate_uncached,
     fetch_task,
     pending_task,
@@ -31,22 +32,29 @@ from mme.config import VictimConfig
 def reevaluate(
     params: Path = Path("params.yaml"),
     protected: Path | None = None,
+    clean: Path | None = None,
     rev: str | None = None,
     victims: list[VictimConfig] | None = None,
 ) -> str:
     """Train + evaluate the victims of ``params`` (or ``victims``) not yet evaluated on the
-    protected set (``protected``/``rev`` override params.yaml); returns the Markdown table."""
-    plan = plan_task(params, protected, rev, victims)
+    protected set, judged on ``clean``'s test split. Unset, ``protected`` is the newest of the
+    DVC and the Prefect pipeline's outputs and ``clean`` the set it was made from (see
+    :func:`flows.tasks.plan_task`). Every input is checked before any training; the first
+    problem list is the flow run's failure message. Returns the Markdown table."""
+    plan = plan_task(params, protected, clean, rev, victims)
     dataset = fetch_task(plan.cfg.protected, plan.cfg.rev, plan.cfg.runs)
+    check_task(dataset, plan)
     version = version_task(dataset)
     todo = pending_task(version, plan.victims, plan.experiment, plan.cfg.runs)
-    run_name = f"reevaluate-{version[:8]}"
+    run_name = f"reevaluate-{version[:8]}-{tracking.run_stamp()}"  # unique, readable
     params_ = reevaluate_params(version, plan, len(todo))
     with tracking.start_run(plan.experiment, run_name, params_, {"stage": "reevaluate"}):
         for victim, run_dir in todo:
             checkpoint = train_uncached(victim, dataset, run_dir)
             evaluate_uncached(plan.evaluate, checkpoint, plan.cfg.clean)
-    return report_task(plan.experiment, [dataset])
+        table = report_task(plan.experiment, [dataset])
+        tracking.log_text(table + "\n", "report.md")
+    return table
 
 
 if __name__ == "__main__":

@@ -20,23 +20,13 @@ from prefect import serve
 
 from flows.pipeline import mme_pipeline
 from flows.reevaluate import reevaluate
+from flows.tasks import PREFECT_ROOT, prefect_outputs
 from mme.config import load_section
-
-PREFECT_ROOT = Path("runs/prefect")
 
 
 def pipeline_parameters(params: Path, root: Path = PREFECT_ROOT) -> dict[str, Any]:
     """``mme_pipeline``'s parameters from ``params``, outputs under ``root``."""
-    data = load_section("data", params)
-    poison = load_section("poison", params)
-    data = data.model_copy(update={"out": root / "shards" / Path(data.out).name})
-    poison = poison.model_copy(
-        update={
-            "clean": data.out,
-            "out": root / "protected" / poison.method,
-            "private": root / "private" / poison.method,
-        }
-    )
+    data, poison = prefect_outputs(params, root)
     return {
         "data": data,
         "poison": poison,
@@ -53,17 +43,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cron", default=None, help="reevaluate schedule (default: params.yaml)")
     args = parser.parse_args(argv)
     cron = args.cron or load_section("reevaluate", args.params).cron
+    serve(*deployments(args.params, cron))
+
+
+def deployments(params: Path, cron: str) -> list[Any]:
+    """``mme-pipeline/default`` and ``reevaluate/scheduled`` as served (tests run their
+    parameters through the flows)."""
     # Deployment parameters travel as JSON: dump the pydantic sections.
     pipeline_params = {
         k: v.model_dump(mode="json") if hasattr(v, "model_dump") else str(v)
-        for k, v in pipeline_parameters(args.params).items()
+        for k, v in pipeline_parameters(params).items()
     }
-    serve(
+    return [
         mme_pipeline.to_deployment(name="default", parameters=pipeline_params),
-        reevaluate.to_deployment(
-            name="scheduled", cron=cron, parameters={"params": str(args.params)}
-        ),
-    )
+        reevaluate.to_deployment(name="scheduled", cron=cron, parameters={"params": str(params)}),
+    ]
 
 
 if __name__ == "__main__":

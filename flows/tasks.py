@@ -24,8 +24,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from mme import report, shards
+from mme import models, report, shards
 from mme.config import (
+    ConfigError,
     DataConfig,
     EvaluateConfig,
     PoisonConfig,
@@ -40,6 +41,23 @@ from mme.prepare import prepare
 from mme.victim import train_victim
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
+PREFECT_ROOT = Path("runs/prefect")  # the served pipeline's outputs (never the DVC pipeline's)
+
+
+def prefect_outputs(params: Path, root: Path = PREFECT_ROOT) -> tuple[DataConfig, PoisonConfig]:
+    """params.yaml's ``data``/``poison`` sections re-rooted under ``root``: where
+    ``mme-pipeline/default`` writes its clean and protected sets."""
+    data = load_section("data", params)
+    data = data.model_copy(update={"out": root / "shards" / Path(data.out).name})
+    poison_cfg = load_section("poison", params)
+    poison_cfg = poison_cfg.model_copy(
+        update={
+            "clean": data.out,
+            "out": root / "protected" / poison_cfg.method,
+            "private": root / "private" / poison_cfg.method,
+        }
+    )
+    return data, poison_cfg
 
 
 # --- cache keys --------------------------------------------------------------------------------
@@ -154,16 +172,86 @@ class Plan(BaseModel):
 
 @task(name="load-plan")
 def plan_task(
-    params: Path, protected: Path | None, rev: str | None, victims: list[VictimConfig] | None
+    params: Path,
+    protected: Path | None,
+    clean: Path | None,
+    rev: str | None,
+    victims: list[VictimConfig] | None,
 ) -> Plan:
-    """``reevaluate``/``evaluate``/``tracking`` sections of ``params`` (+ the flow's overrides)."""
+    """``reevaluate``/``evaluate``/``tracking`` sections of ``params`` (+ the flow's overrides).
+
+    Without ``protected`` (and ``rev``) the data follow whichever pipeline made them: of the DVC
+    pipeline's protected set (``reevaluate.protected``) and the served Prefect pipeline's
+    (``runs/prefect/protected/<method>``), the one written last. Without ``clean``:
+    ``reevaluate.clean`` for ``reevaluate.protected``, else the clean set the protected set was
+    made from (its manifest's ``clean``).
+    """
     cfg = load_section("reevaluate", params, {"protected": protected, "rev": rev})
+    dvc_protected = cfg.protected
+    if protected is None and rev is None:
+        cfg = cfg.model_copy(update={"protected": _latest_protected(params, dvc_protected)})
+    if clean is None and rev is None and Path(cfg.protected) != Path(dvc_protected):
+        clean = _clean_of(cfg.protected)  # not the params.yaml pair: the set it was made from
+    if clean is not None:
+        cfg = cfg.model_copy(update={"clean": Path(clean)})
     return Plan(
         cfg=cfg,
         victims=victims if victims is not None else reevaluation_victims(params),
         evaluate=load_section("evaluate", params),
         experiment=load_section("tracking", params).experiment,
     )
+
+
+def _latest_protected(params: Path, dvc_default: Path) -> Path:
+    candidates = [Path(dvc_default)]
+    try:
+        candidates.append(prefect_outputs(params)[1].out)
+    except ConfigError:  # data/poison sections unusable here: only the DVC default
+        pass
+    made = [p for p in candidates if (p / "manifest.json").is_file()]
+    if not made:
+        return Path(dvc_default)  # check_task says where it looked
+    chosen = max(made, key=lambda p: (p / "manifest.json").stat().st_mtime)
+    print(f"reevaluate: protected set {chosen} (the newest of {', '.join(map(str, made))})")
+    return chosen
+
+
+def _clean_of(protected: Path) -> Path | None:
+    """The clean folder a protected set was made from (``mme poison`` records it)."""
+    try:
+        recorded = shards.load_manifest(protected).get("clean")
+    except (FileNotFoundError, ValueError):
+        return None
+    return Path(recorded) if recorded else None
+
+
+@task(name="check-inputs")
+def check_task(dataset: Path, plan: Plan) -> None:
+    """Fail before any training, naming every missing or bad input at once."""
+    problems = []
+    if shards.manifest_sha256(dataset) is None:
+        problems.append(
+            f"protected set {dataset}: no manifest.json (run the pipeline first: `make run`,"
+            " `dvc repro` or mme-pipeline/default; or pass --param protected=DIR)"
+        )
+    clean = Path(plan.cfg.clean)
+    try:
+        n_test = shards.load_manifest(clean).get("splits", {}).get("test", {}).get("images", 0)
+    except FileNotFoundError:
+        problems.append(f"clean set {clean}: no manifest.json (--param clean=DIR)")
+    else:
+        if not n_test or not shards.shard_paths(clean, "test"):
+            problems.append(
+                f"clean set {clean}: no test split (test-*.tar) to evaluate on; prepare it with"
+                " a test split (e.g. --n-test, --test-fraction) or --param clean=DIR"
+            )
+    for i, victim in enumerate(plan.victims):
+        try:
+            models.check_model_name(victim.model)
+        except ValueError as err:
+            problems.append(f"victims[{i}].model = {victim.model!r}: {err}")
+    if problems:
+        raise ValueError("reevaluate cannot start:\n- " + "\n- ".join(problems))
 
 
 @task(name="fetch-dataset", **IO_RETRIES)

@@ -1,3 +1,39 @@
-"""mme — multimodal unlearnable examples (Multi-step Error Minimization, arXiv 2407.16307)."""
+"""mme — multimodal unlearnable examples (Multi-step Error Minimization, arXiv 2407.16307).
+
+The Python API (see :mod:`mme.api`), imported lazily so ``import mme`` stays light::
+
+    import mme
+
+    result = mme.protect("photos/", "publish/")  # prepare -> poison -> verify -> export
+    manifest = mme.prepare(source="folder", input="photos/", out="shards/")
+    protected = mme.poison(clean="shards/", out="protected/", rounds=5)
+    metrics = mme.evaluate("runs/victim/checkpoint.pt", "shards/")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = ("protect", "prepare", "poison", "evaluate")  # callable stage modules (mme.api)
+_NAMES = {
+    "DataConfig": "mme.config",
+    "PoisonConfig": "mme.config",
+    "EvaluateConfig": "mme.config",
+    "ProtectConfig": "mme.protect",
+    "ProtectResult": "mme.protect",
+    "Manifest": "mme.manifest",
+    "read_manifest": "mme.manifest",
+    "RetrievalMetrics": "mme.api",
+}
+__all__ = ["__version__", *_API, *_NAMES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return importlib.import_module(f"mme.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'mme' has no attribute {name!r}")

@@ -23,33 +23,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-PHASES = ("ceiling", "surrogate", "pgd", "hotflip", "load", "write_verify", "victim")
+from mme import arguments
+from mme.config import PHASES, BenchConfig
+
 WORDS = "dog man girl runs on the grass with a red ball in water near two people boy".split()
-
-
-class BenchConfig(BaseModel):
-    """What ``mme bench`` measures (command-line flags, not a params.yaml section)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = "RN50"
-    image_size: int | None = Field(None, ge=16, description="None: the model's own size")
-    batch_size: int = Field(128, ge=2)
-    batches: int = Field(2, ge=1, description="batches of synthetic pairs (PGD/HotFlip/IO)")
-    steps: int = Field(5, ge=1, description="timed surrogate steps / ceiling iterations")
-    pgd_steps: int = Field(8, ge=1)
-    trigger_len: int = Field(3, ge=1)
-    candidates: int = Field(16, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: Literal["auto", "on", "off"] = Field("auto", description="auto: on with CUDA")
-    phases: list[str] = Field(default_factory=lambda: list(PHASES))
-    out: Path | None = Field(None, description="JSON results file")
 
 
 def use_compile(cfg: BenchConfig, device: torch.device) -> bool:
@@ -187,10 +169,11 @@ def poison_phases(cfg: BenchConfig, model: Any, tok: Any, root: Path, device: to
 
 def write_and_verify(pcfg, store, tok, mem) -> None:  # noqa: ANN001
     """What ``mme poison`` does after the last round: write the set, its manifest, verify it."""
-    from mme import fsio, poison, shards
+    from mme import fsio, poison
+    from mme.manifest import read_manifest
 
     records, n_captions = poison.write_outputs(pcfg, store, tok)
-    clean_manifest = shards.load_manifest(pcfg.clean)
+    clean_manifest = read_manifest(pcfg.clean)
     manifest = poison.output_manifest(pcfg, clean_manifest, store, records, n_captions, mem)
     manifest["verify"] = poison.verify_outputs(pcfg, manifest)  # verified, then written last
     fsio.write_json(Path(pcfg.out) / "manifest.json", manifest)
@@ -273,11 +256,7 @@ def table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for name, field in BenchConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        nargs = "+" if name == "phases" else None
-        parser.add_argument(flag, dest=name, default=None, nargs=nargs, help=field.description)
+add_arguments = arguments.bench  # flags live where --help needs no torch
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,11 @@
 """Command line: ``mme SUBCOMMAND`` / ``python -m mme SUBCOMMAND``.
 
 Each subcommand lives in its stage module, which provides ``add_arguments(parser)`` and
-``run(args) -> int``. Modules are imported only when their subcommand runs, so ``mme --help`` is
-fast and heavy optional imports (MLflow) stay out of the compute path.
+``run(args) -> int``. Flags of the stages that need torch are declared in :mod:`mme.arguments`,
+and a module is imported only when its subcommand runs, so ``--help`` and every parse error
+answer without loading torch (``mme poison --help`` well under a second).
+
+Every user error is one line ``mme COMMAND: what is wrong: how to fix it`` and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,34 +13,110 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from mme import __version__
 from mme.config import ConfigError
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("mme.prepare", "ingest a dataset into WebDataset shards + manifest"),
-    "poison": ("mme.poison", "protect a dataset (MEM and baselines)"),
-    "verify": ("mme.verify", "check protected images against their clean sources"),
-    "export": ("mme.export", "write a protected set as plain files for publishing"),
-    "attack": ("mme.attack", "write a transformed copy of a protected set (JPEG, resize, ...)"),
-    "train": ("mme.victim", "train a victim CLIP on shards with open_clip_train"),
-    "evaluate": ("mme.evaluate", "image<->text retrieval metrics on a clean test split"),
-    "report": ("mme.report", "comparison table of tracked runs (MLflow)"),
-    "bench": ("mme.bench", "time each phase (poisoning, I/O, victim) on the current device"),
+# name -> (module with run(), help, where its add_arguments lives)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "protect": (
+        "mme.protect",
+        "protect a folder / CSV / shards / HF dataset in one go: prepare, poison, verify, export",
+        "mme.protect",
+    ),
+    "prepare": (
+        "mme.prepare",
+        "ingest a dataset into WebDataset shards + manifest",
+        "mme.prepare",
+    ),
+    "poison": ("mme.poison", "protect a dataset (MEM and baselines)", "mme.arguments:poison"),
+    "verify": (
+        "mme.verify",
+        "check protected images against their clean sources",
+        "mme.arguments:verify",
+    ),
+    "export": ("mme.export", "write a protected set as plain files for publishing", "mme.export"),
+    "attack": (
+        "mme.attack",
+        "write a transformed copy of a protected set (JPEG, resize, ...)",
+        "mme.attack",
+    ),
+    "train": (
+        "mme.victim",
+        "train a victim CLIP on shards with open_clip_train",
+        "mme.arguments:train",
+    ),
+    "evaluate": (
+        "mme.evaluate",
+        "image<->text retrieval metrics on a clean test split",
+        "mme.arguments:evaluate",
+    ),
+    "report": ("mme.report", "comparison table of tracked runs (MLflow)", "mme.report"),
+    "bench": (
+        "mme.bench",
+        "time each phase (poisoning, I/O, victim) on the current device",
+        "mme.arguments:bench",
+    ),
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``mme poison: --epsilon: ...; see --help``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def versions() -> str:
+    """``mme X`` plus the versions that decide results: torch, open_clip, CUDA."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"mme {__version__}"]
+    for dist, label in (("torch", "torch"), ("open_clip_torch", "open_clip")):
+        try:
+            parts.append(f"{label} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{label} not installed")
+    try:
+        import torch
+
+        cuda = (
+            f"CUDA {torch.version.cuda} ({torch.cuda.get_device_name(0)})"
+            if torch.cuda.is_available()
+            else "CUDA not available"
+        )
+    except ImportError:
+        cuda = "CUDA unknown (no torch)"
+    return ", ".join(parts + [cuda])
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        print(versions())
+        parser.exit(0)
+
+
+def _arguments_function(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name or "add_arguments")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mme",
-        description="Multimodal unlearnable examples (MEM): protect image-caption data.",
+        description="Multimodal unlearnable examples (MEM): protect image-caption data. "
+        "Start with `mme protect PHOTOS OUT` (`mme protect --help`).",
     )
-    parser.add_argument("--version", action="version", version=f"mme {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    parser.add_argument("--version", action=_Version)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, (_, help_text, args_spec) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == command:  # import only the module that is about to run
-            importlib.import_module(module).add_arguments(p)
+        if name == command:  # flags of the command that is about to run only
+            _arguments_function(args_spec)(p)
     return parser
 
 
@@ -50,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 2
-    module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except ConfigError as err:
         print(f"mme {args.command}: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@ work starts, with a message naming the key, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,36 +36,53 @@ class Section(BaseModel):
 class DataConfig(Section):
     """``data:`` section — the ``prepare`` stage."""
 
-    source: Literal["synthetic", "csv", "folder", "webdataset"] = "synthetic"
-    out: Path = paths.CLEAN
-    seed: int = 0
+    source: Literal["synthetic", "csv", "folder", "webdataset", "hf"] = Field(
+        "synthetic", description="where the images and captions come from"
+    )
+    out: Path = Field(paths.CLEAN, description="shard folder to write")
+    seed: int = Field(0, description="seed of the synthetic generator")
     # synthetic generator
-    n_train: int = Field(2000, ge=1)
-    n_test: int = Field(500, ge=1)
-    image_size: int = Field(64, ge=16, le=1024)
-    captions_per_image: int = Field(5, ge=1, le=20)
+    n_train: int = Field(2000, ge=1, description="synthetic: train images")
+    n_test: int = Field(500, ge=1, description="synthetic: test images")
+    image_size: int = Field(64, ge=16, le=1024, description="synthetic: image side in px")
+    captions_per_image: int = Field(5, ge=1, le=20, description="synthetic: captions per image")
     # csv source (the MEM paper's split files); train_csv/test_csv give a source split
-    csv: Path | None = None
-    train_csv: Path | None = None
-    test_csv: Path | None = None
-    image_column: str = "images"
-    caption_column: str = "caption"
-    delimiter: str = ","
-    image_root: Path | None = None
+    csv: Path | None = Field(None, description="csv: one CSV, one row per caption")
+    train_csv: Path | None = Field(None, description="csv: the source's own train CSV")
+    test_csv: Path | None = Field(None, description="csv: the source's own test CSV")
+    image_column: str = Field(
+        "images", description="csv: column with the image path (hf: image column, else 'image')"
+    )
+    caption_column: str = Field(
+        "caption", description="csv/hf: column with the caption(s) (hf: else 'text', ...)"
+    )
+    delimiter: str = Field(",", description="csv: field delimiter")
+    image_root: Path | None = Field(None, description="csv: folder the image paths are under")
     # folder / webdataset sources
-    input: Path | None = None
+    input: Path | None = Field(
+        None, description="folder/webdataset: the input folder; hf: save_to_disk folder/parquet"
+    )
     # split when the source has none: fraction of images (by a hash of the id) that go to test
-    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    test_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of images for the test split (by id hash)"
+    )
     # image hygiene
     max_side: int | None = Field(None, ge=16, description="resize so the short side <= this")
-    min_side: int = Field(16, ge=1)
-    max_pixels: int = Field(89_478_485, ge=1)  # PIL's own decompression-bomb limit
-    strict: bool = False
-    shard_size: int = Field(1000, ge=1)
+    min_side: int = Field(16, ge=1, description="skip images with a shorter short side (px)")
+    max_pixels: int = Field(  # PIL's own decompression-bomb limit
+        89_478_485, ge=1, description="skip larger images (decompression bombs)"
+    )
+    strict: bool = Field(False, description="exit 1 if any input item was skipped")
+    shard_size: int = Field(1000, ge=1, description="samples per tar shard")
 
     @model_validator(mode="after")
     def _source_inputs(self) -> DataConfig:
-        need = {"csv": ("csv", "train_csv"), "folder": ("input",), "webdataset": ("input",)}
+        need = {
+            "csv": ("csv", "train_csv"),
+            "folder": ("input",),
+            "webdataset": ("input",),
+            "hf": ("input",),
+        }
         keys = need.get(self.source, ())
         if keys and all(getattr(self, k) is None for k in keys):
             raise ValueError(f"source={self.source!r} needs one of: {', '.join(keys)}")
@@ -94,15 +112,45 @@ VICTIM_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+# Defaults meant for real photos: ``mme protect`` and any ``poison`` run without a params.yaml.
+# Per-step settings are the MEM paper's (RN50 surrogate at 224 px, eps 8/255, alpha 1/255, S = 8
+# PGD steps, k = 3 trigger tokens, C = 16 HotFlip candidates). The schedule (T = 5 rounds of
+# M = 60 surrogate steps at lr 1e-3, triggers in the first H = 3 rounds) is the one measured in
+# README "Results" -- on the 64 px synthetic set with the tiny surrogate, where it kept the victim
+# at 16 % of the clean rsum/chance; the paper's 20 x 200 at lr 1e-4 is ~13x the compute. Not yet
+# tuned by a measurement on real photos with RN50 (that needs a GPU run): treat as a starting
+# point, and check with `mme train` + `mme evaluate` on your own data.
+PHOTO_PROFILE: dict[str, Any] = {
+    "model": "RN50",
+    "epsilon": 8,
+    "step_size": 1,
+    "pgd_steps": 8,
+    "rounds": 5,
+    "surrogate_steps": 60,
+    "surrogate_lr": 1e-3,
+    "trigger_rounds": 3,
+    "trigger_len": 3,
+    "candidates": 16,
+}
+# What a run without a params file uses, per section (the model defaults for the rest).
+STANDALONE_PARAMS: dict[str, dict[str, Any]] = {"poison": PHOTO_PROFILE}
+
+
 class PoisonConfig(Section):
     """``poison:`` section — MEM and the baselines (paper values in comments)."""
 
-    method: Literal["mem", "em", "errmax", "random"] = "mem"
+    method: Literal["mem", "em", "errmax", "random"] = Field(
+        "mem", description="mem (image noise + text trigger) or a baseline"
+    )
     clean: Path = Field(paths.CLEAN, description="clean shards from prepare")
     out: Path = Field(paths.PROTECTED, description="PUBLIC: protected shards + manifest only")
     private: Path = Field(paths.PRIVATE, description="PRIVATE: noise, triggers, grid, work files")
     model: str = Field("mme-tiny-vit", description="surrogate open_clip config (paper: RN50)")
-    pretrained: Path | None = Field(None, description="local surrogate checkpoint")
+    pretrained: Path | None = Field(
+        None,
+        description="surrogate weights: a checkpoint file, or an open_clip model:tag in "
+        "the local Hugging Face cache",
+    )
     epsilon: float = Field(8.0, gt=0, le=255, description="L-inf budget, pixel units (paper: 8)")
     step_size: float = Field(1.0, gt=0, le=255, description="PGD step, pixel units (paper: 1)")
     pgd_steps: int = Field(8, ge=1, description="PGD steps per noise update (paper: 8)")
@@ -137,11 +185,16 @@ class PoisonConfig(Section):
         (50, 95), description="jpeg EOT: quality range, uniform (lo,hi)"
     )
     protect_fraction: float = Field(1.0, gt=0, le=1, description="share of images protected")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, description="seed of the surrogate, triggers and subset")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available")
     compile: bool = Field(False, description="torch.compile the image tower")
-    grid_samples: int = Field(6, ge=1, le=64)
-    shard_size: int = Field(1000, ge=1)
+    threads: int = Field(
+        1,
+        ge=1,
+        description="torch CPU threads of the loop; part of the result (same count: same bytes)",
+    )
+    grid_samples: int = Field(6, ge=1, le=64, description="examples in grid.png")
+    shard_size: int = Field(1000, ge=1, description="samples per tar shard")
     write_workers: int = Field(
         0, ge=0, description="processes decoding, encoding + verifying the images (0: one per core)"
     )
@@ -181,10 +234,10 @@ class AttackConfig(Section):
         description="jpeg:Q | resize:S | img2dataset | blur:SIGMA | grayscale | iss[:Q] | "
         "strip-trigger[:K] | shuffle-words",
     )
-    protected: Path = Field(Path("data/protected/mem"), description="the set to transform")
+    protected: Path = Field(paths.PROTECTED, description="the set to transform")
     out: Path | None = Field(None, description="output folder (default data/attacked/<name>)")
     seed: int = Field(0, description="seed of shuffle-words")
-    shard_size: int = Field(1000, ge=1)
+    shard_size: int = Field(1000, ge=1, description="samples per tar shard")
 
     @field_validator("transform")
     @classmethod
@@ -205,17 +258,17 @@ class VictimConfig(Section):
         "fast", description="defaults for the rest: fast|paper"
     )
     model: str = Field(VICTIM_PROFILES["fast"]["model"], description="open_clip model config name")
-    epochs: int = Field(VICTIM_PROFILES["fast"]["epochs"], ge=1)
-    batch_size: int = Field(VICTIM_PROFILES["fast"]["batch_size"], ge=2)
-    lr: float = Field(VICTIM_PROFILES["fast"]["lr"], gt=0)
-    wd: float = Field(VICTIM_PROFILES["fast"]["wd"], ge=0)
+    epochs: int = Field(VICTIM_PROFILES["fast"]["epochs"], ge=1, description="training epochs")
+    batch_size: int = Field(VICTIM_PROFILES["fast"]["batch_size"], ge=2, description="batch size")
+    lr: float = Field(VICTIM_PROFILES["fast"]["lr"], gt=0, description="AdamW learning rate")
+    wd: float = Field(VICTIM_PROFILES["fast"]["wd"], ge=0, description="AdamW weight decay")
     warmup: int = Field(VICTIM_PROFILES["fast"]["warmup"], ge=0, description="warm-up steps")
     pretrained: Path | None = Field(None, description="local checkpoint to start from")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available")
     precision: Literal["auto", "fp32", "amp_bf16", "amp"] = Field(
         "auto", description="auto: amp_bf16 on CUDA, fp32 on CPU"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of initialisation, data order and augmentation")
     workers: int | None = Field(
         None, ge=0, description="data loader processes (None: 1 on CPU, cores - 2 up to 16 on CUDA)"
     )
@@ -245,8 +298,8 @@ class VictimConfig(Section):
 class EvaluateConfig(Section):
     """``evaluate:`` section — image<->text retrieval on a clean test split (``mme evaluate``)."""
 
-    batch_size: int = Field(256, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(256, ge=1, description="images/captions embedded per batch")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available")
 
 
 class TrackingConfig(Section):
@@ -304,17 +357,49 @@ def format_validation_error(section: str, err: ValidationError) -> str:
             allowed = ", ".join(sorted(SECTIONS[section].model_fields))
             msg = f"unknown key (allowed: {allowed})"
         lines.append(f"{key} = {value!r}: {msg}")
+    if len(lines) == 1:  # the common case: one line, as every other user error
+        return f"invalid configuration: {lines[0]}"
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
+NO_PARAMS = "none"  # ``--params none``: no file, the built-in defaults
+
+
+def read_params(path: Path | None = DEFAULT_PARAMS) -> dict[str, Any]:
+    """The sections of ``path``; the built-in :data:`STANDALONE_PARAMS` when there is no file.
+
+    ``None`` or a missing *default* ``params.yaml`` (a run outside the repo) means no file; a
+    missing file that was named explicitly is an error, never silently read as empty.
+    """
+    if path is None or str(path) == NO_PARAMS:
+        return STANDALONE_PARAMS
     path = Path(path)
     if not path.exists():
-        return {}
+        if path == DEFAULT_PARAMS:
+            _note_standalone()
+            return STANDALONE_PARAMS
+        raise ConfigError(
+            f"params file {path} not found: fix the path, or pass --params {NO_PARAMS} "
+            "for the built-in defaults"
+        )
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return raw
+
+
+_noted: list[bool] = []
+
+
+def _note_standalone() -> None:
+    """Say once per process that the built-in defaults are in use (not silently)."""
+    if not _noted:
+        _noted.append(True)
+        print(
+            f"mme: no {DEFAULT_PARAMS} here: using the built-in defaults "
+            "(poison: the photo profile, mme.config.PHOTO_PROFILE)",
+            file=sys.stderr,
+        )
 
 
 def load_section(
@@ -323,7 +408,7 @@ def load_section(
     """The ``section`` model from ``params.yaml`` plus CLI ``overrides`` (None values ignored)."""
     if section not in SECTIONS:
         raise ConfigError(f"unknown section {section!r} (allowed: {', '.join(SECTIONS)})")
-    values = dict(read_params(params_path).get(section) or {}) if params_path else {}
+    values = dict(read_params(params_path).get(section) or {})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return SECTIONS[section](**values)
@@ -333,7 +418,7 @@ def load_section(
 
 def reevaluation_victims(params_path: Path | None = DEFAULT_PARAMS) -> list[VictimConfig]:
     """The ``reevaluate.victims`` of ``params_path``, each merged over its ``victim:`` section."""
-    raw = read_params(params_path) if params_path else {}
+    raw = read_params(params_path)
     base = dict(raw.get("victim") or {})
     entries = load_section("reevaluate", params_path).victims
     out = []
@@ -349,28 +434,100 @@ def reevaluation_victims(params_path: Path | None = DEFAULT_PARAMS) -> list[Vict
     return out
 
 
-def add_section_arguments(parser: Any, section: str, skip: tuple[str, ...] = ()) -> None:
+def params_file(value: str) -> Path | None:
+    """argparse type of ``--params``: a path, or ``none`` for no file (built-in defaults)."""
+    return None if value == NO_PARAMS else Path(value)
+
+
+def add_params_argument(parser: Any, what: str = "settings") -> None:
+    """``--params FILE`` (once per parser)."""
+    if not any(a.dest == "params" for a in parser._actions):
+        parser.add_argument(
+            "--params",
+            type=params_file,
+            default=DEFAULT_PARAMS,
+            metavar="FILE",
+            help=f"params file with the {what} (default: {DEFAULT_PARAMS}; when it is absent, "
+            f"or with '{NO_PARAMS}': the built-in defaults)",
+        )
+
+
+def show_default(value: Any) -> str:
+    """A default as a user would type it: ``data/x`` not ``PosixPath('data/x')``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, Path):
+        return value.as_posix()
+    return str(value)
+
+
+def _metavar(annotation: Any) -> tuple[str | None, list[str] | None]:
+    """``(metavar, choices)`` for a field type: Literal -> its choices, else a type word."""
+    from typing import get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return None, [str(a) for a in get_args(annotation)]
+    types = set(get_args(annotation)) or {annotation}
+    for kind, word in ((Path, "PATH"), (float, "X"), (int, "N")):
+        if kind in types:
+            return word, None
+    return "TEXT", None
+
+
+def _help_defaults(section: str) -> tuple[dict[str, Any], str]:
+    """The values a run here would start from, for ``--help``: ./params.yaml's section if there
+    is one, else the built-in defaults (a broken file is left to the run to report)."""
+    if not DEFAULT_PARAMS.exists():
+        return STANDALONE_PARAMS.get(section, {}), f"built-in (no {DEFAULT_PARAMS} here)"
+    try:
+        raw = yaml.safe_load(DEFAULT_PARAMS.read_text()) or {}
+        return dict(raw.get(section) or {}), f"./{DEFAULT_PARAMS}, else built-in"
+    except (yaml.YAMLError, AttributeError, OSError):
+        return {}, "built-in"
+
+
+def add_section_arguments(
+    parser: Any,
+    section: str,
+    skip: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """Add ``--params`` and one ``--field-name`` flag per field of ``section``'s model.
 
     Values are parsed by pydantic (not argparse) so a bad flag fails with the same message as a
-    bad ``params.yaml`` value. Booleans get ``--flag/--no-flag``.
+    bad ``params.yaml`` value. Booleans get ``--flag/--no-flag``; a Literal field lists its
+    choices; every flag shows its description and default (``defaults`` replace the model's).
     """
     import argparse
 
-    if not any(a.dest == "params" for a in parser._actions):
-        parser.add_argument(
-            "--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)"
-        )
-    group = parser.add_argument_group(f"{section} settings (override params.yaml)")
+    add_params_argument(parser, f"{section}: section")
+    shown, origin = _help_defaults(section) if defaults is None else (defaults, "built-in")
+    group = parser.add_argument_group(
+        f"{section} settings", f"defaults shown: {origin}; a flag replaces its value"
+    )
     for name, field in SECTIONS[section].model_fields.items():
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
-        help_text = field.description or f"default: {field.default!r}"
+        default = field.default if field.default_factory is None else field.default_factory()
+        default = shown.get(name, default)
+        help_text = (
+            f"{field.description or name.replace('_', ' ')} (default: {show_default(default)})"
+        )
+        help_text = help_text.replace("%", "%%")
         if field.annotation is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            group.add_argument(flag, dest=name, default=None, metavar="V", help=help_text)
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
+        metavar, choices = _metavar(field.annotation)
+        if choices:  # shown, but checked by pydantic: the same message as in params.yaml
+            metavar = "{" + ",".join(choices) + "}"
+        group.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
 
 
 def section_from_args(section: str, args: Any):
@@ -378,3 +535,28 @@ def section_from_args(section: str, args: Any):
     names = SECTIONS[section].model_fields
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     return load_section(section, args.params, overrides)
+
+
+# `mme bench` (mme/bench.py): its flags, kept here so `mme bench --help` needs no torch
+PHASES = ("ceiling", "surrogate", "pgd", "hotflip", "load", "write_verify", "victim")
+
+
+class BenchConfig(BaseModel):
+    """What ``mme bench`` measures (command-line flags, not a params.yaml section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("RN50", description="open_clip model config (surrogate and victim)")
+    image_size: int | None = Field(None, ge=16, description="None: the model's own size")
+    batch_size: int = Field(128, ge=2, description="pairs per batch")
+    batches: int = Field(2, ge=1, description="batches of synthetic pairs (PGD/HotFlip/IO)")
+    steps: int = Field(5, ge=1, description="timed surrogate steps / ceiling iterations")
+    pgd_steps: int = Field(8, ge=1, description="PGD steps per timed noise update")
+    trigger_len: int = Field(3, ge=1, description="trigger tokens k (HotFlip)")
+    candidates: int = Field(16, ge=1, description="HotFlip candidates per position C")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="auto: on with CUDA")
+    phases: list[str] = Field(
+        default_factory=lambda: list(PHASES), description="phases to time: " + " ".join(PHASES)
+    )
+    out: Path | None = Field(None, description="JSON results file")

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mme import models, plots, retrieval, shards, tracking
-from mme.config import ConfigError, EvaluateConfig, add_section_arguments, section_from_args
+from mme import arguments, models, plots, retrieval, shards, tracking
+from mme.api import make_callable
+from mme.config import ConfigError, EvaluateConfig, section_from_args
 
 PROVENANCE_KEYS = (
     "method",
@@ -187,27 +188,7 @@ def _log_recall_picture(metrics: dict[str, float], label: str) -> None:
             tracking.log_artifact(picture)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help="checkpoint to evaluate (default: runs/victim-<shards name>/checkpoint.pt)",
-    )
-    parser.add_argument(
-        "--model", default=None, help="model config name (default: the checkpoint's own)"
-    )
-    parser.add_argument(
-        "--shards",
-        type=Path,
-        default=None,
-        help="shard folder with the split (default: params.yaml data.out)",
-    )
-    parser.add_argument("--split", default="test", help="split to evaluate on (default: test)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="metrics file (default: next to the checkpoint)"
-    )
-    add_section_arguments(parser, "evaluate")
+add_arguments = arguments.evaluate  # flags live where --help needs no torch
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,3 +213,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     print(f"mme evaluate: wrote {out}", file=sys.stderr)
     return 0
+
+
+make_callable(__name__)  # `mme.evaluate(...)` is the API function of mme/api.py

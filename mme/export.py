@@ -4,7 +4,9 @@ Formats:
 
 - ``folder``: ``DIR/<id>.png`` + ``DIR/<id>.txt`` (captions, one per line) for every protected
   image, plus ``DIR/metadata.jsonl`` (one JSON object per image: its file names and shard meta)
-  and ``DIR/README.txt`` (method, ε, counts). It reads back with
+  and ``DIR/README.txt`` (method, ε, counts). ``metadata.jsonl`` carries ``file_name`` and ``text``
+  (the first caption; ``captions`` has all), so ``datasets.load_dataset("imagefolder",
+  data_dir=DIR)`` loads it with its captions. It reads back with
   ``mme prepare --source folder --input DIR``, which takes exactly the images and their
   same-named ``.txt`` files. A set with several splits gets one subfolder per split.
 - ``webdataset``: the shards as they are, plus a ``manifest.json`` and ``README.txt``.
@@ -35,6 +37,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mme import __version__, fsio
+from mme.manifest import Manifest
 from mme.shards import iter_samples, load_manifest, shard_paths
 
 FORMATS = ("folder", "webdataset")
@@ -121,6 +124,8 @@ def _write_folder(
                 rel = image.relative_to(dest.resolve()).as_posix()
                 record = {**s.meta, "id": s.id, "split": split, "file": rel}
                 record["captions_file"] = rel.rsplit(".", 1)[0] + ".txt"
+                # Hugging Face `datasets` imagefolder reads file_name (and text: the caption)
+                record |= {"file_name": rel, "text": s.captions[0], "captions": list(s.captions)}
                 index.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
                 n, n_caps = n + 1, n_caps + len(s.captions)
             counts[split] = {"images": n, "captions": n_caps}
@@ -130,8 +135,12 @@ def _write_folder(
 def _write_webdataset(
     protected: Path, dest: Path, splits: list[str], manifest: dict[str, Any]
 ) -> dict[str, dict[str, int]]:
-    """Copy the shards byte for byte; a manifest without local paths or side files."""
+    """Copy the shards byte for byte, once each has been read through (every key, caption and
+    metadata member validated: a crafted shard is not passed on); a manifest without local
+    paths or side files."""
     for split in splits:
+        for _ in iter_samples(protected, split):
+            pass
         for tar in tqdm(shard_paths(protected, split), desc=f"export {split}", file=sys.stderr):
             shutil.copyfile(tar, dest / tar.name)
     counts = {s: {k: manifest["splits"][s].get(k) for k in ("images", "captions")} for s in splits}
@@ -159,7 +168,8 @@ def _write_readme(
         f"method: {cfg.get('method', '?')}",
         f"epsilon: {eps} (L-inf bound of the image noise, 0-255 pixel units, "
         + ("at each image's own size)" if native else f"at {size}x{size} px)"),
-        f"trigger length: {cfg.get('trigger_len', 0)} word token(s) prepended to each caption",
+        f"trigger length: {Manifest.model_validate(manifest).trigger_len or 0} word token(s) "
+        "prepended to each caption",
         f"tokenizer: {cfg.get('model', '?')}",
     ]
     lines += [f"{s}: {c['images']} images, {c['captions']} captions" for s, c in counts.items()]

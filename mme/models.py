@@ -17,6 +17,7 @@ them to what the model's image tower expects (its size and normalisation).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,20 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from mme.config import ConfigError
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+HF_SAFE_WEIGHTS, HF_WEIGHTS = "open_clip_model.safetensors", "open_clip_pytorch_model.bin"
+
+
+class DeviceError(ConfigError, RuntimeError):
+    """The requested device does not exist here (a user error: exit 2 with one line)."""
+
+
+class CheckpointNotFound(ConfigError, FileNotFoundError):
+    """A ``pretrained`` checkpoint that is neither a file nor cached (a user error)."""
+
+
 _registered = False
 
 
@@ -60,29 +74,76 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise DeviceError(
+            f"device {device!r} requested but CUDA is not available: use --device cpu (or auto)"
+        )
     return dev
 
 
-def create_model(
-    name: str, pretrained: Path | None = None, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, Any]:
-    """Build model ``name`` (from scratch, or weights from a local ``pretrained`` file) + tokenizer.
+def hf_hub_cache() -> Path:
+    """The local Hugging Face hub cache, as huggingface_hub finds it (read at call time)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
 
-    ``pretrained`` is an open_clip_train checkpoint (``{"state_dict": ...}``, keys possibly
-    ``module.``-prefixed) or a plain state dict; loading is strict. The model is returned in
-    eval mode on ``device`` (``"auto"`` allowed). Nothing is downloaded.
+
+def resolve_pretrained(name: str, pretrained: Path | str) -> tuple[Path, bool]:
+    """``(local file, quick_gelu)`` for ``pretrained``: a checkpoint file, or an open_clip
+    ``model:tag`` (or a ``tag`` of ``name``) whose weights are in the local Hugging Face cache.
+
+    Nothing is downloaded: a tag that is not cached is an error naming how to get it.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    text = str(pretrained)
+    if Path(text).is_file():
+        return Path(text), False
+    model, _, tag = text.rpartition(":") if ":" in text else (name, "", text)
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise CheckpointNotFound(
+            f"pretrained {text!r} not found: no such file, and not an open_clip model:tag "
+            f"(tags of {name}: {tags})"
+        )
+    if model != name:
+        raise ConfigError(f"pretrained {text!r} is for model {model}: pass --model {model}")
+    if not cfg.get("hf_hub"):
+        raise CheckpointNotFound(
+            f"pretrained {text!r} has no Hugging Face hub id: download its file, pass the path"
+        )
+    repo, filename = os.path.split(cfg["hf_hub"])  # "org/name/" or "org/name/file", as open_clip
+    names = [filename] if filename else [HF_SAFE_WEIGHTS, HF_WEIGHTS]
+    for fname in names:
+        hit = try_to_load_from_cache(repo, fname, cache_dir=hf_hub_cache())
+        if isinstance(hit, str):
+            return Path(hit), bool(cfg.get("quick_gelu", False))
+    raise CheckpointNotFound(
+        f"pretrained {text!r}: {repo} is not in the local cache {hf_hub_cache()}: fetch it once "
+        f"where there is internet (huggingface-cli download {repo}), or pass a checkpoint file"
+    )
+
+
+def create_model(
+    name: str, pretrained: Path | str | None = None, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Any]:
+    """Build model ``name`` (from scratch, or weights from ``pretrained``) + its tokenizer.
+
+    ``pretrained`` is a local file -- an open_clip_train checkpoint (``{"state_dict": ...}``,
+    keys possibly ``module.``-prefixed) or a plain state dict -- or an open_clip ``model:tag``
+    already in the local Hugging Face cache (:func:`resolve_pretrained`); loading is strict. The
+    model is returned in eval mode on ``device`` (``"auto"`` allowed). Nothing is downloaded.
     """
     check_model_name(name)
     dev = resolve_device(device)
-    # pretrained is loaded by us, not via open_clip's `pretrained=` (which would treat a
-    # non-file string as a hub tag and try to download it).
-    model = open_clip.create_model(name, pretrained=None, device="cpu")
-    if pretrained is not None:
-        pretrained = Path(pretrained)
-        if not pretrained.is_file():
-            raise FileNotFoundError(f"checkpoint {pretrained} not found")
-        open_clip.load_checkpoint(model, str(pretrained), strict=True, device="cpu")
+    path, quick_gelu = resolve_pretrained(name, pretrained) if pretrained else (None, False)
+    # weights are loaded by us, not via open_clip's `pretrained=` (which downloads what it lacks)
+    model = open_clip.create_model(name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
+    if path is not None:
+        open_clip.load_checkpoint(model, str(path), strict=True, device="cpu")
     model = model.to(dev).eval()
     return model, open_clip.get_tokenizer(name)
 

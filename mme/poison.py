@@ -18,6 +18,7 @@ disjoint from each other and from the clean input, which is never modified.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -33,11 +34,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mme import __version__, distributed, fsio, imageops, models, shards
+from mme import __version__, arguments, distributed, fsio, imageops, models, shards
+from mme.api import make_callable
 from mme.attacks.mem import MEM, RoundHook
 from mme.attacks.store import PairStore
 from mme.attacks.triggers import candidate_mask, protected_caption, trigger_text
-from mme.config import ConfigError, PoisonConfig, add_section_arguments, section_from_args
+from mme.config import ConfigError, PoisonConfig, section_from_args
+from mme.manifest import Manifest, read_manifest, write_manifest
 
 CKPT = "checkpoint.pt"
 TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
@@ -46,12 +49,17 @@ NOT_IN_RESULT = {"device", "compile", "grid_samples", "shard_size", "write_worke
     "nproc",  # the resume check compares the world size itself
     "work",
 }
-# config keys left out of the output manifest: local paths and settings that keep the bytes
-NOT_IN_MANIFEST = {"private", "write_workers", "work", "nproc"}
 
 
 OWNER = "mme poison"
 PRIVATE_FILES = ("noise.npy", "triggers.json", "grid.png")
+
+
+def result_excluded(has_trigger: bool) -> set[str]:
+    """Config keys the output manifest leaves out (see :func:`output_manifest`)."""
+    # work, nproc: where the store lives and how many processes ran do not change the bytes
+    keys = {"private", "write_workers", "work", "nproc"}
+    return keys | (set() if has_trigger else {"trigger_len"})
 
 
 def work_dir(cfg: PoisonConfig) -> Path:
@@ -64,17 +72,17 @@ def work_dir(cfg: PoisonConfig) -> Path:
     return Path(cfg.work) / f"mme-poison-{key}"
 
 
-def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
+def check_inputs(cfg: PoisonConfig) -> Manifest:
     """Fail before any work on a bad model name or a missing/empty clean dataset."""
     try:
         models.check_model_name(cfg.model)
     except ValueError as err:
         raise ConfigError(f"poison.model = {cfg.model!r}: {err}") from None
     try:
-        manifest = shards.load_manifest(cfg.clean)
+        manifest = read_manifest(cfg.clean)
     except FileNotFoundError as err:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: {err}") from None
-    if manifest.get("splits", {}).get("train", {}).get("images", 0) == 0:
+    if manifest.images("train") == 0:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: the train split has no images")
     try:  # inputs are never modified, and public and private files never mix
         fsio.check_disjoint(cfg.out, {"clean input": cfg.clean}, "poison.out")
@@ -86,6 +94,25 @@ def check_inputs(cfg: PoisonConfig) -> dict[str, Any]:
     except fsio.UnsafePath as err:
         raise ConfigError(str(err)) from None
     return manifest
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """Run the body with exactly ``n`` torch intra-op threads, whatever the machine offers.
+
+    Why: CPU kernels split their reductions by thread count (e.g. LayerNorm's weight/bias
+    gradients are summed in one partial per thread), so the surrogate's weights, and through
+    them every PGD sign and HotFlip choice, drift with ``OMP_NUM_THREADS`` or the core count.
+    A fixed count gives the same partition, hence the same bytes, on any machine with the same
+    CPU instruction set (docs/orchestration.md, "Reproducibility"). ``n`` above the core count
+    only time-shares; ``poison.threads`` is part of the result like ``seed``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def config_hash(cfg: PoisonConfig) -> str:
@@ -105,7 +132,7 @@ def load_pairs(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int) -> Pair
     ``write_workers`` processes), caption tokens are appended to an int32 file in chunks and
     memory-mapped back; only the per-image caption offsets (8 bytes an image) stay in memory.
     Ids and captions are read again when writing."""
-    n = shards.load_manifest(cfg.clean)["splits"]["train"]["images"]
+    n = read_manifest(cfg.clean).images("train")
     clean, _ = PairStore.open_arrays(work, n, size, imageops.noise_dtype(cfg.epsilon))
     offsets = np.zeros(n + 1, dtype=np.int64)
     pending: list[str] = []
@@ -470,7 +497,7 @@ def prepare_work(cfg: PoisonConfig, resume: bool, world: distributed.World) -> P
 
 def _poison(
     cfg: PoisonConfig,
-    clean_manifest: dict,
+    clean_manifest: Manifest,
     resume: bool,
     on_round: RoundHook | None,
     world: distributed.World,
@@ -481,7 +508,7 @@ def _poison(
     device = distributed.device_for(world, models.resolve_device(cfg.device))
     model, tokenizer = models.create_model(cfg.model, cfg.pretrained, device)
     size = models.image_size(model)
-    n = clean_manifest["splits"]["train"]["images"]
+    n = clean_manifest.images("train")
     if world.main:
         check_disk(cfg, work, n, size, tokenizer.context_length, resume)
         store = load_pairs(cfg, work, tokenizer, size)
@@ -494,7 +521,8 @@ def _poison(
     if start == 0:
         init_state(store, cfg, allowed, world)
     if not world.main:
-        run_rounds(mem, store, cfg, start, on_round, work)
+        with fixed_threads(cfg.threads):
+            run_rounds(mem, store, cfg, start, on_round, work)
         distributed.barrier(world)  # rank 0 writes the outputs from here on
         return {}
     return _rounds_and_outputs(cfg, clean_manifest, mem, store, tokenizer, start, on_round, t0)
@@ -502,7 +530,7 @@ def _poison(
 
 def _rounds_and_outputs(
     cfg: PoisonConfig,
-    clean_manifest: dict,
+    clean_manifest: Manifest,
     mem: MEM,
     store: PairStore,
     tokenizer: Any,
@@ -516,7 +544,8 @@ def _rounds_and_outputs(
     work = work_dir(cfg)
     params = poison_params(cfg)
     with tracking.start_run(tracking.experiment_name(), f"poison-{cfg.method}", params):
-        run_rounds(mem, store, cfg, start, on_round, work)
+        with fixed_threads(cfg.threads):  # the bytes must not depend on the machine's cores
+            run_rounds(mem, store, cfg, start, on_round, work)
         distributed.barrier(mem.world)  # the other ranks are done with the store
         t_gen = time.perf_counter() - t0
         # while shards are being replaced no manifest may describe the folder
@@ -525,7 +554,7 @@ def _rounds_and_outputs(
         manifest = output_manifest(cfg, clean_manifest, store, records, n_captions, mem)
         # the manifest is what makes the folder a dataset: written last, only once verified
         manifest["verify"] = verify_outputs(cfg, manifest)
-        fsio.write_json(Path(cfg.out) / "manifest.json", manifest)
+        write_manifest(cfg.out, manifest)
         seconds = {"seconds_generation": t_gen, "seconds_total": time.perf_counter() - t0}
         log_outputs(cfg, manifest, seconds)
     shutil.rmtree(work)
@@ -550,7 +579,7 @@ def store_bytes(cfg: PoisonConfig, n: int, size: int, context: int, n_captions: 
 
 def check_disk(cfg: PoisonConfig, work: Path, n: int, size: int, context: int, resume: bool):
     """Report the store's size up front; stop before any work when its disk is too small."""
-    caps = shards.load_manifest(cfg.clean)["splits"]["train"].get("captions") or 5 * n
+    caps = read_manifest(cfg.clean).splits["train"].captions or 5 * n
     need = store_bytes(cfg, n, size, context, int(caps))
     total = sum(need.values())
     have = sum(f.stat().st_size for f in work.iterdir() if f.is_file()) if resume else 0
@@ -587,13 +616,14 @@ def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
         "protect_fraction": cfg.protect_fraction,
         "eot": ",".join(cfg.eot) if cfg.augment else "none",
         "eot_interpolation": cfg.eot_interpolation,
+        "threads": cfg.threads,
         "data_manifest_sha256": shards.manifest_sha256(cfg.clean),
     }
 
 
 def output_manifest(
     cfg: PoisonConfig,
-    clean_manifest: dict[str, Any],
+    clean_manifest: Manifest,
     store: PairStore,
     records: list[dict[str, Any]],
     n_captions: int,
@@ -603,6 +633,7 @@ def output_manifest(
     same inputs give the same bytes, hence the same dataset version (its sha256: what
     ``mme report`` and ``reevaluate`` key results on) and the same DVC hash downstream."""
     first = [t for t, p in zip(store.triggers.tolist(), store.protect.tolist(), strict=True) if p]
+    has_trigger = cfg.method == "mem"
     return {
         "created_by": "mme poison",
         "version": __version__,
@@ -610,10 +641,11 @@ def output_manifest(
         "method": cfg.method,
         "epsilon": cfg.epsilon,
         "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
-        # private: a local path, not data; write_workers: does not change the bytes
-        "config": cfg.model_dump(mode="json", exclude=NOT_IN_MANIFEST),
+        # private: a local path, not data; write_workers: does not change the bytes; a baseline
+        # has no trigger: its config must not name a second trigger_len
+        "config": cfg.model_dump(mode="json", exclude=result_excluded(has_trigger)),
         "clean": str(cfg.clean),
-        "clean_splits": {k: v["images"] for k, v in clean_manifest["splits"].items()},
+        "clean_splits": {k: v.images for k, v in clean_manifest.splits.items()},
         "working_size": int(store.clean.shape[-1]),
         "n_protected": int(store.protect.sum()),
         "distinct_triggers": len({tuple(t) for t in first}) if cfg.method == "mem" else 0,
@@ -655,11 +687,12 @@ def log_outputs(cfg: PoisonConfig, manifest: dict, seconds: dict[str, float]) ->
         tracking.log_artifact(Path(cfg.private) / name)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resume", action="store_true", help="continue a killed run")
-    add_section_arguments(parser, "poison")
+add_arguments = arguments.poison  # flags live where --help needs no torch
 
 
 def run(args: argparse.Namespace) -> int:
     poison(section_from_args("poison", args), resume=args.resume)
     return 0
+
+
+make_callable(__name__)  # `mme.poison(...)` is the API function of mme/api.py

@@ -1,7 +1,8 @@
 """``mme prepare``: ingest a dataset into WebDataset shards plus ``manifest.json``.
 
 Sources: ``synthetic`` (the embedded default, generated here), ``csv`` (the MEM paper's split
-files), ``folder`` (images with same-named ``.txt``), ``webdataset`` (existing shards). Broken
+files), ``folder`` (images with same-named ``.txt``), ``webdataset`` (existing shards), ``hf`` (a
+local ``datasets`` save_to_disk folder or parquet). Broken
 input is skipped and counted with its reason (manifest + one stderr line); ``--strict`` turns any
 skip into a non-zero exit. The input is never modified: ``out`` may not equal, contain or sit
 inside an input. Shards are byte-identical for the same inputs and params. The new version is
@@ -24,8 +25,10 @@ from typing import Any
 from tqdm import tqdm
 
 from mme import __version__, fsio
+from mme.api import make_callable
 from mme.config import ConfigError, DataConfig, add_section_arguments, section_from_args
-from mme.shards import Sample, ShardWriter, sha256_bytes, write_json_atomic
+from mme.manifest import write_manifest
+from mme.shards import Sample, ShardWriter, sha256_bytes
 
 SPLITS = ("train", "test")
 OWNER = "mme prepare"
@@ -44,6 +47,9 @@ def _raw_items(cfg: DataConfig) -> Iterator[Any]:
         yield from sources.iter_folder(cfg.input)
     elif cfg.source == "webdataset":
         yield from sources.iter_webdataset(cfg.input)
+    elif cfg.source == "hf":
+        cols = dict(image_column=cfg.image_column, caption_column=cfg.caption_column)
+        yield from sources.iter_hf(cfg.input, **cols)
     else:  # csv: either one file (split by hash) or the paper's separate train/test files
         csv_kw = dict(
             image_column=cfg.image_column,
@@ -113,6 +119,35 @@ def _synthetic_samples(cfg: DataConfig) -> Iterator[tuple[str, Sample]]:
             yield split, sample
 
 
+def check_inputs(cfg: DataConfig) -> None:
+    """Fail before any work, in one line naming the fix, when an input path does not exist."""
+    files = {"csv": cfg.csv, "train_csv": cfg.train_csv, "test_csv": cfg.test_csv}
+    for key, path in files.items():
+        if cfg.source == "csv" and path is not None and not Path(path).is_file():
+            raise ConfigError(f"data.{key} = {str(path)!r}: no such CSV file: fix the path")
+    if cfg.source == "csv" and cfg.image_root is not None and not Path(cfg.image_root).is_dir():
+        raise ConfigError(
+            f"data.image_root = {str(cfg.image_root)!r}: no such folder: give the folder the "
+            "CSV's image paths are relative to"
+        )
+    if cfg.source == "folder" and not Path(cfg.input).is_dir():
+        raise ConfigError(
+            f"data.input = {str(cfg.input)!r}: no such folder: give the folder of images "
+            "(each with a same-named .txt of captions)"
+        )
+    if cfg.source == "hf" and not Path(cfg.input).exists():
+        raise ConfigError(
+            f"data.input = {str(cfg.input)!r}: not found: give a datasets save_to_disk folder, "
+            "a .parquet file or a folder of them"
+        )
+    pattern = "{" in str(cfg.input) or "*" in str(cfg.input)
+    if cfg.source == "webdataset" and not pattern and not Path(cfg.input).exists():
+        raise ConfigError(
+            f"data.input = {str(cfg.input)!r}: no such folder or tar: give the shard folder, "
+            "a .tar or a brace pattern"
+        )
+
+
 def input_paths(cfg: DataConfig) -> dict[str, Path | None]:
     """What ``cfg`` reads, by name, for the check that ``out`` stays clear of it."""
     found: dict[str, Path | None] = {}
@@ -128,6 +163,7 @@ def input_paths(cfg: DataConfig) -> dict[str, Path | None]:
 
 def prepare(cfg: DataConfig) -> dict[str, Any]:
     """Write ``cfg.out/{train,test}-*.tar`` and ``cfg.out/manifest.json``; return the manifest."""
+    check_inputs(cfg)
     try:
         fsio.check_disjoint(cfg.out, input_paths(cfg), "data.out")
         with fsio.locked(cfg.out):
@@ -168,7 +204,7 @@ def _prepare_into(cfg: DataConfig, out: Path) -> dict[str, Any]:
     }
     if splits["train"]["images"] + splits["test"]["images"] == 0:
         raise SystemExit(f"mme prepare: no usable images in the input ({summary(manifest)})")
-    write_json_atomic(out / "manifest.json", manifest)
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -201,3 +237,6 @@ def run(args: argparse.Namespace) -> int:
         print("mme prepare: --strict: input had problems (listed above)", file=sys.stderr)
         return 1
     return 0
+
+
+make_callable(__name__)  # `mme.prepare(...)` is the API function of mme/api.py

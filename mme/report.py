@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mme import fsio, plots, shards, tracking
-from mme.config import ReportConfig, VictimConfig, load_section
+from mme.config import ReportConfig, VictimConfig, add_params_argument, load_section
 
 KS = (1, 5, 10)
 METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -212,9 +212,7 @@ def mlflow_rows(experiment: str | None, datasets: list[Path]) -> list[Row]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--params", type=Path, default=Path("params.yaml"), help="params file (report: section)"
-    )
+    add_params_argument(parser, "report: section")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: all)")
     parser.add_argument(
         "--dataset",
@@ -239,6 +237,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="write <label>.csv recall curves and recall.png (all rows) here",
     )
+    parser.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        help="also write one self-contained page: table, recall and loss curves, poison grid",
+    )
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        default=None,
+        help="grid.png for --html (default: the first report dataset folder that has one)",
+    )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("runs"),
+        help="--html: loss curves from RUNS_DIR/<label>/train_loss.csv (default: runs)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     table = markdown_table(rows)
     print(table)
+    tracking.log_text_to_parent(table + "\n", "report.md")  # the DVC pipeline's parent run
     if cfg.out is not None:
         fsio.write_text(cfg.out, table + "\n")
     if args.recall_dir is not None:
@@ -261,4 +278,20 @@ def run(args: argparse.Namespace) -> int:
         plots.recall_chart(
             {row_label(row): row.metrics for row in rows}, args.recall_dir / "recall.png"
         )
+    if args.html is not None:
+        write_page(args, cfg, rows, table)
     return 0
+
+
+def write_page(args: argparse.Namespace, cfg: ReportConfig, rows: list[Row], table: str) -> None:
+    """``--html``: the page of :mod:`mme.htmlreport`."""
+    from mme import htmlreport
+
+    labels = [row_label(r) for r in rows]
+    grids = [args.grid] if args.grid else [Path(d) / "grid.png" for d in cfg.datasets]
+    grid = next((g for g in grids if g.is_file()), None)
+    curves = {label: r.metrics for label, r in zip(labels, rows, strict=True)}
+    losses = htmlreport.find_loss_csvs(labels, args.runs_dir)
+    args.html.parent.mkdir(parents=True, exist_ok=True)
+    htmlreport.write_html(args.html, table, curves, losses, grid)
+    print(f"mme report: wrote {args.html}", file=sys.stderr)

@@ -278,7 +278,17 @@ def load_manifest(shard_dir: Path) -> dict[str, Any]:
     path = Path(shard_dir) / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `mme prepare` (or `mme poison`) first")
-    return json.loads(path.read_text())
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would hang, /dev/zero never end
+        raise BadShard(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        raw = f.read(limits.MAX_FILE_BYTES + 1)
+    try:
+        manifest = json.loads(raw) if len(raw) <= limits.MAX_FILE_BYTES else None
+    except ValueError as err:
+        raise BadShard(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise BadShard(f"{path}: not a JSON object of at most {limits.MAX_FILE_BYTES} bytes")
+    return manifest
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -11,6 +11,12 @@ MLflow). MLflow's usage telemetry is always disabled.
 Runs use the same parameter names across stages: ``method``, ``epsilon``, ``trigger_len``,
 ``victim_model``, ``epochs``, ``batch_size``, ``lr``, ``data_manifest_sha256``.
 
+Headline columns: the few keys a reader compares first (:data:`HEADLINE_METRICS`,
+:data:`HEADLINE_PARAMS`) are logged a second time as ``0_<key>``, so they sort before the ~70
+others in the MLflow UI's column chooser (docs/orchestration.md shows how to pin them).
+Experiments are created in MLflow's "model training" mode (tag ``mlflow.experimentKind``), so
+the UI opens on the runs table, not the GenAI overview.
+
 Parent runs: inside an active run (a Prefect flow's pipeline run) a new run is nested in it, in
 the parent's experiment. Across processes (DVC runs each stage as its own command)
 ``$MME_PARENT_RUN`` (else ``$DVC_EXP_NAME``, which ``dvc exp run`` sets) names a parent run: the
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,11 +47,51 @@ PARAM_NAMES = (
     "data_manifest_sha256",
 )
 PARENT_TAG = "mme.parent"
+HEADLINE_PREFIX = "0_"  # digits sort before letters in MLflow's (locale) column ordering
+HEADLINE_METRICS = ("rsum_over_chance", "i2t_r1", "t2i_r1")
+HEADLINE_PARAMS = ("method", "epsilon", "trigger_len", "victim_model", "attack")
+# MLflow 3's experiment kinds (mlflow/server/js: GENAI_DEVELOPMENT, CUSTOM_MODEL_DEVELOPMENT);
+# without the tag the UI guesses and may open the GenAI "Overview", which lists no runs.
+KIND_TAG, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# The UI's global GenAI / "Model training" switch is read from this URL parameter (else from
+# the browser's local storage, GenAI by default).
+UI_MODE = "workflowType=machine_learning"
+UI_SORT = "orderByKey=metrics.%600_rsum_over_chance%60&orderByAsc=false"  # best victim first
+
+
+def with_headline(values: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``values`` plus a ``0_<key>`` copy of each headline key present (sorts first in the UI)."""
+    return values | {HEADLINE_PREFIX + k: values[k] for k in keys if k in values}
 
 
 def enabled() -> bool:
-    """False when ``MME_TRACKING`` is ``off``/``0``/``false``/``no``."""
-    return os.environ.get("MME_TRACKING", "on").strip().lower() not in {"off", "0", "false", "no"}
+    """False when ``MME_TRACKING`` is ``off``/``0``/``false``/``no``, or MLflow is not installed."""
+    if os.environ.get("MME_TRACKING", "on").strip().lower() in {"off", "0", "false", "no"}:
+        return False
+    return mlflow_installed()
+
+
+_missing_noted: list[bool] = []
+
+
+def mlflow_installed() -> bool:
+    """Whether MLflow can be imported (the ``ops`` extra); says once when it cannot."""
+    import importlib.util
+
+    try:
+        found = sys.modules.get("mlflow", True) is not None and bool(
+            importlib.util.find_spec("mlflow")
+        )
+    except (ImportError, ValueError):
+        found = False
+    if not found and not _missing_noted:
+        _missing_noted.append(True)
+        print(
+            "mme: MLflow is not installed: tracking is off "
+            "(pip install 'mme[ops]' to turn it on; MME_TRACKING=off hides this line)",
+            file=sys.stderr,
+        )
+    return found
 
 
 def experiment_name() -> str:
@@ -69,10 +116,21 @@ def _mlflow():
 
 
 def _experiment_id(mlflow: Any, name: str) -> str:
+    """Id of experiment ``name`` (created if missing), marked as a model-training experiment."""
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_location(name))
+    if exp is None:
+        return mlflow.create_experiment(
+            name, artifact_location=artifact_location(name), tags={KIND_TAG: KIND_TRAINING}
+        )
+    if KIND_TAG not in exp.tags:  # created before this tag existed, or by another tool
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, KIND_TAG, KIND_TRAINING)
+    return exp.experiment_id
+
+
+def ui_url(base: str, experiment: str) -> str:
+    """The runs table of ``experiment`` in the MLflow UI served at ``base`` (created if new)."""
+    exp_id = _experiment_id(_mlflow(), experiment)
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{UI_MODE}&{UI_SORT}"
 
 
 def artifact_location(experiment: str) -> str | None:
@@ -123,7 +181,7 @@ def start_run(
     ) as run:
         status = "FAILED"
         try:
-            mlflow.log_params(_clean_params(params))
+            mlflow.log_params(_clean_params(with_headline(params, HEADLINE_PARAMS)))
             if tags:
                 mlflow.set_tags({k: str(v) for k, v in tags.items()})
             yield run.info.run_id
@@ -136,6 +194,23 @@ def start_run(
 def parent_run_name() -> str | None:
     """The cross-process parent run's name: ``$MME_PARENT_RUN``, else ``$DVC_EXP_NAME``."""
     return os.environ.get("MME_PARENT_RUN") or os.environ.get("DVC_EXP_NAME") or None
+
+
+def run_stamp() -> str:
+    """Local time as ``YYYYmmdd-HHMMSS``: parent-run names are unique and sort by time."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def log_text_to_parent(text: str, name: str) -> str | None:
+    """Store ``text`` as artifact ``name`` of the named cross-process parent run (the DVC
+    pipeline's, see :func:`parent_run_name`) in :func:`experiment_name`; returns its run id,
+    None when there is no such parent or tracking is off."""
+    if not enabled() or not parent_run_name():
+        return None
+    mlflow = _mlflow()
+    run_id = _named_parent(mlflow, _experiment_id(mlflow, experiment_name()))
+    mlflow.MlflowClient().log_text(run_id, text, name)
+    return run_id
 
 
 def _named_parent(mlflow: Any, exp_id: str) -> str | None:
@@ -206,6 +281,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     clean = {
         k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v
     }  # v == v drops NaN
+    if step is None:  # summaries only: a per-step curve is not a headline
+        clean = with_headline(clean, HEADLINE_METRICS)
     mlflow.log_metrics(clean, step=step)
 
 
@@ -254,3 +331,26 @@ def set_tags(tags: dict[str, Any]) -> None:
     mlflow = _active()
     if mlflow is not None:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mme.tracking ui-url``: the runs view of params.yaml's experiment
+    (``make mlflow-ui`` prints and opens it)."""
+    import argparse
+
+    from mme.config import load_section
+
+    parser = argparse.ArgumentParser(prog="python -m mme.tracking")
+    parser.add_argument("command", choices=["ui-url"])
+    parser.add_argument("--base", default="http://127.0.0.1:5000", help="where the UI is served")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or (
+        load_section("tracking", args.params).experiment
+    )
+    print(ui_url(args.base, experiment))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -46,8 +46,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mme import arguments
 from mme.config import ConfigError
 from mme.imageops import psnr, ssim, to_working_resolution
+from mme.manifest import Manifest
 from mme.shards import (
     BadShard,
     Sample,
@@ -469,7 +471,8 @@ def _context(
         raise ConfigError("the protected manifest.json has no working_size")
     size = int(manifest["working_size"])
     tokenizer = load_tokenizer(cfg.get("model") or "ViT-B-32")
-    ctx = _Context(size, eps, cfg.get("trigger_len"), tokenizer)
+    trigger_len = Manifest.model_validate(manifest).trigger_len  # one value (0: baselines)
+    ctx = _Context(size, eps, trigger_len, tokenizer)
     if private is None:
         return ctx
     tpath, npath = private / "triggers.json", private / "noise.npy"
@@ -553,31 +556,7 @@ def verify(
     return report
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--clean", type=Path, required=True, help="clean shard folder (mme prepare)"
-    )
-    parser.add_argument("--protected", type=Path, required=True, help="protected set (mme poison)")
-    parser.add_argument(
-        "--epsilon",
-        type=float,
-        default=None,
-        help="L-inf bound in 0-255 units (default: the manifest's)",
-    )
-    parser.add_argument(
-        "--private",
-        type=Path,
-        default=None,
-        help="the run's private folder (noise.npy, triggers.json): adds the noise checks",
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
-    parser.add_argument(
-        "--native",
-        type=Path,
-        default=None,
-        help="also check this `mme export --native` folder against the clean originals at "
-        "their own size",
-    )
+add_arguments = arguments.verify  # flags live where --help needs no torch
 
 
 def _native_ok(clean: Path, folder: Path, epsilon: float) -> bool:

@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from mme import distributed, fsio, models, paths, plots, shards, tracking
-from mme.config import ConfigError, VictimConfig, add_section_arguments, section_from_args
+from mme import arguments, distributed, fsio, models, paths, plots, shards, tracking
+from mme.config import ConfigError, VictimConfig, section_from_args
 
 PAIRS_SHARD_SIZE = 1000
 TRAINER_NAME = "trainer"  # open_clip_train's --name: its logs go to run_dir/trainer
@@ -235,6 +235,31 @@ def seeded_sample_shuffle(seed: int) -> Iterator[None]:
         webdataset.shuffle = original
 
 
+class _NoModelPrintout(logging.Filter):
+    """Drops open_clip_train's "Model:" line and the module printout after it (hundreds of
+    lines of ``str(model)``); the model's config is in the run folder's params.txt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip_next = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.skip_next:
+            self.skip_next = False
+            return False
+        if record.name == "root" and record.msg == "Model:":
+            self.skip_next = True
+            return False
+        return True
+
+
+class _NotTrainerRecords(logging.Filter):
+    """Passes everything but the trainer's own records (it logs through the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "root"
+
+
 def run_trainer(argv: list[str]) -> None:
     """Run ``open_clip_train.main.main(argv)`` in-process and undo its global logging changes.
 
@@ -249,9 +274,18 @@ def run_trainer(argv: list[str]) -> None:
     levels = {
         n: lg.level for n, lg in root.manager.loggerDict.items() if isinstance(lg, logging.Logger)
     }
+    # Once, and without the model printout: the trainer prints through its own stderr handler,
+    # so handlers that were already there (e.g. Prefect's console) skip its root-logger records.
+    quiet, own = _NoModelPrintout(), _NotTrainerRecords()
+    root.addFilter(quiet)
+    for h in handlers:
+        h.addFilter(own)
     try:
         status = trainer_main(argv)
     finally:
+        root.removeFilter(quiet)
+        for h in handlers:
+            h.removeFilter(own)
         for h in root.handlers[:]:
             if h not in handlers:
                 root.removeHandler(h)
@@ -303,8 +337,8 @@ def data_provenance(shard_dir: Path) -> dict[str, Any]:
     """What the training data is: manifest hash and, for protected data, method/epsilon/trigger,
     and for a copy made by ``mme attack`` the attack (its spec).
 
-    ``method`` is ``clean`` unless the manifest (top level, or its ``poison``/``config`` record)
-    names one. Shards without a manifest give ``None`` for the hash.
+    ``method`` is ``clean`` unless the manifest names one (:meth:`Manifest.data_record`). Shards
+    without a manifest give ``None`` for the hash.
     """
     version = shards.manifest_sha256(shard_dir)
     if version is None:
@@ -315,15 +349,9 @@ def data_provenance(shard_dir: Path) -> dict[str, Any]:
             "trigger_len": None,
             "attack": None,
         }
-    manifest = shards.load_manifest(shard_dir)
-    out: dict[str, Any] = {"data_manifest_sha256": version}
-    for key in ("method", "epsilon", "trigger_len", "attack"):
-        records = (manifest, manifest.get("poison"), manifest.get("config"))
-        found = [r.get(key) for r in records if isinstance(r, dict)]
-        found = [v for v in found if isinstance(v, (str, int, float))]
-        out[key] = found[0] if found else None
-    out["method"] = out["method"] or "clean"
-    return out
+    from mme.manifest import read_manifest
+
+    return {"data_manifest_sha256": version, **read_manifest(shard_dir).data_record()}
 
 
 def finalize_checkpoint(run_dir: Path, epochs: int, record: dict[str, Any]) -> Path:
@@ -487,20 +515,7 @@ def _record_outputs(
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--shards",
-        type=Path,
-        default=None,
-        help="shard folder with train-*.tar (default: params.yaml data.out)",
-    )
-    parser.add_argument(
-        "--run-dir",
-        type=Path,
-        default=None,
-        help="output folder (default: runs/victim-<shards name>)",
-    )
-    add_section_arguments(parser, "victim")
+add_arguments = arguments.train  # flags live where --help needs no torch
 
 
 def default_shards(params: Path | None) -> Path:

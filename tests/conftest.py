@@ -63,7 +63,7 @@ def tiny_run(colour_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     root = tmp_path_factory.mktemp("tiny_run")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     run_dir = root / "run"
-    argv = ["train", "--params", str(root / "none.yaml"), "--shards", str(colour_shards)]
+    argv = ["train", "--params", "none", "--shards", str(colour_shards)]
     argv += ["--run-dir", str(run_dir), "--model", "mme-tiny-vit", "--epochs", "1"]
     argv += ["--batch-size", "16", "--warmup", "2", "--device", "cpu", "--workers", "1"]
     with pytest.MonkeyPatch.context() as mp:
@@ -76,3 +76,15 @@ def tiny_run(colour_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         "mlflow_uri": uri,
         "rc": rc,
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_outputs_in_the_repo():
+    """A test that forgets to name an output folder would write into the repository's own
+    default folders (e.g. ``data/private/mem``, the private noise): fail the session then."""
+    repo = Path(__file__).resolve().parent.parent
+    watched = [repo / "data" / "private", repo / "data" / "protected", repo / "data" / "attacked"]
+    before = {p: p.exists() for p in watched}
+    yield
+    created = [str(p.relative_to(repo)) for p in watched if p.exists() and not before[p]]
+    assert not created, f"tests wrote into the repository: {created}"

@@ -247,7 +247,7 @@ def protected(tmp_path: Path) -> Path:
 def test_attack_command_writes_transformed_copy(protected: Path, tmp_path: Path, spec: str) -> None:
     before = {p.name: p.read_bytes() for p in protected.iterdir()}
     out = tmp_path / "attacked"
-    argv = ["attack", "--params", str(tmp_path / "none.yaml"), "--transform", spec]
+    argv = ["attack", "--params", "none", "--transform", spec]
     argv += ["--shard-size", "2"]
     assert cli.main([*argv, "--protected", str(protected), "--out", str(out)]) == 0
     assert {p.name: p.read_bytes() for p in protected.iterdir()} == before  # input untouched
@@ -293,7 +293,7 @@ def test_attack_is_reproducible_and_provenance_reaches_training(
 
 
 def test_attack_refuses_bad_inputs(protected: Path, tmp_path: Path, capsys) -> None:
-    base = ["attack", "--params", str(tmp_path / "none.yaml")]
+    base = ["attack", "--params", "none"]
     assert cli.main([*base, "--protected", str(tmp_path / "missing")]) == 2
     assert "attack.protected" in capsys.readouterr().err
     assert cli.main([*base, "--protected", str(protected), "--out", str(protected)]) == 2
@@ -345,7 +345,7 @@ def test_attacked_victim_end_to_end(colour_shards: Path, tmp_path: Path, monkeyp
     monkeypatch.setenv("MME_TRACKING", "on")
     monkeypatch.delenv("MME_PARENT_RUN", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    none = ["--params", str(tmp_path / "none.yaml")]
+    none = ["--params", "none"]
     out, run_dir = tmp_path / "attacked", tmp_path / "run"
     assert cli.main(["attack", *none, "--transform", "jpeg:90", "--protected", str(prot),
                      "--out", str(out)]) == 0  # fmt: skip

@@ -17,7 +17,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-COPY = ["mme", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore"]
+COPY = [
+    "mme",
+    "dvc.yaml",
+    "params.yaml",
+    "Makefile",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+]
 TINY = {
     "data": {"n_train": 16, "n_test": 8},
     "poison": {"rounds": 1, "surrogate_steps": 1, "batch_size": 8, "pgd_steps": 1},
@@ -98,6 +106,13 @@ def test_repro_outputs_and_metrics(repo: Path) -> None:
     assert "metrics/protected.json" in dvc(repo, "metrics", "show")
 
 
+def test_plots_render_loss_recall_and_grid(repo: Path, tmp_path: Path) -> None:
+    dvc(repo, "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    for name in ("train_loss", "recall.png", "grid.png"):
+        assert name in html, name
+
+
 def test_push_to_local_remote(repo: Path, tmp_path: Path) -> None:
     remote = tmp_path / "remote"
     dvc(repo, "remote", "add", "--local", "-d", "test", str(remote))
@@ -147,6 +162,11 @@ def test_mlflow_parent_run_per_pipeline_run(repo: Path) -> None:
         "train-attacked-jpeg90",
         "evaluate-attacked-jpeg90",
     }
+    # the DVC report stage's table, on the parent run
+    import mlflow
+
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert [a.path for a in client.list_artifacts(parent["run_id"])] == ["report.md"]
 
 
 def test_exp_run_show_and_metrics_diff(repo: Path) -> None:
@@ -169,6 +189,16 @@ def test_exp_run_show_and_metrics_diff(repo: Path) -> None:
     exps = json.loads(dvc(repo, "exp", "show", "--json"))
     names = {e.get("name") for base in exps for e in (base.get("experiments") or [])}
     assert "eps4" in names
+    # `make exp`: one readable table, the params that vary and rsum/chance per victim
+    table = sh(repo, "make", "-s", "exp", f"BIN={BIN}").splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == [
+        "Experiment",
+        "metrics/clean.json:rsum_over_chance",
+        "metrics/protected.json:rsum_over_chance",
+        "poison.epsilon",
+    ]
+    assert any("eps4" in row for row in table[2:])
     # The experiment's stages nest under a parent run named after it.
     runs = _mlflow_runs()
     (parent,) = [r for r in runs if r["run_name"] == "eps4"]

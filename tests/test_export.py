@@ -80,7 +80,7 @@ def test_folder_round_trip_through_prepare(protected, tmp_path):
     out = tmp_path / "pub"
     assert run_export(prot, out) == 0
     back = tmp_path / "back"
-    args = ["prepare", "--params", str(tmp_path / "none.yaml"), "--source", "folder"]
+    args = ["prepare", "--params", "none", "--source", "folder"]
     assert main([*args, "--input", str(out), "--out", str(back)]) == 0
     read = {s.id: s for s in iter_samples(back, "train")}
     assert sorted(read) == sorted(s.id for s in samples)
@@ -160,3 +160,25 @@ def test_deterministic(protected, tmp_path):
     files = sorted(p.name for p in a.iterdir())
     assert files == sorted(p.name for p in b.iterdir())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def test_folder_metadata_names_file_name_and_text(protected, tmp_path):
+    """What the Hugging Face imagefolder builder reads: file_name (relative) and text."""
+    prot, samples = protected
+    out = tmp_path / "pub"
+    assert run_export(prot, out) == 0
+    records = [json.loads(x) for x in (out / "metadata.jsonl").read_text("utf-8").splitlines()]
+    for r, s in zip(records, samples, strict=True):
+        assert (out / r["file_name"]).read_bytes() == s.image_bytes
+        assert r["text"] == s.captions[0] and r["captions"] == s.captions
+
+
+def test_folder_export_loads_with_hf_imagefolder(protected, tmp_path):
+    """Runs only where `datasets` is installed (it is not in the lock: see the report)."""
+    datasets = pytest.importorskip("datasets")
+    prot, samples = protected
+    out = tmp_path / "pub"
+    assert run_export(prot, out) == 0
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out))["train"]
+    assert sorted(ds["text"]) == sorted(s.captions[0] for s in samples)
+    assert ds[0]["image"].size == (SIZE, SIZE)

@@ -140,3 +140,108 @@ def test_reevaluate_skips_evaluated_and_runs_new_victims(env: Path, pipeline_res
 
     reevaluate(params=params)  # nothing left to do
     assert len(_runs("train")) == n_train + 1
+
+
+def test_readme_prefect_sequence(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14, the README's Prefect sequence in a fresh folder with a tiny params.yaml: the
+    served ``mme-pipeline/default`` (its deployment's JSON parameters), then
+    ``reevaluate/scheduled`` with its default parameters (it failed: its defaults pointed at
+    the DVC pipeline's outputs), then again with a second victim in params.yaml."""
+    from flows.pipeline import mme_pipeline
+    from flows.reevaluate import reevaluate
+    from flows.serve import deployments
+
+    clone = env / "clone"
+    clone.mkdir()
+    monkeypatch.chdir(clone)
+    params = {
+        "data": {"out": "data/shards/tiny", "n_train": 16, "n_test": 8},
+        "poison": {**TINY_POISON, "device": "cpu"},
+        "victim": TINY_VICTIM,
+        "evaluate": {"device": "cpu"},
+        "tracking": {"experiment": "readme"},
+        "reevaluate": {"victims": [{}]},
+    }
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    pipeline, scheduled = deployments(Path("params.yaml"), "0 3 * * *")
+    assert (pipeline.flow_name, pipeline.name) == ("mme-pipeline", "default")
+    assert (scheduled.flow_name, scheduled.name) == ("reevaluate", "scheduled")
+    assert scheduled.parameters == {"params": "params.yaml"}
+
+    results = mme_pipeline(**pipeline.parameters)  # 'mme-pipeline/default'
+    assert set(results) == {"clean", "mem"}
+    trained = tracking.search_runs("tags.stage = 'train'", "readme")
+    table = reevaluate(**scheduled.parameters)  # 'reevaluate/scheduled', defaults
+    assert len(tracking.search_runs("tags.stage = 'train'", "readme")) == len(trained)
+    assert "mme-tiny-vit" in table
+
+    params["reevaluate"]["victims"] = [{}, {"model": "mme-tiny-rn"}]
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    table = reevaluate(**scheduled.parameters)
+    new = tracking.search_runs("tags.stage = 'train'", "readme")[:1]
+    assert [r["params"]["victim_model"] for r in new] == ["mme-tiny-rn"]
+    assert "mme-tiny-rn" in table and "mme-tiny-vit" in table
+    parents = tracking.search_runs("tags.stage = 'reevaluate'", "readme")
+    assert len({p["run_name"] for p in parents}) == 2  # unique names (data version + time)
+    (pipeline_run,) = tracking.search_runs("tags.stage = 'pipeline'", "readme")
+    assert pipeline_run["run_name"].startswith("pipeline-")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    for run in (pipeline_run, parents[0]):
+        assert [a.path for a in client.list_artifacts(run["run_id"])] == ["report.md"]
+
+
+def test_reevaluate_checks_every_input_first(env: Path, tmp_path: Path) -> None:
+    """Every problem in one message, in the flow run's state, before any training."""
+    from flows.reevaluate import reevaluate
+    from mme import shards
+
+    train_only = tmp_path / "train-only"  # a clean set prepared without a test split
+    shards.write_json_atomic(
+        train_only / "manifest.json", {"splits": {"train": {"images": 4}, "test": {"images": 0}}}
+    )
+    n_train = len(_runs("train"))
+    state = reevaluate(
+        params=_write_params(env, [{}]),
+        protected=tmp_path / "nothing",
+        clean=train_only,
+        victims=[VictimConfig(**{**TINY_VICTIM, "model": "no-such-model"})],
+        return_state=True,
+    )
+    assert state.is_failed()
+    for needle in ("no manifest.json", "no test split", "no-such-model"):
+        assert needle in state.message
+    assert len(_runs("train")) == n_train
+
+
+def test_reevaluate_defaults_follow_the_newest_pipeline_output(tmp_path: Path, monkeypatch) -> None:
+    import json
+    import os
+
+    from flows.tasks import plan_task
+
+    monkeypatch.chdir(tmp_path)
+    params = {
+        "data": {"out": "data/shards/syn"},
+        "poison": {"method": "mem"},
+        "reevaluate": {"protected": "data/protected/mem", "clean": "data/shards/syn"},
+    }
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    dvc_made, prefect_made = Path("data/protected/mem"), Path("runs/prefect/protected/mem")
+    for folder, clean in ((dvc_made, "data/shards/syn"), (prefect_made, "runs/prefect/shards/syn")):
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"clean": clean}))
+
+    def plan(**kw):
+        args = {"protected": None, "clean": None, "rev": None, "victims": [], **kw}
+        return plan_task.fn(Path("params.yaml"), **args).cfg
+
+    os.utime(dvc_made / "manifest.json", (1, 1))  # the Prefect pipeline ran last
+    cfg = plan()
+    assert (cfg.protected, cfg.clean) == (prefect_made, Path("runs/prefect/shards/syn"))
+    os.utime(prefect_made / "manifest.json", (0, 0))  # now the DVC pipeline's is newer
+    cfg = plan()
+    assert (cfg.protected, cfg.clean) == (dvc_made, Path("data/shards/syn"))
+    cfg = plan(protected=prefect_made, clean=Path("elsewhere"))  # parameters win
+    assert (cfg.protected, cfg.clean) == (prefect_made, Path("elsewhere"))

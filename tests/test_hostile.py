@@ -121,8 +121,10 @@ def test_published_set_gives_back_no_clean_image(clean, protected):
 # ------------------------------------------------------------------------ writing and executing
 
 
-def test_crafted_shard_key_escapes_export_folder(tmp_path, capsys):
-    """A protected shard whose sample key is a path must not write outside --out."""
+@pytest.mark.parametrize("fmt", ["folder", "webdataset"])
+def test_crafted_shard_key_escapes_export_folder(tmp_path, capsys, fmt):
+    """A protected shard whose sample key is a path must not write outside --out (nor be passed
+    on as it is in a WebDataset export)."""
     prot = tmp_path / "prot"
     prot.mkdir()
     target = tmp_path / "victim"
@@ -133,7 +135,8 @@ def test_crafted_shard_key_escapes_export_folder(tmp_path, capsys):
         {f"{evil}.png": png(), f"{evil}.txt": b"x", f"{evil}.json": b"{}"},
     )
     shards.write_json_atomic(prot / "manifest.json", {"splits": {"train": {"images": 1}}})
-    assert cli.main(["export", "--protected", str(prot), "--out", str(tmp_path / "pub")]) == 2
+    argv = ["export", "--protected", str(prot), "--out", str(tmp_path / "pub"), "--format", fmt]
+    assert cli.main(argv) == 2
     assert "not KEY.EXT" in capsys.readouterr().err
     assert not any(target.iterdir()) and not (tmp_path / "pub").exists()
 
@@ -156,7 +159,7 @@ def test_planted_checkpoint_runs_no_code_on_resume(clean, tmp_path):
     fsio.claim(cfg.private, "mme poison")  # a killed run's folder, with a planted checkpoint
     work = work_dir(cfg)
     work.mkdir(parents=True)
-    (work / CKPT).write_bytes(pickle.dumps({"config_hash": Payload()}))
+    (work / CKPT).write_bytes(pickle.dumps({"config_hash": Payload()}, protocol=2))
     with pytest.raises(ConfigError, match="not a checkpoint mme can load safely"):
         poison(cfg, resume=True)
     assert not marker.exists()
@@ -588,19 +591,20 @@ def test_checkpoint_holds_tensors_and_plain_data_only(clean, tmp_path):
 # ------------------------------------------------------------------------------------ telemetry
 
 
-@pytest.mark.parametrize("module", ["flows.reevaluate", "flows.serve"])
-def test_flow_entry_point_outside_make_phones_no_home(module):
+def test_flow_entry_point_outside_make_phones_no_home():
     """`python -m flows.reevaluate` (documented in the README) ran with analytics on."""
     env = {k: v for k, v in os.environ.items() if "TELEMETRY" not in k and "ANALYTICS" not in k}
     env.pop("DO_NOT_TRACK", None)
     code = (
-        f"import {module}, os\n"
+        "import os, flows.reevaluate\n"  # the README's `python -m flows.reevaluate`
         "from prefect.settings import get_current_settings\n"
         "s = get_current_settings()\n"
         "assert s.server.analytics_enabled is False, 'server analytics on'\n"
         "assert s.cloud.enable_orchestration_telemetry is False, 'orchestration telemetry on'\n"
         "assert os.environ['MLFLOW_DISABLE_TELEMETRY'] == 'true'\n"
         "assert os.environ['DO_NOT_TRACK'] == '1'\n"
+        "import flows.serve\n"  # the server entry point: nothing it imports turns it back on
+        "assert get_current_settings().server.analytics_enabled is False\n"
     )
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
@@ -642,3 +646,16 @@ def test_rerun_over_old_layout_removes_private_files_from_public_folder(clean, t
         (out / name).write_bytes(b"old private data")
     poison(PoisonConfig(clean=clean, out=out, private=tmp_path / "priv", **FAST))
     assert {p.name for p in out.iterdir()} == {fsio.OWNER, "manifest.json", "train-000000.tar"}
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b"\xff\xfe"])
+def test_crafted_manifest_is_a_clear_error(tmp_path, content, capsys):
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(shards.BadShard, match="manifest.json"):
+        shards.load_manifest(tmp_path)
+
+
+def test_fifo_as_manifest_does_not_hang(tmp_path, alarm):
+    os.mkfifo(tmp_path / "manifest.json")
+    with pytest.raises(shards.BadShard, match="not a regular file"):
+        shards.load_manifest(tmp_path)

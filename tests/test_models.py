@@ -91,3 +91,56 @@ def test_preprocess_resizes_and_is_differentiable() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with pytest.raises(ValueError, match="B, 3, H, W"):
         models.preprocess_images(torch.rand(3, 64, 64), model)
+
+
+def _fake_hf_cache(root, repo: str, filename: str, data: bytes):
+    """The Hugging Face hub cache layout: models--org--name/{refs/main, snapshots/<rev>/file}."""
+    rev = "0" * 40
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(rev)
+    snap = folder / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (snap / filename).write_bytes(data)
+
+
+def test_pretrained_model_tag_from_the_local_hf_cache(tmp_path, monkeypatch):
+    import io
+
+    import open_clip
+    import torch
+
+    from mme.models import create_model
+
+    torch.manual_seed(3)
+    saved, _ = create_model("mme-tiny-vit")
+    buf = io.BytesIO()
+    torch.save(saved.state_dict(), buf)
+    _fake_hf_cache(
+        tmp_path / "hub", "mme-test/tiny-vit", "open_clip_pytorch_model.bin", buf.getvalue()
+    )
+    tags = {"testtag": {"hf_hub": "mme-test/tiny-vit/"}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "mme-tiny-vit", tags)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for ref in ("mme-tiny-vit:testtag", "testtag"):
+        loaded, _ = create_model("mme-tiny-vit", ref)
+        for (k, a), b in zip(saved.state_dict().items(), loaded.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k
+
+
+def test_pretrained_tag_not_cached_or_unknown_names_the_fix(tmp_path, monkeypatch):
+    import open_clip
+
+    from mme.config import ConfigError
+    from mme.models import create_model
+
+    tags = {"testtag": {"hf_hub": "mme-test/not-cached/"}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "mme-tiny-vit", tags)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="not in the local cache"):
+        create_model("mme-tiny-vit", "mme-tiny-vit:testtag")
+    with pytest.raises(ConfigError, match="tags of mme-tiny-vit: testtag"):
+        create_model("mme-tiny-vit", "nosuchtag")
+    with pytest.raises(ConfigError, match="pass --model RN50"):
+        create_model("mme-tiny-vit", "RN50:openai")

@@ -85,7 +85,7 @@ def corpus(tmp_path: Path) -> Path:
 
 def test_export_native_800x600_passes_verify(corpus: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MME_TRACKING", "off")
-    none = ["--params", str(tmp_path / "none.yaml")]
+    none = ["--params", "none"]
     clean, prot, out = tmp_path / "clean", tmp_path / "prot", tmp_path / "publish"
     private = tmp_path / "private"
     argv = ["prepare", *none, "--source", "folder", "--input", str(corpus), "--out", str(clean)]

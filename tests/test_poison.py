@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+import torch
 
 from mme import cli, imageops, shards
 from mme.config import ConfigError, DataConfig, PoisonConfig
@@ -136,6 +137,31 @@ def test_killed_and_resumed_run_gives_identical_shards(clean, tmp_path):
         del m["config"]["out"]
     assert manifests[0] == manifests[1]
     assert "seconds" not in json.dumps(manifests[0])
+
+
+def test_protected_bytes_do_not_depend_on_the_thread_count(clean, tmp_path):
+    """Issue 14: two machines (or OMP_NUM_THREADS) with other thread counts gave other bytes:
+    CPU kernels split reductions per thread. The loop runs at ``poison.threads`` regardless."""
+    cfg = PoisonConfig(
+        clean=clean,
+        out=tmp_path / "mem",
+        private=tmp_path / "private",
+        **{**FAST, "surrogate_steps": 4},
+    )
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 3):  # what the process was started with (OMP_NUM_THREADS, cores)
+            torch.set_num_threads(n)
+            poison(cfg)
+            assert torch.get_num_threads() == n  # restored after the loop
+            files = sorted([*cfg.out.iterdir(), *cfg.private.iterdir()])  # noise.npy included
+            outputs.append({f"{p.parent.name}/{p.name}": p.read_bytes() for p in files})
+    finally:
+        torch.set_num_threads(before)
+    assert list(outputs[0]) == list(outputs[1])
+    for name, data in outputs[0].items():
+        assert data == outputs[1][name], name
 
 
 @pytest.mark.parametrize(

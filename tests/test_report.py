@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mme import cli, report, tracking
@@ -88,7 +89,7 @@ def test_metrics_files_table_and_recall_curves(tmp_path: Path, capsys) -> None:
     for name in ("clean", "protected"):
         (tmp_path / f"{name}.json").write_text(json.dumps(METRICS))
     out, curves = tmp_path / "table.md", tmp_path / "recall"
-    argv = ["report", "--params", str(tmp_path / "none.yaml"), "--out", str(out)]
+    argv = ["report", "--params", "none", "--out", str(out)]
     argv += ["--metrics", str(tmp_path / "clean.json"), str(tmp_path / "protected.json")]
     assert cli.main([*argv, "--recall-dir", str(curves)]) == 0
     printed = capsys.readouterr().out
@@ -136,7 +137,7 @@ def test_mlflow_report_and_pending_victims(store: Path, monkeypatch, capsys) -> 
     assert report.pending_victims(version, [vit, rn], "exp-report") == [rn]
     assert report.pending_victims(version, [vit, rn], "other") == [vit, rn]
 
-    argv = ["report", "--params", str(store / "none.yaml"), "--experiment", "exp-report"]
+    argv = ["report", "--params", "none", "--experiment", "exp-report"]
     argv += ["--dataset", str(data)]
     assert cli.main(argv) == 0
     assert "| synthetic | mem |" in capsys.readouterr().out
@@ -190,3 +191,50 @@ def test_metrics_label(path, label):
     from mme.report import metrics_label
 
     assert metrics_label(Path(path)) == label
+
+
+def _html_report(tmp_path: Path) -> Path:
+    from mme import grid
+
+    for name in ("clean", "protected"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(METRICS))
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        rows = "".join(f"{s},{3 - s / 10},{10 + s}\n" for s in range(5))
+        (run / "train_loss.csv").write_text("step,loss,logit_scale\n" + rows)
+    clean = np.full((2, 3, 16, 16), 120, np.uint8)
+    grid.save_grid(tmp_path / "grid.png", clean, clean + 8, ["a <b>x</b>", "b"], 8.0)
+    page = tmp_path / "page" / "report.html"
+    argv = ["report", "--params", "none", "--html", str(page), "--grid", str(tmp_path / "grid.png")]
+    argv += ["--runs-dir", str(tmp_path / "runs"), "--metrics"]
+    argv += [str(tmp_path / "clean.json"), str(tmp_path / "protected.json")]
+    assert cli.main(argv) == 0
+    return page
+
+
+def test_html_report_is_one_self_contained_page(tmp_path: Path) -> None:
+    page = _html_report(tmp_path).read_text()
+    assert page.startswith("<!doctype html>") and "<td>clean</td>" in page
+    assert page.count('src="data:image/png;base64,') == 4  # recall, 2 loss curves, grid
+    # nothing is fetched: no external URL, script or stylesheet link
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "<link" not in page
+
+
+def test_html_report_opens_in_headless_chromium(tmp_path: Path) -> None:
+    """Rendered by a real browser: it must load and lay out the page (DOM dump has the table
+    and the four pictures decoded). Skipped where Debian's chromium is not installed."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("needs chromium (apt-get install chromium)")
+    page = _html_report(tmp_path)
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr"]
+    cmd += ["--dump-dom", page.as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "<td>clean</td>" in done.stdout and done.stdout.count("<img") == 4
+    for error in ("Failed to load resource", "Uncaught", "net::ERR_"):  # console errors
+        assert error not in done.stderr, done.stderr[-2000:]

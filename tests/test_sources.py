@@ -272,3 +272,82 @@ def test_webdataset_reads_mme_shards(tmp_path):
         (f"s{n}", "test", (f"cap {n}".encode(), b"other")) for n in range(3)
     ]
     assert items[2].load() == samples[2].image_bytes
+
+
+# ------------------------------------------------------------------- hugging face (pyarrow)
+
+
+def _hf_table(pa, n: int = 3):
+    import io as _io
+
+    from PIL import Image as _Image
+
+    rows = []
+    for i in range(n):
+        buf = _io.BytesIO()
+        _Image.new("RGB", (20 + i, 20), (40 * i, 80, 120)).save(buf, "PNG")
+        rows.append({"bytes": buf.getvalue(), "path": f"img{i}.png" if i else None})
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    texts = [f"picture {i}" for i in range(n)]
+    return pa.table({"image": pa.array(rows, type=image_type), "text": texts})
+
+
+def _save_to_disk_layout(pa, folder: Path, table) -> None:
+    """What datasets' save_to_disk writes (checked against datasets 5.2.0): an Arrow stream
+    file plus state.json naming it."""
+    folder.mkdir(parents=True)
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    (folder / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    )
+    (folder / "dataset_info.json").write_text("{}")
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "dataset_dict", "parquet"])
+def test_hf_sources_read_images_and_captions(tmp_path, layout):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from mme.sources import iter_hf
+
+    table = _hf_table(pa)
+    root = tmp_path / "hf"
+    if layout == "save_to_disk":
+        _save_to_disk_layout(pa, root, table)
+    elif layout == "dataset_dict":
+        _save_to_disk_layout(pa, root / "train", table)
+        (root / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    else:
+        root.mkdir()
+        pq.write_table(table, root / "train-00000-of-00001.parquet")
+    items = list(iter_hf(root))
+    assert len(items) == 3 and [i.captions for i in items][1] == (b"picture 1",)
+    assert items[1].id == "img1" and items[0].load()[:4] == b"\x89PNG"
+    assert {i.split for i in items} == ({None} if layout == "save_to_disk" else {"train"})
+
+
+def test_hf_source_names_missing_columns_and_escaping_files(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    from mme.sources import iter_hf
+
+    root = tmp_path / "hf"
+    _save_to_disk_layout(pa, root, pa.table({"pixels": [b"x"], "label": ["a"]}))
+    with pytest.raises(ValueError, match="no image column 'image'.*pixels"):
+        list(iter_hf(root))
+    (root / "state.json").write_text(json.dumps({"_data_files": [{"filename": "../x.arrow"}]}))
+    with pytest.raises(ValueError, match="outside the folder"):
+        list(iter_hf(root))
+
+
+def test_prepare_and_protect_from_a_hf_folder(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    from mme import cli
+
+    monkeypatch.setenv("MME_TRACKING", "off")
+    _save_to_disk_layout(pa, tmp_path / "hf", _hf_table(pa))
+    argv = ["prepare", "--params", "none", "--source", "hf", "--input", str(tmp_path / "hf")]
+    assert cli.main([*argv, "--out", str(tmp_path / "shards")]) == 0
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["images"] == 3

@@ -41,7 +41,14 @@ def test_run_params_metrics_artifacts(store: Path) -> None:
         tracking.log_dict({"a": 1}, "d.json")
     run = _client().get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params == {"method": "mem", "epsilon": "8", "lr": "0.0005"}  # None dropped
+    # None dropped; the headline keys also as 0_<key> (they sort first in the UI)
+    assert run.data.params == {
+        "method": "mem",
+        "epsilon": "8",
+        "lr": "0.0005",
+        "0_method": "mem",
+        "0_epsilon": "8",
+    }
     assert run.data.metrics == {"rsum": 12.5, "train_loss": 1.0}
     assert run.data.tags["stage"] == "test"
     history = _client().get_metric_history(run_id, "train_loss")
@@ -97,3 +104,77 @@ def test_telemetry_disabled(store: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     with tracking.start_run("exp-t", "r", {}):
         pass
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"].lower() == "true"
+
+
+@pytest.mark.parametrize(
+    "values, keys, added",
+    [
+        ({"method": "mem", "lr": 1}, tracking.HEADLINE_PARAMS, {"0_method": "mem"}),
+        ({"lr": 1}, tracking.HEADLINE_PARAMS, {}),
+        ({"rsum_over_chance": 9.5, "i2t_r1": 3.0}, tracking.HEADLINE_METRICS, None),
+    ],
+)
+def test_with_headline_copies_only_present_keys(values, keys, added) -> None:
+    out = tracking.with_headline(values, keys)
+    expected = {f"0_{k}": v for k, v in values.items() if k in keys} if added is None else added
+    assert out == values | expected
+    assert sorted(out)[: len(expected)] == sorted(expected)  # they sort before the rest
+
+
+def test_headline_columns_and_model_training_kind(store: Path) -> None:
+    """Issue 14: the UI opened on the GenAI overview (no runs) with every column hidden."""
+    params = {"method": "mem", "epsilon": 8, "victim_model": "tiny", "batch_size": 4}
+    with tracking.start_run("exp-kind", "run-h", params) as run_id:
+        tracking.log_metrics({"rsum_over_chance": 9.5, "rsum": 60.0})
+        tracking.log_metrics({"loss": 1.0}, step=3)  # curves are not headlines
+    run = _client().get_run(run_id)
+    assert run.data.params["0_method"] == "mem" and run.data.params["0_victim_model"] == "tiny"
+    assert "0_batch_size" not in run.data.params
+    assert run.data.metrics["0_rsum_over_chance"] == 9.5 and "0_loss" not in run.data.metrics
+    exp = _client().get_experiment_by_name("exp-kind")
+    assert exp.tags[tracking.KIND_TAG] == "custom_model_development"
+    url = tracking.ui_url("http://127.0.0.1:5000/", "exp-kind")
+    assert (
+        url
+        == f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?{tracking.UI_MODE}&{tracking.UI_SORT}"
+    )
+
+
+def test_old_experiment_gets_the_kind_tag(store: Path) -> None:
+    _client().create_experiment("exp-old")
+    assert tracking.KIND_TAG not in _client().get_experiment_by_name("exp-old").tags
+    tracking.ui_url("http://h:1", "exp-old")
+    tags = _client().get_experiment_by_name("exp-old").tags
+    assert tags[tracking.KIND_TAG] == tracking.KIND_TRAINING
+
+
+def test_ui_url_command_reads_params(store: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    params = store / "p.yaml"
+    params.write_text("tracking:\n  experiment: from-params\n")
+    assert tracking.main(["ui-url", "--base", "http://x:9", "--params", str(params)]) == 0
+    exp = _client().get_experiment_by_name("from-params")
+    runs = (
+        f"http://x:9/#/experiments/{exp.experiment_id}/runs?{tracking.UI_MODE}&{tracking.UI_SORT}"
+    )
+    assert capsys.readouterr().out.strip() == runs
+
+
+def test_report_table_goes_to_the_named_parent(store: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "exp-parent")
+    monkeypatch.setenv("MME_PARENT_RUN", "make-run-20260101-000000")
+    with tracking.start_run("exp-parent", "stage", {}):
+        pass
+    run_id = tracking.log_text_to_parent("| a |\n", "report.md")
+    parent = _client().get_run(run_id)
+    assert parent.info.run_name == "make-run-20260101-000000"
+    assert [a.path for a in _client().list_artifacts(run_id)] == ["report.md"]
+    monkeypatch.delenv("MME_PARENT_RUN")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert tracking.log_text_to_parent("x", "report.md") is None  # no parent: nothing logged
+
+
+def test_run_stamp_is_readable_time() -> None:
+    import re
+
+    assert re.fullmatch(r"\d{8}-\d{6}", tracking.run_stamp())

@@ -11,7 +11,7 @@ import torch
 from mme import cli, models, shards, victim
 from mme.config import VictimConfig
 
-NO_PARAMS = ["--params", "/nonexistent/params.yaml"]
+NO_PARAMS = ["--params", "none"]  # no params file: the built-in defaults
 
 
 def test_profiles_fill_unset_fields() -> None:
@@ -252,3 +252,36 @@ def test_images_view_epoch_holds_one_draw_per_caption(tiny_run: dict) -> None:
     steps = [int(line.split(",")[0]) for line in
              (tiny_run["run_dir"] / "train_loss.csv").read_text().splitlines()[1:]]  # fmt: skip
     assert max(steps) == 80 // 16 - 1
+
+
+def test_trainer_output_once_without_model_printout(monkeypatch, capsys) -> None:
+    """Issue 14: under Prefect every trainer line came twice (the trainer's stderr handler and
+    the console handler already on the root logger), with the whole module printout."""
+    import io
+    import logging
+
+    import open_clip_train.main
+    from open_clip_train.logger import setup_logging
+
+    from mme import victim
+
+    def fake_main(argv):
+        setup_logging(None, logging.INFO)  # what open_clip_train does: + a stderr handler
+        logging.info("Model:")
+        logging.info("CLIP(\n  (visual): VisionTransformer(...)\n)")
+        logging.info("Train Epoch: 0 [8/16] Loss: 4.1")
+        logging.getLogger("mme.other").warning("a library warning")
+
+    console = io.StringIO()
+    existing = logging.StreamHandler(console)  # e.g. Prefect's console handler
+    root = logging.getLogger()
+    root.addHandler(existing)
+    monkeypatch.setattr(open_clip_train.main, "main", fake_main)
+    try:
+        victim.run_trainer([])
+    finally:
+        root.removeHandler(existing)
+    shown = console.getvalue() + capsys.readouterr().err
+    assert shown.count("Train Epoch: 0") == 1
+    assert "VisionTransformer" not in shown and "Model:" not in shown
+    assert "a library warning" in console.getvalue()  # other loggers still reach it

@@ -1,0 +1,433 @@
+"""``mme protect INPUT OUTPUT``: one command from your photos to a publishable protected folder.
+
+It calls the stages in order, unchanged: ``prepare`` (INPUT -> clean shards) -> ``poison`` (MEM
+with :data:`mme.config.PHOTO_PROFILE`, the defaults meant for real photos) -> ``verify`` (every
+image against its clean source: L-inf <= epsilon, trigger and caption checks, PSNR/SSIM) ->
+``export`` (OUTPUT: ``<id>.png`` + ``<id>.txt`` + ``metadata.jsonl`` + ``README.txt``).
+
+INPUT is a folder of images with same-named ``.txt`` captions (one per line), a caption CSV (one
+row per caption; image paths relative to the CSV), a folder of WebDataset shards, or a local
+Hugging Face ``datasets`` folder (``save_to_disk``) or parquet file(s).
+
+Everything that must NOT be published goes to the private work area next to OUTPUT
+(``OUTPUT.private/`` unless ``--private`` says otherwise): the clean shards, the protected shards
+(the staging copy of the export), ``noise/`` with ``noise.npy`` (anyone holding it can subtract
+the noise), ``triggers.json`` and ``grid.png``, the verify
+report and the run state that ``--resume`` continues from. ``--dry-run`` prints the plan, a time
+estimate and the disk needed, and does nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mme.api import make_callable
+from mme.config import (
+    PHOTO_PROFILE,
+    ConfigError,
+    DataConfig,
+    PoisonConfig,
+    add_section_arguments,
+    params_file,
+)
+
+STAGES = ("prepare", "poison", "verify", "export")
+STATE = "protect.json"
+PRIVATE_README = """KEEP THIS FOLDER PRIVATE. Do not publish, upload or share it.
+
+clean/      your original images and captions as shards
+protected/  the protected shards (what the output folder was exported from)
+noise/      noise.npy (the exact noise: anyone holding it can subtract it and undo the
+            protection), triggers.json, grid.png (clean | noise | protected)
+verify.json the check of every protected image against its original
+protect.json  the run state (mme protect --resume continues from it)
+
+Publish only the output folder that `mme protect` printed.
+"""
+# poison fields a user of `protect` does not set: the work area decides them
+_FIXED = ("clean", "out", "private")
+
+
+class ProtectConfig(BaseModel):
+    """Settings of :func:`protect`. ``poison`` keys replace :data:`~mme.config.PHOTO_PROFILE`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: Path = Field(description="image folder, caption CSV, or shard folder")
+    output: Path = Field(description="the publishable folder to write")
+    private: Path | None = Field(None, description="private work area (default OUTPUT.private)")
+    poison: dict[str, Any] = Field(default_factory=dict, description="poison: section overrides")
+    image_column: str = "images"
+    caption_column: str = "caption"
+    max_side: int | None = Field(None, ge=16, description="resize inputs first (short side)")
+    force: bool = Field(False, description="replace a non-empty OUTPUT / start over")
+
+    @property
+    def private_dir(self) -> Path:
+        return self.private or self.output.with_name(self.output.name + ".private")
+
+
+class ProtectResult(BaseModel):
+    """What :func:`protect` did: the one-screen summary as data."""
+
+    output: Path
+    private: Path
+    images: int
+    captions: int
+    protected: int
+    skipped: dict[str, int]
+    method: str
+    epsilon: float
+    working_size: int
+    max_linf: int
+    psnr_mean: float | None
+    ssim_mean: float | None
+    verified: bool
+    seconds: float
+
+    def summary(self) -> str:
+        """The closing screen of ``mme protect``."""
+        skipped = ", ".join(f"{k} {v}" for k, v in self.skipped.items()) or "none"
+        q = (
+            f"PSNR {self.psnr_mean:.1f} dB, SSIM {self.ssim_mean:.3f} (means)"
+            if self.psnr_mean is not None and self.ssim_mean is not None
+            else "PSNR/SSIM n/a"
+        )
+        trig = ", each starting with its image's trigger words" if self.method == "mem" else ""
+        return "\n".join(
+            [
+                f"mme protect: done in {self.seconds:.0f} s -- verified: "
+                + ("yes" if self.verified else "NO"),
+                f"  images     {self.images} in, {self.protected} protected, skipped: {skipped}",
+                f"  captions   {self.captions}{trig}",
+                f"  noise      {self.method}, epsilon {self.epsilon:g}/255 (max seen "
+                f"{self.max_linf}), {self.working_size}x{self.working_size} px; {q}",
+                f"  PUBLISH    {self.output}/  (images, captions, metadata.jsonl, README.txt)",
+                f"  PRIVATE    {self.private}/  (originals, noise.npy, triggers.json: never "
+                "publish; see its README.txt)",
+            ]
+        )
+
+
+# ------------------------------------------------------------------------------- planning
+
+
+def input_kind(path: Path) -> Literal["csv", "folder", "webdataset", "hf"]:
+    """What INPUT is; a one-line error naming the accepted kinds otherwise."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
+        return "csv"
+    hf_marks = ("state.json", "dataset_dict.json")
+    if path.suffix == ".parquet" or any((path / m).is_file() for m in hf_marks):
+        return "hf"
+    if path.is_dir():
+        if any(path.glob("*.tar")):
+            return "webdataset"
+        return "hf" if any(path.glob("*.parquet")) else "folder"
+    if path.is_file() and path.suffix == ".tar":
+        return "webdataset"
+    raise ConfigError(
+        f"input {str(path)!r} is neither a folder nor a .csv/.tar file: give a folder of images "
+        "with same-named .txt captions, a caption CSV, or a folder of shards"
+    )
+
+
+def data_config(cfg: ProtectConfig) -> DataConfig:
+    kind = input_kind(cfg.input)
+    clean = cfg.private_dir / "clean"
+    common = {"out": clean, "source": kind, "test_fraction": 0.0, "max_side": cfg.max_side}
+    if kind == "hf":
+        cols = {"image_column": cfg.image_column, "caption_column": cfg.caption_column}
+        return DataConfig(**common, input=cfg.input, **cols)
+    if kind == "csv":
+        delimiter = "\t" if cfg.input.suffix.lower() == ".tsv" else ","
+        return DataConfig(
+            **common,
+            csv=cfg.input,
+            image_column=cfg.image_column,
+            caption_column=cfg.caption_column,
+            delimiter=delimiter,
+        )
+    return DataConfig(**common, input=cfg.input)
+
+
+def poison_config(cfg: ProtectConfig) -> PoisonConfig:
+    bad = sorted(set(cfg.poison) & set(_FIXED))
+    if bad:
+        raise ConfigError(f"protect sets {', '.join(bad)} itself: leave them out")
+    values = {**PHOTO_PROFILE, **cfg.poison}
+    private = cfg.private_dir
+    return PoisonConfig(
+        **values, clean=private / "clean", out=private / "protected", private=private / "noise"
+    )
+
+
+def settings_hash(cfg: ProtectConfig) -> str:
+    """What the result depends on: a resumed run must match it."""
+    keep = cfg.model_dump(mode="json", exclude={"force", "output", "private"})
+    keep["poison"] = poison_config(cfg).model_dump(mode="json", exclude={"device", "compile"})
+    keep["input"] = str(Path(cfg.input).resolve())
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def check_paths(cfg: ProtectConfig, resume: bool) -> None:
+    """Before any work: INPUT, OUTPUT and the private area must not overlap or clash."""
+    inp, out, priv = (Path(p).resolve() for p in (cfg.input, cfg.output, cfg.private_dir))
+    for a, b, what in ((out, inp, "OUTPUT"), (priv, inp, "the private area"), (priv, out, "")):
+        if a == b or b in a.parents or (what and a in b.parents):
+            raise ConfigError(
+                f"{what or 'the private area'} ({a}) overlaps {b}: choose folders apart"
+            )
+    state = cfg.private_dir / STATE
+    if state.exists() and not (cfg.force or resume):
+        raise ConfigError(
+            f"{cfg.private_dir} holds an earlier run: pass --resume to continue it "
+            "or --force to start over"
+        )
+    foreign = cfg.private_dir.is_dir() and any(cfg.private_dir.iterdir()) and not state.exists()
+    if foreign:  # never write into (or, with --force, delete) a folder we did not make
+        raise ConfigError(
+            f"private area {cfg.private_dir} is not empty and was not made by mme protect: "
+            "empty it or pass another --private"
+        )
+    occupied = cfg.output.exists() and any(Path(cfg.output).iterdir())
+    if occupied and not (cfg.force or resume):
+        raise ConfigError(
+            f"output {cfg.output} exists and is not empty: pass --force to replace it"
+        )
+
+
+# ---------------------------------------------------------------------------------- state
+
+
+def _read_state(cfg: ProtectConfig, resume: bool) -> dict[str, Any]:
+    path = cfg.private_dir / STATE
+    want = settings_hash(cfg)
+    if resume and path.exists():
+        state = json.loads(path.read_text())
+        if state.get("settings") != want:
+            raise ConfigError(
+                f"--resume: {path} was made with other settings or input: match them, "
+                "or pass --force to start over"
+            )
+        return state
+    if cfg.force and cfg.private_dir.exists():
+        shutil.rmtree(cfg.private_dir)
+    return {"settings": want, "done": [], "results": {}}
+
+
+def _save_state(cfg: ProtectConfig, state: dict[str, Any]) -> None:
+    from mme import fsio
+
+    fsio.write_json(cfg.private_dir / STATE, state)
+
+
+# ----------------------------------------------------------------------------------- stages
+
+
+def _stage_prepare(cfg: ProtectConfig) -> dict[str, Any]:
+    from mme.prepare import prepare
+
+    dcfg = data_config(cfg)
+    try:
+        manifest = prepare(dcfg)
+    except SystemExit as stop:  # prepare's "no usable images": a user error here
+        raise ConfigError(
+            f"no usable image with captions in {cfg.input}: each image needs captions "
+            "(a same-named .txt, one per line, or rows of a caption CSV)"
+        ) from stop
+    return {"images": manifest["splits"]["train"]["images"], "skipped": manifest["skipped_counts"]}
+
+
+def _stage_poison(cfg: ProtectConfig, resume: bool) -> dict[str, Any]:
+    from mme.poison import poison
+
+    manifest = poison(poison_config(cfg), resume=resume)
+    return {"protected": manifest["n_protected"], "working_size": manifest["working_size"]}
+
+
+def _stage_verify(cfg: ProtectConfig) -> dict[str, Any]:
+    from mme import fsio
+    from mme.verify import verify
+
+    private = cfg.private_dir
+    report = verify(private / "clean", private / "protected", private=private / "noise")
+    fsio.write_json(private / "verify.json", report.to_dict())
+    if not report.ok:
+        print(report.table(), file=sys.stderr)
+        raise RuntimeError(f"verification failed: see {private / 'verify.json'}")
+    d = report.to_dict()
+    return {k: d[k] for k in ("ok", "max_linf", "psnr", "ssim", "n_checked")}
+
+
+def _stage_export(cfg: ProtectConfig) -> dict[str, Any]:
+    from mme.export import export
+
+    result = export(cfg.private_dir / "protected", cfg.output, "folder", force=True)
+    return {"captions": sum(c["captions"] or 0 for c in result["splits"].values())}
+
+
+def protect(cfg: ProtectConfig, resume: bool = False) -> ProtectResult:
+    """Prepare -> poison -> verify -> export ``cfg.input`` into ``cfg.output`` (see module doc).
+
+    MLflow tracking is off unless ``MME_TRACKING`` asks for it: a data owner's run should not
+    leave an ``mlflow.db`` in the folder it was started from.
+    """
+    if "MME_TRACKING" not in os.environ:
+        os.environ["MME_TRACKING"] = "off"
+        try:
+            return protect(cfg, resume)
+        finally:
+            del os.environ["MME_TRACKING"]
+    t0 = time.perf_counter()
+    check_paths(cfg, resume)
+    data_config(cfg), poison_config(cfg)  # validate every setting before any work
+    state = _read_state(cfg, resume)
+    cfg.private_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.private_dir / "README.txt").write_text(PRIVATE_README, encoding="utf-8")
+    runners = {
+        "prepare": lambda: _stage_prepare(cfg),
+        "poison": lambda: _stage_poison(cfg, resume),
+        "verify": lambda: _stage_verify(cfg),
+        "export": lambda: _stage_export(cfg),
+    }
+    for i, stage in enumerate(STAGES, 1):
+        if stage in state["done"]:
+            print(f"mme protect: [{i}/4] {stage}: done earlier (--resume)", file=sys.stderr)
+            continue
+        print(f"mme protect: [{i}/4] {stage} ...", file=sys.stderr)
+        state["results"][stage] = runners[stage]()
+        state["done"].append(stage)
+        _save_state(cfg, state)
+    return _result(cfg, state["results"], time.perf_counter() - t0)
+
+
+def _result(cfg: ProtectConfig, r: dict[str, dict[str, Any]], seconds: float) -> ProtectResult:
+    pcfg = poison_config(cfg)
+
+    def mean(q: str) -> float | None:
+        m = r["verify"][q]["mean"]
+        return float(m) if isinstance(m, int | float) else None
+
+    return ProtectResult(
+        output=cfg.output,
+        private=cfg.private_dir,
+        images=r["prepare"]["images"],
+        captions=r["export"]["captions"],
+        protected=r["poison"]["protected"],
+        skipped=r["prepare"]["skipped"],
+        method=pcfg.method,
+        epsilon=pcfg.epsilon,
+        working_size=r["poison"]["working_size"],
+        max_linf=r["verify"]["max_linf"],
+        psnr_mean=mean("psnr"),
+        ssim_mean=mean("ssim"),
+        verified=bool(r["verify"]["ok"]),
+        seconds=seconds,
+    )
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "input", type=Path, help="image folder (+ .txt captions), CSV, shards, or HF dataset"
+    )
+    parser.add_argument("output", type=Path, help="publishable folder to write")
+    parser.add_argument(
+        "--private",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="private work area (default: OUTPUT.private)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument("--dry-run", action="store_true", help="print plan, time, disk; stop")
+    parser.add_argument("--force", action="store_true", help="replace OUTPUT, start over")
+    parser.add_argument(
+        "--max-side", type=int, default=None, metavar="N", help="shrink inputs first (short side)"
+    )
+    parser.add_argument(
+        "--image-column", default="images", metavar="TEXT", help="CSV: image path column"
+    )
+    parser.add_argument(
+        "--caption-column", default="caption", metavar="TEXT", help="CSV: caption column"
+    )
+    parser.add_argument(
+        "--params",
+        type=params_file,
+        default=None,
+        metavar="FILE",
+        help="use this file's poison: section (default: none; ./params.yaml is not read)",
+    )
+    add_section_arguments(parser, "poison", skip=_FIXED, defaults=PHOTO_PROFILE)
+
+
+def config_from_args(args: argparse.Namespace) -> ProtectConfig:
+    from mme.config import read_params
+
+    names = PoisonConfig.model_fields
+    # protect's own --private (its work area) is not poison.private: _FIXED keys are its own
+    given = vars(args).items()
+    overrides = {k: v for k, v in given if k in names and k not in _FIXED and v is not None}
+    # a params file only when named: protect's defaults are the photo profile, not the repo's
+    base = dict(read_params(args.params).get("poison") or {}) if args.params else {}
+    base = {k: v for k, v in base.items() if k not in _FIXED}
+    return ProtectConfig(
+        input=args.input,
+        output=args.output,
+        private=args.private,
+        poison={**base, **overrides},
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        max_side=args.max_side,
+        force=args.force,
+    )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from mme.config import format_validation_error
+
+    try:
+        cfg = config_from_args(args)
+        poison_config(cfg)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error("poison", err)) from None
+    if args.dry_run:
+        from mme.plan import plan
+
+        print(plan(cfg).text())
+        return 0
+    check_paths(cfg, args.resume)  # user errors before the timed pass below
+    if not args.resume:
+        from mme.plan import plan
+
+        p = plan(cfg)  # a few seconds: one timed pass of the surrogate
+        print(
+            f"mme protect: {p.images} images; estimated ~{_minutes(p.estimate_seconds)} "
+            f"on {p.device}, ~{p.disk_bytes / 1e6:.0f} MB disk (--dry-run shows the plan)",
+            file=sys.stderr,
+        )
+    result = protect(cfg, resume=args.resume)
+    print(result.summary())
+    return 0 if result.verified else 1
+
+
+make_callable(__name__)  # `mme.protect(...)` is the API function of mme/api.py

@@ -1,0 +1,70 @@
+"""The typed manifest: one reader/writer, one trigger length, hostile files rejected clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mme.config import ConfigError, DataConfig, PoisonConfig
+from mme.manifest import Manifest, read_manifest, write_manifest
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"method": "random", "trigger_len": 0, "config": {"trigger_len": 3}}, 0),  # old baseline
+        ({"method": "em", "config": {"method": "em", "trigger_len": 3}}, 0),
+        ({"method": "mem", "trigger_len": 5, "config": {"trigger_len": 5}}, 5),
+        ({"config": {"method": "mem", "trigger_len": 1}}, 1),  # hand-made: config only
+        ({"poison": {"method": "mem", "epsilon": 8}}, None),  # older record, no length
+        ({"created_by": "mme prepare", "config": {"source": "folder"}}, None),  # clean
+    ],
+)
+def test_one_trigger_len(raw, expected):
+    assert Manifest.model_validate(raw).trigger_len == expected
+
+
+def test_data_record_of_clean_and_protected():
+    clean = {"method": "clean", "epsilon": None, "trigger_len": None, "attack": None}
+    assert Manifest().data_record() == clean
+    m = Manifest.model_validate({"method": "mem", "epsilon": 8, "trigger_len": 3})
+    assert m.data_record() == {"method": "mem", "epsilon": 8, "trigger_len": 3, "attack": None}
+    attacked = Manifest.model_validate({"method": "mem", "trigger_len": 3, "attack": "jpeg:90"})
+    assert attacked.data_record()["attack"] == "jpeg:90"
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"splits": {"train": {"images": -1}}}'])
+def test_malformed_manifest_is_a_one_line_config_error(tmp_path, text):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        read_manifest(tmp_path)
+    assert "not a valid manifest" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_write_keeps_the_bytes_of_the_dict(tmp_path):
+    raw = {"created_by": "x", "splits": {"train": {"images": 1, "captions": 2, "shards": []}}}
+    write_manifest(tmp_path, raw)
+    assert json.loads((tmp_path / "manifest.json").read_text()) == raw
+    assert read_manifest(tmp_path).images("train") == 1 and read_manifest(tmp_path).images("x") == 0
+
+
+def test_a_baseline_writes_a_single_trigger_len(tmp_path, monkeypatch):
+    from mme.poison import poison
+    from mme.prepare import prepare
+
+    monkeypatch.setenv("MME_TRACKING", "off")
+    clean = tmp_path / "clean"
+    prepare(DataConfig(source="synthetic", out=clean, n_train=4, n_test=1, image_size=32))
+    cfg = PoisonConfig(
+        clean=clean,
+        out=tmp_path / "r",
+        private=tmp_path / "p",
+        method="random",
+        model="mme-tiny-vit",
+        device="cpu",
+    )
+    poison(cfg)
+    raw = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert raw["trigger_len"] == 0 and "trigger_len" not in raw["config"]
+    assert read_manifest(tmp_path / "r").trigger_len == 0
