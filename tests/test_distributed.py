@@ -22,9 +22,9 @@ from mme.config import ConfigError, DataConfig, PoisonConfig
 from mme.prepare import prepare
 
 FLAGS = (
-    "--params /nonexistent --model mme-tiny-vit --rounds 2 --surrogate-steps 2 --batch-size 8"
+    "--params none --model mme-tiny-vit --rounds 2 --surrogate-steps 2 --batch-size 8"
     " --trigger-rounds 1 --candidates 2 --pgd-steps 2 --device cpu --grid-samples 2"
-    " --no-augment --write-workers 1"
+    " --no-augment --write-workers 1 --threads 1"
 ).split()
 
 
