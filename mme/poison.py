@@ -18,7 +18,6 @@ disjoint from each other and from the clean input, which is never modified.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -96,23 +95,12 @@ def check_inputs(cfg: PoisonConfig) -> Manifest:
     return manifest
 
 
-@contextlib.contextmanager
-def fixed_threads(n: int) -> Iterator[None]:
-    """Run the body with exactly ``n`` torch intra-op threads, whatever the machine offers.
-
-    Why: CPU kernels split their reductions by thread count (e.g. LayerNorm's weight/bias
-    gradients are summed in one partial per thread), so the surrogate's weights, and through
-    them every PGD sign and HotFlip choice, drift with ``OMP_NUM_THREADS`` or the core count.
-    A fixed count gives the same partition, hence the same bytes, on any machine with the same
-    CPU instruction set (docs/orchestration.md, "Reproducibility"). ``n`` above the core count
-    only time-shares; ``poison.threads`` is part of the result like ``seed``.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# The loop runs with exactly ``poison.threads`` torch threads: CPU kernels split reductions by
+# thread count (e.g. LayerNorm's weight/bias gradients are summed one partial per thread), so
+# the surrogate's weights, and through them every PGD sign and HotFlip choice, would drift with
+# OMP_NUM_THREADS or the core count. A fixed count gives the same bytes on any machine with the
+# same CPU instruction set (docs/orchestration.md, "Reproducibility").
+fixed_threads = models.torch_threads
 
 
 def config_hash(cfg: PoisonConfig) -> str:

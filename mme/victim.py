@@ -191,22 +191,9 @@ def trainer_argv(
     return [str(x) for kv in flags.items() for x in kv] + ["--delete-previous-checkpoint"]
 
 
-@contextlib.contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """Run the body with ``n`` torch intra-op threads (0: leave as is).
-
-    Why: on a small shared CPU, two jobs that each spin up one thread per core slow each other
-    down ~10x (OpenMP threads wait on each other); one thread each keeps both near full speed.
-    """
-    if n <= 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# On a small shared CPU, two jobs that each spin up one thread per core slow each other down
+# ~10x (OpenMP threads wait on each other); one thread each keeps both near full speed.
+cpu_threads = models.torch_threads
 
 
 @contextlib.contextmanager
