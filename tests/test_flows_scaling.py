@@ -2,13 +2,15 @@
 gloo) instead of the in-process call, stream its output into the task log, and the stage's
 MLflow runs nest in the flow's run as in-process ones do. One real launch (a tiny victim on 16
 images); the poison task's launch is checked with a stand-in (``tests/test_distributed.py`` runs
-``torchrun -m mme poison`` itself)."""
+``torchrun -m mme poison`` itself). And the GPU work pool: the deployments registered on a
+process pool (``python -m flows.serve --pool``) and one of them run by a worker of that pool."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("prefect")
 
@@ -27,6 +29,7 @@ from mme.config import DataConfig, PoisonConfig, VictimConfig  # noqa: E402
 from mme.prepare import prepare  # noqa: E402
 
 EXPERIMENT = "torchrun"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +77,7 @@ def _flow_log(flow_run_id: str) -> str:
     return "\n".join(entry.message for entry in logs)
 
 
+@pytest.mark.slow  # > 30 s on 2 cores (each rank, each flow run imports torch)
 def test_a_task_with_two_processes_runs_through_torchrun(env: Path) -> None:
     """One real launch (the costly part: each rank imports torch): the victim trains with DDP,
     its lines are in the task log, its MLflow run is nested in the flow's run."""
@@ -141,3 +145,72 @@ def test_the_params_file_gives_back_the_same_section(cfg, tmp_path: Path) -> Non
     section = "poison" if isinstance(cfg, PoisonConfig) else "victim"
     path = torchrun.write_params(tmp_path / "params.yaml", section, cfg)
     assert load_section(section, path) == cfg
+
+
+# --- the GPU work pool: deployments on a process pool, a worker runs them ----------------------
+
+
+def _pool_params(root: Path) -> Path:
+    """A params.yaml whose ``reevaluate`` has one tiny victim, already evaluated (below)."""
+    victim = {"model": "mme-tiny-rn", "epochs": 1, "batch_size": 8, "device": "cpu"}
+    params = {
+        "data": {"out": str(root / "clean")},
+        "victim": victim,
+        "evaluate": {"device": "cpu"},
+        "tracking": {"experiment": EXPERIMENT},
+        "reevaluate": {
+            "protected": str(root / "clean"),
+            "clean": str(root / "clean"),
+            "runs": str(root / "reevaluate"),
+            "victims": [{}],
+        },
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.mark.slow  # > 30 s on 2 cores (each rank, each flow run imports torch)
+def test_deployments_on_a_process_pool_run_on_its_worker(env: Path, monkeypatch) -> None:
+    """``python -m flows.serve --pool NAME`` registers both deployments on the pool, runnable
+    from ``--working-dir``; a process worker of that pool runs ``reevaluate/scheduled`` to
+    completion (its victim is already evaluated: the run checks inputs and MLflow, trains
+    nothing). The full pipeline on a worker was run by hand (docs/scaling.md): minutes."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+    from prefect.workers.process import ProcessWorker
+
+    from flows.serve import deploy_to_pool, pipeline_parameters
+    from mme import report
+
+    params = _pool_params(env)
+    victim = VictimConfig(model="mme-tiny-rn", epochs=1, batch_size=8, device="cpu")
+    version = report.dataset_version(env / "clean")
+    identity = {**report.victim_identity(victim), "data_manifest_sha256": version}
+    with tracking.start_run(EXPERIMENT, "evaluate-earlier", identity, {"stage": "evaluate"}):
+        tracking.log_metrics({"rsum": 1.0})
+
+    template = ProcessWorker.get_default_base_job_template()
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="mme-gpu", type="process",
+                                               base_job_template=template))  # fmt: skip
+    ids = deploy_to_pool(params, "0 3 * * *", "mme-gpu", env)
+    with get_client(sync_client=True) as client:
+        found = {d.name: d for d in (client.read_deployment(i) for i in ids)}
+    assert set(found) == {"default", "scheduled"}
+    for d in found.values():
+        assert d.work_pool_name == "mme-gpu" and d.job_variables == {"working_dir": str(env)}
+    assert found["default"].entrypoint == "flows.pipeline.mme_pipeline"
+    want = pipeline_parameters(params)
+    assert found["default"].parameters["victim"] == want["victim"].model_dump(mode="json")
+
+    # the worker's flow run imports `flows` from the checkout; here that is this repository
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    run = run_deployment("reevaluate/scheduled", timeout=0)
+    asyncio.run(ProcessWorker(work_pool_name="mme-gpu").start(run_once=True))
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run.id).state
+    assert state.is_completed(), state.message
