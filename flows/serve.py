@@ -74,8 +74,15 @@ def deploy_to_pool(params: Path, cron: str, pool: str, checkout: Path) -> list[A
         entrypoint_type=EntrypointType.MODULE_PATH,
         job_variables={"working_dir": str(Path(checkout).resolve())},
     )
+    # ignore_warnings: Prefect's hint to `serve` a local process pool instead does not apply
+    # to a worker on another (GPU) host
     return deploy(
-        *found, work_pool_name=pool, build=False, push=False, print_next_steps_message=False
+        *found,
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+        ignore_warnings=True,
     )
 
 
