@@ -24,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
+from flows import torchrun
 from mme import models, report, shards
 from mme.config import (
     ConfigError,
@@ -113,14 +114,24 @@ def prepare_task(cfg: DataConfig) -> Path:
 
 @task(name="poison", **_cached(_poison_key))
 def poison_task(cfg: PoisonConfig, clean: Path) -> Path:
-    """Protect ``clean``'s train split into ``cfg.out``; returns that folder."""
-    poison(cfg.model_copy(update={"clean": Path(clean)}))
+    """Protect ``clean``'s train split into ``cfg.out``; returns that folder. With
+    ``cfg.nproc`` > 1 through torchrun (:mod:`flows.torchrun`), else in this process."""
+    cfg = cfg.model_copy(update={"clean": Path(clean)})
+    if cfg.nproc > 1:
+        torchrun.launch(cfg.nproc, "poison", "poison", cfg)
+    else:
+        poison(cfg)
     return Path(cfg.out)
 
 
 @task(name="train", task_run_name="train-{run_dir.name}", **_cached(_train_key))
 def train_task(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
-    """Train a victim on ``shards``; returns its checkpoint."""
+    """Train a victim on ``shards``; returns its checkpoint. With ``cfg.nproc`` > 1 through
+    torchrun (:mod:`flows.torchrun`), else in this process."""
+    if cfg.nproc > 1:
+        extra = ["--shards", str(shards), "--run-dir", str(run_dir)]
+        torchrun.launch(cfg.nproc, "train", "victim", cfg, extra)
+        return Path(run_dir) / "checkpoint.pt"  # where train_victim puts it
     return train_victim(cfg, Path(shards), Path(run_dir))
 
 

@@ -21,6 +21,8 @@ Parent runs: inside an active run (a Prefect flow's pipeline run) a new run is n
 the parent's experiment. Across processes (DVC runs each stage as its own command)
 ``$MME_PARENT_RUN`` (else ``$DVC_EXP_NAME``, which ``dvc exp run`` sets) names a parent run: the
 first stage creates it in the experiment, later stages find it by its ``mme.parent`` tag.
+A process launched from inside a run (a Prefect task starting ``torchrun``) gets that run's id
+in ``$MME_PARENT_RUN_ID`` (:func:`child_env`), and its runs nest in it as they would in-process.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ PARAM_NAMES = (
     "data_manifest_sha256",
 )
 PARENT_TAG = "mme.parent"
+PARENT_ID_ENV = "MME_PARENT_RUN_ID"  # set by child_env() for a launched process
 HEADLINE_PREFIX = "0_"  # digits sort before letters in MLflow's (locale) column ordering
 HEADLINE_METRICS = ("rsum_over_chance", "i2t_r1", "t2i_r1")
 HEADLINE_PARAMS = ("method", "epsilon", "trigger_len", "victim_model", "attack")
@@ -169,15 +172,21 @@ def start_run(
         return
     mlflow = _mlflow()
     active = mlflow.active_run()
-    parent_id = None
+    parent_id = launcher_id = None
     if active is not None:
         # MLflow only shows nesting within one experiment: a child joins its parent's.
         exp_id, nested = active.info.experiment_id, True
+    elif os.environ.get(PARENT_ID_ENV):  # the launching process's active run (child_env)
+        launcher_id = os.environ[PARENT_ID_ENV]
+        exp_id = mlflow.get_run(launcher_id).info.experiment_id
     else:
         exp_id = _experiment_id(mlflow, experiment)
         parent_id = _named_parent(mlflow, exp_id)
     with mlflow.start_run(
-        experiment_id=exp_id, run_name=run_name, nested=nested, parent_run_id=parent_id
+        experiment_id=exp_id,
+        run_name=run_name,
+        nested=nested,
+        parent_run_id=parent_id or launcher_id,
     ) as run:
         status = "FAILED"
         try:
@@ -189,6 +198,20 @@ def start_run(
         finally:
             if parent_id is not None:  # the parent spans its children: ends with the latest
                 mlflow.MlflowClient().set_terminated(parent_id, status)
+
+
+def child_env() -> dict[str, str]:
+    """Environment for a process launched from here (``torchrun -m mme ...``) whose runs must
+    land where an in-process call's would: the same store, nested in the active run."""
+    if not enabled():
+        return {}
+    mlflow = _mlflow()
+    env = {"MLFLOW_TRACKING_URI": tracking_uri()}
+    active = mlflow.active_run()
+    if active is not None:
+        env[PARENT_ID_ENV] = active.info.run_id
+        env["MLFLOW_EXPERIMENT_NAME"] = mlflow.get_experiment(active.info.experiment_id).name
+    return env
 
 
 def parent_run_name() -> str | None:

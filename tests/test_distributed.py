@@ -294,3 +294,21 @@ def test_a_params_nproc_other_than_the_runs_is_noted(monkeypatch, capsys, nproc,
     world = distributed.World(0, int(env.get("LOCAL_WORLD_SIZE", 1)))
     distributed.note_nproc(world, nproc, "poison.nproc")
     assert ("poison.nproc = 2 but" in capsys.readouterr().err) == noted
+
+
+def test_every_dvc_stage_that_poisons_or_trains_goes_through_torchrun():
+    """dvc.yaml: poison stages use poison.nproc, every victim training victim.nproc (the
+    baseline and attacked-copy stages included), so one setting scales the whole pipeline."""
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    launcher = "torchrun --standalone --nproc_per_node ${%s.nproc} -m mme %s"
+    seen = set()
+    for name, stage in stages.items():
+        cmd = " ".join(stage.get("do", stage)["cmd"].split())
+        for command, section in (("poison", "poison"), ("train", "victim")):
+            if f"mme {command}" in cmd:
+                assert launcher % (section, command) in cmd, name
+                assert cmd.count(f"mme {command}") == 1, name  # no plain `mme ...` besides
+                seen.add(name)
+    assert seen >= {"poison", "poison_baseline", "train_baseline", "train_attacked"}

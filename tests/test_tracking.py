@@ -178,3 +178,28 @@ def test_run_stamp_is_readable_time() -> None:
     import re
 
     assert re.fullmatch(r"\d{8}-\d{6}", tracking.run_stamp())
+
+
+def test_a_launched_process_nests_in_the_launchers_run(store: Path, monkeypatch) -> None:
+    """child_env() from inside a run; a process started with it (here: the same process once
+    the run is no longer active in it) nests its runs there and leaves that run open."""
+    with tracking.start_run("exp-launch", "flow", {}) as parent_id:
+        env = tracking.child_env()
+        assert env[tracking.PARENT_ID_ENV] == parent_id
+        assert env["MLFLOW_EXPERIMENT_NAME"] == "exp-launch"
+        assert env["MLFLOW_TRACKING_URI"] == tracking.tracking_uri()
+        import mlflow
+
+        active = mlflow.active_run()
+        mlflow.end_run("RUNNING")  # as seen from the launched process: no active run
+        try:
+            monkeypatch.setenv(tracking.PARENT_ID_ENV, parent_id)
+            with tracking.start_run("elsewhere", "stage", {}) as child_id:
+                pass
+        finally:
+            mlflow.start_run(run_id=active.info.run_id)
+        assert _client().get_run(parent_id).info.status == "RUNNING"  # the flow ends it
+    child, parent = _client().get_run(child_id), _client().get_run(parent_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent_id
+    assert child.info.experiment_id == parent.info.experiment_id  # the parent's, not "elsewhere"
+    assert tracking.child_env().keys() == {"MLFLOW_TRACKING_URI"}  # no active run: no parent
