@@ -19,3 +19,7 @@ TELEMETRY_OFF = {
 }
 for _key, _value in TELEMETRY_OFF.items():
     os.environ.setdefault(_key, _value)
+
+# The tasks run mme in-process: torch's OpenMP threads wait passively, as under the `mme`
+# command (mme.cli.passive_openmp says why); set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
-import pytest
+# Before torch loads: tests and their subprocesses share 2 cores in CI; spinning OpenMP
+# threads would hold them (mme.cli.passive_openmp says why; results do not change).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from mme import shards
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from mme import shards  # noqa: E402
 
 # Nothing in the tests may reach the network (weights, tokenizers, telemetry).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

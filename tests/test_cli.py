@@ -148,3 +148,28 @@ def test_tracking_switches_off_in_one_line_without_mlflow(monkeypatch, capsys):
     assert run_id is None
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [e for e in err if "MLflow is not installed" in e] and len(err) == 1
+
+
+@pytest.mark.parametrize(("before", "after"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_wait_passively_unless_the_user_chose(before, after):
+    environ = {} if before is None else {"OMP_WAIT_POLICY": before}
+    cli.passive_openmp(environ)
+    assert environ["OMP_WAIT_POLICY"] == after
+
+
+def test_openmp_wait_policy_is_set_before_torch_loads():
+    code = (
+        "import os, sys\n"
+        "from mme import cli\n"
+        "try:\n"
+        "    cli.main(['poison', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('POLICY', os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert "POLICY PASSIVE False" in out
