@@ -21,8 +21,9 @@ from flows.tasks import (
     run_params,
     train_task,
 )
-from mme import __version__, tracking
+from mme import __version__
 from mme.config import DataConfig, EvaluateConfig, PoisonConfig, VictimConfig
+from mme.track import tracking
 
 
 @flow(name="mme-pipeline", log_prints=True)

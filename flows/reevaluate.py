@@ -24,8 +24,8 @@ from flows.tasks import (
     train_uncached,
     version_task,
 )
-from mme import tracking
 from mme.config import VictimConfig
+from mme.track import tracking
 
 
 @flow(name="reevaluate", log_prints=True)

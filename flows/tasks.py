@@ -24,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from mme import models, report, shards
+from mme import models, shards
 from mme.config import (
     ConfigError,
     DataConfig,
@@ -35,10 +35,11 @@ from mme.config import (
     load_section,
     reevaluation_victims,
 )
-from mme.evaluate import evaluate_and_log
-from mme.poison import poison
-from mme.prepare import prepare
-from mme.victim import train_victim
+from mme.ingest.prepare import prepare
+from mme.protection.poison import poison
+from mme.track import report
+from mme.victim.evaluate import evaluate_and_log
+from mme.victim.train import train_victim
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
 PREFECT_ROOT = Path("runs/prefect")  # the served pipeline's outputs (never the DVC pipeline's)

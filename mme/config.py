@@ -226,7 +226,7 @@ class PoisonConfig(Section):
 
 class AttackConfig(Section):
     """``attack:`` section — ``mme attack``: a transformed copy of a protected set, what a data
-    user might do to it before training (specs: :mod:`mme.transforms`). The DVC pipeline runs
+    user might do to it before training (specs: :mod:`mme.victim.transforms`). The DVC pipeline runs
     one per entry of params.yaml's ``attacks`` (name -> spec)."""
 
     transform: str = Field(
@@ -242,7 +242,7 @@ class AttackConfig(Section):
     @field_validator("transform")
     @classmethod
     def _known_transform(cls, value: str) -> str:
-        from mme.transforms import parse_spec
+        from mme.victim.transforms import parse_spec
 
         return str(parse_spec(value))
 

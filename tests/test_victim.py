@@ -1,4 +1,4 @@
-"""mme.victim / ``mme train``: pairs view, trainer argv, log parsing, an end-to-end CPU run."""
+"""mme.victim.train / ``mme train``: pairs view, trainer argv, log parsing, a CPU end-to-end run."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mme import cli, models, shards, victim
+from mme import cli, models, shards
 from mme.config import VictimConfig
+from mme.victim import train as victim
 
 NO_PARAMS = ["--params", "none"]  # no params file: the built-in defaults
 
@@ -263,7 +264,7 @@ def test_trainer_output_once_without_model_printout(monkeypatch, capsys) -> None
     import open_clip_train.main
     from open_clip_train.logger import setup_logging
 
-    from mme import victim
+    from mme.victim import train as victim
 
     def fake_main(argv):
         setup_logging(None, logging.INFO)  # what open_clip_train does: + a stderr handler

@@ -26,7 +26,7 @@ Output (``run_dir``):
   and its picture ``train_loss.png``.
 - ``train.json``: configuration, data sizes, device, precision, wall time, final loss.
 
-Everything is also logged to MLflow (via :mod:`mme.tracking`).
+Everything is also logged to MLflow (via :mod:`mme.track.tracking`).
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ from typing import Any
 
 import torch
 
-from mme import arguments, distributed, fsio, models, paths, plots, shards, tracking
+from mme import arguments, distributed, fsio, models, paths, shards
 from mme.config import ConfigError, VictimConfig, section_from_args
+from mme.track import plots, tracking
 
 PAIRS_SHARD_SIZE = 1000
 TRAINER_NAME = "trainer"  # open_clip_train's --name: its logs go to run_dir/trainer
@@ -366,7 +367,7 @@ def _clean_run_dir(run_dir: Path) -> None:
 
 
 def train_params(cfg: VictimConfig, prov: dict[str, Any]) -> dict[str, Any]:
-    """MLflow params of a training run (shared names, see :mod:`mme.tracking`)."""
+    """MLflow params of a training run (shared names, see :mod:`mme.track.tracking`)."""
     return {
         "victim_model": cfg.model,
         "epochs": cfg.epochs,

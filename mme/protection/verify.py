@@ -16,7 +16,8 @@ id, and for each pair:
 - ``meta``: the stored sha256 matches the image bytes.
 
 ``--native DIR`` also checks an ``mme export --native`` folder at the originals' own size
-(:func:`mme.native.verify_native`: every clean image present, same width × height, L∞ ≤ ε).
+(:func:`mme.protection.native.verify_native`: every clean image present, same width × height,
+L∞ ≤ ε).
 
 Ids in one set only are ``missing`` / ``extra``; a repeated protected id is a ``duplicate``.
 Without the private folder every check but ``noise`` and the ``triggers.json`` agreement runs on
@@ -560,8 +561,9 @@ add_arguments = arguments.verify  # flags live where --help needs no torch
 
 
 def _native_ok(clean: Path, folder: Path, epsilon: float) -> bool:
-    """:func:`mme.native.verify_native` of an exported folder, printed; True when it passes."""
-    from mme.native import verify_native
+    """:func:`mme.protection.native.verify_native` of an exported folder, printed; True when it
+    passes."""
+    from mme.protection.native import verify_native
 
     native = verify_native(clean, folder, epsilon)
     print(f"native size: {native.n_checked} images, max L-inf {native.max_linf} (eps {epsilon:g})")
