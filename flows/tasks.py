@@ -24,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from mme import models, shards
+from mme import models, paths, shards
 from mme.config import (
     ConfigError,
     DataConfig,
@@ -42,7 +42,7 @@ from mme.victim.evaluate import evaluate_and_log
 from mme.victim.train import train_victim
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
-PREFECT_ROOT = Path("runs/prefect")  # the served pipeline's outputs (never the DVC pipeline's)
+PREFECT_ROOT = paths.PREFECT_RUNS  # the served pipeline's outputs (never the DVC pipeline's)
 
 
 def prefect_outputs(params: Path, root: Path = PREFECT_ROOT) -> tuple[DataConfig, PoisonConfig]:
@@ -59,6 +59,19 @@ def prefect_outputs(params: Path, root: Path = PREFECT_ROOT) -> tuple[DataConfig
         }
     )
     return data, poison_cfg
+
+
+def pipeline_parameters(params: Path, root: Path = PREFECT_ROOT) -> dict[str, Any]:
+    """``mme_pipeline``'s parameters (flows/pipeline.py) from ``params``, outputs under ``root``."""
+    data, poison = prefect_outputs(params, root)
+    return {
+        "data": data,
+        "poison": poison,
+        "victim": load_section("victim", params),
+        "evaluate": load_section("evaluate", params),
+        "runs": root,
+        "experiment": load_section("tracking", params).experiment,
+    }
 
 
 # --- cache keys --------------------------------------------------------------------------------

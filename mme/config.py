@@ -22,7 +22,7 @@ from pydantic import (
 
 from mme import paths
 
-DEFAULT_PARAMS = Path("params.yaml")
+DEFAULT_PARAMS = paths.PARAMS
 
 
 class ConfigError(ValueError):
@@ -386,6 +386,13 @@ def read_params(path: Path | None = DEFAULT_PARAMS) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return raw
+
+
+def default_shards(params: Path | None) -> Path:
+    """The clean shards a command works on by default: ``data.out`` of ``params``, else
+    :data:`mme.paths.CLEAN`."""
+    data = (read_params(params).get("data") or {}) if params else {}
+    return Path(data.get("out") or paths.CLEAN)
 
 
 _noted: list[bool] = []

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mme import fsio, shards
+from mme import fsio, paths, shards
 from mme.config import ReportConfig, VictimConfig, add_params_argument, load_section
 from mme.track import plots, tracking
 
@@ -253,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runs-dir",
         type=Path,
-        default=Path("runs"),
+        default=paths.RUNS,
         help="--html: loss curves from RUNS_DIR/<label>/train_loss.csv (default: runs)",
     )
 

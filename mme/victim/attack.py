@@ -19,17 +19,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mme import __version__, fsio, shards
+from mme import __version__, fsio, paths, shards
 from mme.config import AttackConfig, ConfigError, add_section_arguments, section_from_args
 from mme.victim import transforms
 
-ATTACKED_ROOT = Path("data/attacked")
 CARRIED_KEYS = ("method", "epsilon", "trigger_len", "working_size", "n_protected")
 
 
 def output_dir(cfg: AttackConfig) -> Path:
     """``cfg.out``, else ``data/attacked/<slug of the spec>``."""
-    return Path(cfg.out) if cfg.out is not None else ATTACKED_ROOT / transforms.slug(cfg.transform)
+    return Path(cfg.out) if cfg.out is not None else paths.ATTACKED / transforms.slug(cfg.transform)
 
 
 def check_inputs(cfg: AttackConfig) -> dict[str, Any]:

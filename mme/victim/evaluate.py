@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mme import arguments, models, shards
+from mme import arguments, models, paths, shards
 from mme.api import make_callable
-from mme.config import ConfigError, EvaluateConfig, section_from_args
+from mme.config import ConfigError, EvaluateConfig, default_shards, section_from_args
 from mme.track import plots, tracking
 from mme.victim import retrieval
 
@@ -195,11 +195,9 @@ add_arguments = arguments.evaluate  # flags live where --help needs no torch
 
 
 def run(args: argparse.Namespace) -> int:
-    from mme.victim.train import default_shards
-
     cfg = section_from_args("evaluate", args)
     shard_dir = args.shards or default_shards(args.params)
-    checkpoint = args.checkpoint or Path("runs") / f"victim-{shard_dir.name}" / "checkpoint.pt"
+    checkpoint = args.checkpoint or paths.victim_run(shard_dir) / "checkpoint.pt"
     if not checkpoint.is_file():
         raise ConfigError(f"checkpoint {checkpoint} not found: run `mme train` first")
     if not shards.shard_paths(shard_dir, args.split):

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from mme import arguments, distributed, fsio, models, paths, shards
-from mme.config import ConfigError, VictimConfig, section_from_args
+from mme.config import ConfigError, VictimConfig, default_shards, section_from_args
 from mme.track import plots, tracking
 
 PAIRS_SHARD_SIZE = 1000
@@ -506,14 +506,6 @@ def _record_outputs(
 add_arguments = arguments.train  # flags live where --help needs no torch
 
 
-def default_shards(params: Path | None) -> Path:
-    """``data.out`` of params.yaml, else the embedded synthetic default."""
-    from mme.config import read_params
-
-    data = (read_params(params).get("data") or {}) if params else {}
-    return Path(data.get("out") or paths.CLEAN)
-
-
 def run(args: argparse.Namespace) -> int:
     from mme.config import ConfigError
 
@@ -526,6 +518,6 @@ def run(args: argparse.Namespace) -> int:
         models.resolve_device(cfg.device)
     except (ValueError, RuntimeError) as err:
         raise ConfigError(str(err)) from None
-    run_dir = args.run_dir or Path("runs") / f"victim-{Path(shard_dir).name}"
+    run_dir = args.run_dir or paths.victim_run(shard_dir)
     print(train_victim(cfg, shard_dir, run_dir))
     return 0

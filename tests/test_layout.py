@@ -1,0 +1,85 @@
+"""Code layout: the stage packages, the import rules between them, one place for default paths."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("ingest", "protection", "victim", "track")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path) -> set[str]:
+    """Every module ``path`` imports, at the top or inside a function (``from a import b``
+    counts as ``a`` and ``a.b``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def graph(package: str) -> dict[str, set[str]]:
+    files = {module_name(p): p for p in (ROOT / package).rglob("*.py")}
+    return {name: imported(path) & files.keys() for name, path in files.items()}
+
+
+def test_stages_are_packages():
+    for stage in STAGES:
+        assert (ROOT / "mme" / stage / "__init__.py").is_file(), stage
+
+
+@pytest.mark.parametrize("forbidden", ["flows", "dvc", "prefect"])
+def test_mme_never_imports_the_orchestrators(forbidden):
+    offenders = [
+        module_name(p)
+        for p in (ROOT / "mme").rglob("*.py")
+        if any(n == forbidden or n.startswith(forbidden + ".") for n in imported(p))
+    ]
+    assert offenders == []
+
+
+def test_flows_import_each_other_without_a_cycle():
+    """flows.pipeline imported flows.serve (for its __main__) while serve imports pipeline."""
+    edges = graph("flows")
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(
+            n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges[start]
+        )
+
+    assert [m for m in edges if reaches(m, m, set())] == []
+
+
+def test_evaluate_does_not_import_training():
+    """Evaluating a checkpoint needs no trainer: evaluate took its default paths from victim."""
+    evaluate = imported(ROOT / "mme" / "victim" / "evaluate.py")
+    assert not any(n.startswith(("mme.victim.train", "mme.victim.open_clip")) for n in evaluate)
+
+
+def test_default_paths_are_spelled_out_in_mme_paths_only():
+    """``data/...``, ``runs/...`` and ``params.yaml`` as literals live in mme/paths.py alone."""
+    offenders = []
+    for path in [*(ROOT / "mme").rglob("*.py"), *(ROOT / "flows").rglob("*.py")]:
+        if path == ROOT / "mme" / "paths.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "Path"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and str(node.args[0].value).startswith(("data", "runs", "params.yaml"))
+            ):
+                offenders.append(f"{module_name(path)}:{node.lineno}")
+    assert offenders == []
