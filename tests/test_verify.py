@@ -12,7 +12,8 @@ import pytest
 
 from mme.cli import main
 from mme.imageops import apply_noise, to_working_resolution
-from mme.protection.verify import load_tokenizer, token_ids, verify
+from mme.models import load_tokenizer, token_ids
+from mme.protection.verify import verify
 from mme.shards import Sample, encode_png, sha256_bytes, write_json_atomic, write_shards
 
 SIZE = 24  # working resolution S
