@@ -169,8 +169,8 @@ class PoisonConfig(Section):
     candidates: int = Field(16, ge=1, description="HotFlip candidates per position (paper: 16)")
     shuffle_captions: bool = Field(True, description="shuffle caption bodies during PGD (MEM)")
     augment: bool = Field(True, description="EOT: optimise through the `eot` transformations")
-    # EOT choices (mme/attacks/augment.py); the defaults are the behaviour before they existed,
-    # which combination protects best is not measured yet
+    # EOT choices (mme/protection/attacks/augment.py); the defaults are the behaviour before they
+    # existed, which combination protects best is not measured yet
     eot: list[Literal["resize", "jpeg", "crop"]] = Field(
         default_factory=lambda: ["crop"],
         description="EOT transformations, comma-separated: resize,jpeg,crop (default crop)",
