@@ -83,3 +83,17 @@ def test_default_paths_are_spelled_out_in_mme_paths_only():
             ):
                 offenders.append(f"{module_name(path)}:{node.lineno}")
     assert offenders == []
+
+
+def test_dvc_code_dependencies_exist():
+    """A moved module must not leave dvc.yaml depending on a path that is gone."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    deps = {
+        d
+        for stage in stages.values()
+        for d in stage.get("do", stage).get("deps", [])
+        if d.startswith("mme/")
+    }
+    assert deps and sorted(d for d in deps if not (ROOT / d).exists()) == []
