@@ -97,3 +97,51 @@ def test_dvc_code_dependencies_exist():
         if d.startswith("mme/")
     }
     assert deps and sorted(d for d in deps if not (ROOT / d).exists()) == []
+
+
+def top_level_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def module_file(name: str) -> Path | None:
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def test_every_mme_import_names_a_module_or_name_of_this_checkout():
+    """After a move, an import of the old path must fail here, not find an installed copy."""
+    missing = []
+    for folder in ("mme", "flows", "scripts", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    wanted = [(a.name, None) for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    wanted = [(node.module, a.name) for a in node.names]
+                else:
+                    continue
+                for module, name in wanted:
+                    if module.split(".")[0] != "mme":
+                        continue
+                    file = module_file(module)
+                    ok = file is not None and (
+                        name is None
+                        or module_file(f"{module}.{name}") is not None
+                        or name in top_level_names(file)
+                    )
+                    if not ok:
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {module} {name}")
+    assert missing == []
