@@ -52,7 +52,7 @@ serve: venv
 # MLflow UI on http://$(HOST):$(MLFLOW_PORT) over the project's store; prints the runs view of
 # params.yaml's experiment (tracking.experiment, model-training mode) and opens it in a browser.
 mlflow-ui: venv
-	@url=$$($(BIN)/python -m mme.tracking ui-url --base http://$(HOST):$(MLFLOW_PORT)) && \
+	@url=$$($(BIN)/python -m mme.track.tracking ui-url --base http://$(HOST):$(MLFLOW_PORT)) && \
 	echo "MLflow runs view: $$url" && \
 	{ (sleep 5; $(BIN)/python -m webbrowser -t "$$url" >/dev/null 2>&1 || true) & } && \
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/mlflow ui \

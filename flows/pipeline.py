@@ -14,15 +14,18 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.tasks import (
+    PREFECT_ROOT,
     evaluate_task,
+    pipeline_parameters,
     poison_task,
     prepare_task,
     report_task,
     run_params,
     train_task,
 )
-from mme import __version__, tracking
+from mme import __version__, paths
 from mme.config import DataConfig, EvaluateConfig, PoisonConfig, VictimConfig
+from mme.track import tracking
 
 
 @flow(name="mme-pipeline", log_prints=True)
@@ -31,7 +34,7 @@ def mme_pipeline(
     poison: PoisonConfig,
     victim: VictimConfig,
     evaluate: EvaluateConfig,
-    runs: Path = Path("runs/prefect"),
+    runs: Path = PREFECT_ROOT,
     experiment: str = "mme",
 ) -> dict[str, dict[str, float]]:
     """Protect ``data`` with ``poison``, train ``victim`` on the clean and on the protected
@@ -54,6 +57,4 @@ def mme_pipeline(
 
 
 if __name__ == "__main__":
-    from flows.serve import pipeline_parameters
-
-    mme_pipeline(**pipeline_parameters(Path("params.yaml")))
+    mme_pipeline(**pipeline_parameters(paths.PARAMS))

@@ -24,13 +24,14 @@ from flows.tasks import (
     train_uncached,
     version_task,
 )
-from mme import tracking
+from mme import paths
 from mme.config import VictimConfig
+from mme.track import tracking
 
 
 @flow(name="reevaluate", log_prints=True)
 def reevaluate(
-    params: Path = Path("params.yaml"),
+    params: Path = paths.PARAMS,
     protected: Path | None = None,
     clean: Path | None = None,
     rev: str | None = None,

@@ -24,26 +24,14 @@ from prefect import serve
 
 from flows.pipeline import mme_pipeline
 from flows.reevaluate import reevaluate
-from flows.tasks import PREFECT_ROOT, prefect_outputs
+from flows.tasks import pipeline_parameters
+from mme import paths
 from mme.config import load_section
-
-
-def pipeline_parameters(params: Path, root: Path = PREFECT_ROOT) -> dict[str, Any]:
-    """``mme_pipeline``'s parameters from ``params``, outputs under ``root``."""
-    data, poison = prefect_outputs(params, root)
-    return {
-        "data": data,
-        "poison": poison,
-        "victim": load_section("victim", params),
-        "evaluate": load_section("evaluate", params),
-        "runs": root,
-        "experiment": load_section("tracking", params).experiment,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=paths.PARAMS)
     parser.add_argument("--cron", default=None, help="reevaluate schedule (default: params.yaml)")
     parser.add_argument(
         "--pool", default=None, help="deploy to this process work pool instead of serving"

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
 from flows import torchrun
-from mme import models, report, shards
+from mme import models, paths, shards
 from mme.config import (
     ConfigError,
     DataConfig,
@@ -36,13 +36,14 @@ from mme.config import (
     load_section,
     reevaluation_victims,
 )
-from mme.evaluate import evaluate_and_log
-from mme.poison import poison
-from mme.prepare import prepare
-from mme.victim import train_victim
+from mme.ingest.prepare import prepare
+from mme.protection.poison import poison
+from mme.track import report
+from mme.victim.evaluate import evaluate_and_log
+from mme.victim.train import train_victim
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
-PREFECT_ROOT = Path("runs/prefect")  # the served pipeline's outputs (never the DVC pipeline's)
+PREFECT_ROOT = paths.PREFECT_RUNS  # the served pipeline's outputs (never the DVC pipeline's)
 
 
 def prefect_outputs(params: Path, root: Path = PREFECT_ROOT) -> tuple[DataConfig, PoisonConfig]:
@@ -59,6 +60,19 @@ def prefect_outputs(params: Path, root: Path = PREFECT_ROOT) -> tuple[DataConfig
         }
     )
     return data, poison_cfg
+
+
+def pipeline_parameters(params: Path, root: Path = PREFECT_ROOT) -> dict[str, Any]:
+    """``mme_pipeline``'s parameters (flows/pipeline.py) from ``params``, outputs under ``root``."""
+    data, poison = prefect_outputs(params, root)
+    return {
+        "data": data,
+        "poison": poison,
+        "victim": load_section("victim", params),
+        "evaluate": load_section("evaluate", params),
+        "runs": root,
+        "experiment": load_section("tracking", params).experiment,
+    }
 
 
 # --- cache keys --------------------------------------------------------------------------------

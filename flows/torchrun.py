@@ -5,7 +5,7 @@ A DDP run needs one process per GPU, which the task's own process cannot be: the
 its section to a temporary params file and runs ``python -m torch.distributed.run --standalone
 --nproc_per_node N -m mme COMMAND --params FILE ...``, the same command ``dvc.yaml`` runs. The
 child imports the same ``mme`` as this process, and its MLflow runs nest in the flow's run
-(:func:`mme.tracking.child_env`). A failed launch raises with the output's last lines.
+(:func:`mme.track.tracking.child_env`). A failed launch raises with the output's last lines.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel
 
 import mme
-from mme import tracking
+from mme.track import tracking
 
 TAIL_LINES = 100  # of the child's output, in the error when it fails
 WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

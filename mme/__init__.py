@@ -17,13 +17,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("protect", "prepare", "poison", "evaluate")  # callable stage modules (mme.api)
+_API = {  # callable stage modules (mme.api)
+    "protect": "mme.protection.protect",
+    "prepare": "mme.ingest.prepare",
+    "poison": "mme.protection.poison",
+    "evaluate": "mme.victim.evaluate",
+}
 _NAMES = {
     "DataConfig": "mme.config",
     "PoisonConfig": "mme.config",
     "EvaluateConfig": "mme.config",
-    "ProtectConfig": "mme.protect",
-    "ProtectResult": "mme.protect",
+    "ProtectConfig": "mme.protection.protect",
+    "ProtectResult": "mme.protection.protect",
     "Manifest": "mme.manifest",
     "read_manifest": "mme.manifest",
     "RetrievalMetrics": "mme.api",
@@ -33,7 +38,7 @@ __all__ = ["__version__", *_API, *_NAMES]
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        return importlib.import_module(f"mme.{name}")
+        return importlib.import_module(_API[name])
     if name in _NAMES:
         return getattr(importlib.import_module(_NAMES[name]), name)
     raise AttributeError(f"module 'mme' has no attribute {name!r}")

@@ -7,10 +7,10 @@ Each takes a typed config (or its fields as keyword arguments) and returns a pyd
     result = mme.protect("photos/", "publish/", poison={"device": "cpu"})
     print(result.summary())
 
-The four names are also the stage modules (``mme.poison`` is ``mme/poison.py``), so each of those
-modules is made callable: ``mme.poison(cfg)`` calls :func:`poison` here, while
-``from mme.poison import poison`` and ``mme poison`` keep working. Nothing heavy is imported until
-a function runs: ``import mme`` loads neither torch nor open_clip.
+The four names are also the stage modules (``mme.poison`` is ``mme/protection/poison.py``), so
+each of those modules is made callable: ``mme.poison(cfg)`` calls :func:`poison` here, while
+``from mme.protection.poison import poison`` and ``mme poison`` keep working. Nothing heavy is
+imported until a function runs: ``import mme`` loads neither torch nor open_clip.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _config(kind: type[BaseModel], config: BaseModel | None, fields: dict[str, A
 
 def prepare(config: DataConfig | None = None, /, **fields: Any) -> Manifest:
     """Ingest a dataset into shards (``mme prepare``); returns the clean manifest."""
-    from mme.prepare import prepare as run
+    from mme.ingest.prepare import prepare as run
 
     return Manifest.model_validate(run(_config(DataConfig, config, fields)))
 
@@ -70,7 +70,7 @@ def poison(
     config: PoisonConfig | None = None, /, *, resume: bool = False, **fields: Any
 ) -> Manifest:
     """Protect a clean shard folder (``mme poison``); returns the protected set's manifest."""
-    from mme.poison import poison as run
+    from mme.protection.poison import poison as run
 
     return Manifest.model_validate(run(_config(PoisonConfig, config, fields), resume=resume))
 
@@ -86,7 +86,7 @@ def evaluate(
     **fields: Any,
 ) -> RetrievalMetrics:
     """Retrieval metrics of a victim ``checkpoint`` on ``shards``' clean ``split``."""
-    from mme.evaluate import evaluate_checkpoint
+    from mme.victim.evaluate import evaluate_checkpoint
 
     cfg = _config(EvaluateConfig, config, fields)
     metrics = evaluate_checkpoint(cfg, Path(checkpoint), model, Path(shards), split)
@@ -104,11 +104,11 @@ def protect(
 ) -> Any:
     """Protect a folder / CSV / shard folder into a publishable folder (``mme protect``).
 
-    ``config`` is a :class:`mme.protect.ProtectConfig` (``fields`` replace its values, e.g.
-    ``poison={"rounds": 2}``); returns a :class:`mme.protect.ProtectResult`.
+    ``config`` is a :class:`mme.protection.protect.ProtectConfig` (``fields`` replace its values,
+    e.g. ``poison={"rounds": 2}``); returns a :class:`mme.protection.protect.ProtectResult`.
     """
-    from mme.protect import ProtectConfig
-    from mme.protect import protect as run
+    from mme.protection.protect import ProtectConfig
+    from mme.protection.protect import protect as run
 
     cfg = _config(ProtectConfig, config, {**fields, "input": input, "output": output})
     return run(cfg, resume=resume)

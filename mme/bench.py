@@ -121,10 +121,11 @@ def tracking_off() -> Iterator[None]:
 
 def poison_phases(cfg: BenchConfig, model: Any, tok: Any, root: Path, device: torch.device) -> dict:
     """load, surrogate, PGD, HotFlip and write + verify through the real poisoning code."""
-    from mme import models, poison
-    from mme.attacks.mem import MEM
-    from mme.attacks.triggers import candidate_mask
+    from mme import models
     from mme.config import PoisonConfig
+    from mme.protection import poison
+    from mme.protection.attacks.mem import MEM
+    from mme.protection.attacks.triggers import candidate_mask
 
     size = models.image_size(model)
     n = cfg.batch_size * cfg.batches
@@ -169,8 +170,9 @@ def poison_phases(cfg: BenchConfig, model: Any, tok: Any, root: Path, device: to
 
 def write_and_verify(pcfg, store, tok, mem) -> None:  # noqa: ANN001
     """What ``mme poison`` does after the last round: write the set, its manifest, verify it."""
-    from mme import fsio, poison
+    from mme import fsio
     from mme.manifest import read_manifest
+    from mme.protection import poison
 
     records, n_captions = poison.write_outputs(pcfg, store, tok)
     clean_manifest = read_manifest(pcfg.clean)
@@ -182,7 +184,7 @@ def write_and_verify(pcfg, store, tok, mem) -> None:  # noqa: ANN001
 def victim_phase(cfg: BenchConfig, root: Path, device: torch.device) -> dict:
     """One open_clip_train epoch on the synthetic clean set: pairs/s (start-up included)."""
     from mme.config import VictimConfig
-    from mme.victim import train_victim
+    from mme.victim.train import train_victim
 
     vcfg = VictimConfig(
         model=cfg.model, epochs=1, batch_size=cfg.batch_size, warmup=1, device=device.type

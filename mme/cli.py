@@ -23,38 +23,46 @@ from mme.config import ConfigError
 # name -> (module with run(), help, where its add_arguments lives)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "protect": (
-        "mme.protect",
+        "mme.protection.protect",
         "protect a folder / CSV / shards / HF dataset in one go: prepare, poison, verify, export",
-        "mme.protect",
+        "mme.protection.protect",
     ),
     "prepare": (
-        "mme.prepare",
+        "mme.ingest.prepare",
         "ingest a dataset into WebDataset shards + manifest",
-        "mme.prepare",
+        "mme.ingest.prepare",
     ),
-    "poison": ("mme.poison", "protect a dataset (MEM and baselines)", "mme.arguments:poison"),
+    "poison": (
+        "mme.protection.poison",
+        "protect a dataset (MEM and baselines)",
+        "mme.arguments:poison",
+    ),
     "verify": (
-        "mme.verify",
+        "mme.protection.verify",
         "check protected images against their clean sources",
         "mme.arguments:verify",
     ),
-    "export": ("mme.export", "write a protected set as plain files for publishing", "mme.export"),
+    "export": (
+        "mme.protection.export",
+        "write a protected set as plain files for publishing",
+        "mme.protection.export",
+    ),
     "attack": (
-        "mme.attack",
+        "mme.victim.attack",
         "write a transformed copy of a protected set (JPEG, resize, ...)",
-        "mme.attack",
+        "mme.victim.attack",
     ),
     "train": (
-        "mme.victim",
+        "mme.victim.train",
         "train a victim CLIP on shards with open_clip_train",
         "mme.arguments:train",
     ),
     "evaluate": (
-        "mme.evaluate",
+        "mme.victim.evaluate",
         "image<->text retrieval metrics on a clean test split",
         "mme.arguments:evaluate",
     ),
-    "report": ("mme.report", "comparison table of tracked runs (MLflow)", "mme.report"),
+    "report": ("mme.track.report", "comparison table of tracked runs (MLflow)", "mme.track.report"),
     "bench": (
         "mme.bench",
         "time each phase (poisoning, I/O, victim) on the current device",

@@ -22,7 +22,7 @@ from pydantic import (
 
 from mme import paths
 
-DEFAULT_PARAMS = Path("params.yaml")
+DEFAULT_PARAMS = paths.PARAMS
 
 
 class ConfigError(ValueError):
@@ -169,8 +169,8 @@ class PoisonConfig(Section):
     candidates: int = Field(16, ge=1, description="HotFlip candidates per position (paper: 16)")
     shuffle_captions: bool = Field(True, description="shuffle caption bodies during PGD (MEM)")
     augment: bool = Field(True, description="EOT: optimise through the `eot` transformations")
-    # EOT choices (mme/attacks/augment.py); the defaults are the behaviour before they existed,
-    # which combination protects best is not measured yet
+    # EOT choices (mme/protection/attacks/augment.py); the defaults are the behaviour before they
+    # existed, which combination protects best is not measured yet
     eot: list[Literal["resize", "jpeg", "crop"]] = Field(
         default_factory=lambda: ["crop"],
         description="EOT transformations, comma-separated: resize,jpeg,crop (default crop)",
@@ -226,7 +226,7 @@ class PoisonConfig(Section):
 
 class AttackConfig(Section):
     """``attack:`` section — ``mme attack``: a transformed copy of a protected set, what a data
-    user might do to it before training (specs: :mod:`mme.transforms`). The DVC pipeline runs
+    user might do to it before training (specs: :mod:`mme.victim.transforms`). The DVC pipeline runs
     one per entry of params.yaml's ``attacks`` (name -> spec)."""
 
     transform: str = Field(
@@ -242,7 +242,7 @@ class AttackConfig(Section):
     @field_validator("transform")
     @classmethod
     def _known_transform(cls, value: str) -> str:
-        from mme.transforms import parse_spec
+        from mme.victim.transforms import parse_spec
 
         return str(parse_spec(value))
 
@@ -386,6 +386,13 @@ def read_params(path: Path | None = DEFAULT_PARAMS) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return raw
+
+
+def default_shards(params: Path | None) -> Path:
+    """The clean shards a command works on by default: ``data.out`` of ``params``, else
+    :data:`mme.paths.CLEAN`."""
+    data = (read_params(params).get("data") or {}) if params else {}
+    return Path(data.get("out") or paths.CLEAN)
 
 
 _noted: list[bool] = []

@@ -11,6 +11,10 @@ Both have a small text tower (width 128, 4 layers, 4 heads, context 48). Built-i
 names (``RN50``, ``ViT-B-32``, ...) work too; their weights are only ever loaded from a local
 ``pretrained`` file.
 
+Tokenizers sit beside the models: :func:`create_model` returns the model's own, and
+:func:`load_tokenizer` (offline, CLIP BPE when unknown) with :func:`token_ids` give what a victim's
+tokenizer makes of a text (``mme verify`` checks triggers with them).
+
 Library images are ``(B, 3, H, W)`` float tensors in ``[0, 1]``; :func:`preprocess_images` maps
 them to what the model's image tower expects (its size and normalisation).
 """
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +154,39 @@ def create_model(
         open_clip.load_checkpoint(model, str(path), strict=True, device="cpu")
     model = model.to(dev).eval()
     return model, open_clip.get_tokenizer(name)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model_name: str) -> Any:
+    """open_clip tokenizer of ``model_name``; the plain CLIP BPE tokenizer if it is unknown.
+
+    The mme configs are registered first. Unknown names (a custom config of another machine) and
+    tokenizers that would need a download fall back to ``SimpleTokenizer``, which every CLIP-BPE
+    model shares and which ships with open_clip — verify must work offline.
+    """
+    register_configs()
+    if model_name in open_clip.list_models():
+        try:
+            return open_clip.get_tokenizer(model_name)
+        except Exception as err:  # e.g. an HF tokenizer that is not cached (no internet)
+            print(
+                f"mme: tokenizer of {model_name} unavailable ({err}); using CLIP BPE",
+                file=sys.stderr,
+            )
+    return open_clip.tokenizer.SimpleTokenizer()
+
+
+def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Ids each text becomes between the start and end tokens, as the victim's tokenizer sees it
+    (including truncation to the context length)."""
+    rows = tokenizer(texts).tolist()
+    eot = getattr(tokenizer, "eot_token_id", None)
+    out = []
+    for row in rows:
+        body = row[1:]
+        end = body.index(eot) if eot in body else len(body)
+        out.append(body[:end])
+    return out
 
 
 def image_size(model: torch.nn.Module) -> int:

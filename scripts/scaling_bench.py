@@ -52,10 +52,11 @@ def measure(clean: Path, work: Path) -> dict:
     os.environ["MME_TRACKING"] = "off"
     import torch
 
-    from mme import models, poison
-    from mme.attacks.mem import MEM
-    from mme.attacks.triggers import candidate_mask
+    from mme import models
     from mme.config import PoisonConfig
+    from mme.protection import poison
+    from mme.protection.attacks.mem import MEM
+    from mme.protection.attacks.triggers import candidate_mask
 
     sampler = PeakAnon()
     cfg = PoisonConfig(

@@ -32,7 +32,9 @@ def test_import_mme_is_light():
 
 
 def test_stage_modules_are_the_api_functions(tmp_path):
-    from mme.prepare import prepare as stage_function  # the module's own function still works
+    from mme.ingest.prepare import (
+        prepare as stage_function,  # the module's own function still works
+    )
 
     manifest = mme.prepare(
         source="synthetic", out=tmp_path / "c", n_train=3, n_test=1, image_size=32

@@ -1,5 +1,5 @@
-"""``mme attack``: the pure transforms (:mod:`mme.transforms`) on small arrays and captions, the
-spec grammar and its config section, and the command on shards built in the test."""
+"""``mme attack``: the pure transforms (:mod:`mme.victim.transforms`) on small arrays and captions,
+the spec grammar and its config section, and the command on shards built in the test."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mme import cli, report, shards, transforms
-from mme.attack import attack, output_dir
+from mme import cli, shards
 from mme.config import AttackConfig, ConfigError, load_section
+from mme.track import report
+from mme.victim import transforms
+from mme.victim.attack import attack, output_dir
 
 IMAGE_SPECS = ["jpeg:90", "resize:96", "img2dataset", "blur:1.5", "grayscale", "iss"]
 TEXT_SPECS = ["strip-trigger:3", "shuffle-words"]
@@ -280,7 +282,7 @@ def test_attack_command_writes_transformed_copy(protected: Path, tmp_path: Path,
 def test_attack_is_reproducible_and_provenance_reaches_training(
     protected: Path, tmp_path: Path
 ) -> None:
-    from mme.victim import data_provenance
+    from mme.victim.train import data_provenance
 
     cfg = AttackConfig(transform="shuffle-words", protected=protected, out=tmp_path / "a")
     attack(cfg)

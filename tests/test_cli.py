@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mme import cli, config, tracking
+from mme import cli, config
+from mme.track import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = list(cli.COMMANDS)
@@ -18,7 +19,7 @@ ALL = list(cli.COMMANDS)
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> Path:
     from mme.config import DataConfig
-    from mme.prepare import prepare
+    from mme.ingest.prepare import prepare
 
     out = tmp_path_factory.mktemp("clean")
     prepare(DataConfig(source="synthetic", out=out, n_train=4, n_test=1, image_size=32))

@@ -19,7 +19,7 @@ import torch
 
 from mme import distributed, imageops, shards
 from mme.config import ConfigError, DataConfig, PoisonConfig
-from mme.prepare import prepare
+from mme.ingest.prepare import prepare
 
 FLAGS = (
     "--params none --model mme-tiny-vit --rounds 2 --surrogate-steps 2 --batch-size 8"
@@ -142,7 +142,7 @@ def test_single_process_helpers_do_nothing():
 def test_a_disk_too_small_for_the_store_stops_before_any_work(clean, tmp_path, monkeypatch):
     import shutil
 
-    from mme.poison import poison
+    from mme.protection.poison import poison
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=1000))
@@ -157,7 +157,7 @@ def test_a_disk_too_small_for_the_store_stops_before_any_work(clean, tmp_path, m
 
 
 def test_the_store_lives_in_the_chosen_work_folder(clean, tmp_path, monkeypatch, capfd):
-    from mme.poison import poison
+    from mme.protection.poison import poison
 
     monkeypatch.setenv("MME_TRACKING", "off")
     kw = dict(rounds=1, surrogate_steps=1, batch_size=8, pgd_steps=1, trigger_rounds=0)
@@ -172,7 +172,7 @@ def test_the_store_lives_in_the_chosen_work_folder(clean, tmp_path, monkeypatch,
 
 
 def test_the_work_folder_may_not_be_inside_the_public_folder(clean, tmp_path):
-    from mme.poison import check_inputs
+    from mme.protection.poison import check_inputs
 
     cfg = PoisonConfig(
         clean=clean, out=tmp_path / "o", private=tmp_path / "p", work=tmp_path / "o" / "w"
@@ -188,7 +188,7 @@ def test_the_work_folder_may_not_be_inside_the_public_folder(clean, tmp_path):
 def test_surrogate_steps_as_a_fraction_of_an_epoch(epochs, n, batch, want):
     from types import SimpleNamespace
 
-    from mme.attacks.mem import MEM
+    from mme.protection.attacks.mem import MEM
 
     cfg = SimpleNamespace(surrogate_epochs=epochs, surrogate_steps=7, batch_size=batch)
     mem = SimpleNamespace(cfg=cfg, store=SimpleNamespace(n=n))
@@ -220,7 +220,7 @@ class Killed(Exception):
 
 
 def test_resume_refuses_a_checkpoint_of_another_number_of_processes(clean, tmp_path, monkeypatch):
-    from mme.poison import CKPT, poison, work_dir
+    from mme.protection.poison import CKPT, poison, work_dir
 
     monkeypatch.setenv("MME_TRACKING", "off")
     kw = dict(rounds=2, surrogate_steps=1, batch_size=8, pgd_steps=1, trigger_rounds=0)
@@ -246,7 +246,7 @@ def test_resume_refuses_a_checkpoint_of_another_number_of_processes(clean, tmp_p
 def test_load_decodes_the_same_pixels_with_any_number_of_processes(tmp_path, workers):
     import numpy as np
 
-    from mme.poison import PixelDecoder
+    from mme.protection.poison import PixelDecoder
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (150, 40, 40, 3), dtype=np.uint8)

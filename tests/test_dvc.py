@@ -87,7 +87,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _mlflow_runs() -> list[dict]:
-    from mme import tracking
+    from mme.track import tracking
 
     return tracking.search_runs("", "synthetic")
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mme.attacks.augment import EOT_KINDS, eot, random_resize, random_resized_crop
-from mme.attacks.diffjpeg import LUMA_TABLE, dct_matrix, diff_jpeg, quant_tables
 from mme.config import ConfigError, DataConfig, PoisonConfig, load_section
+from mme.protection.attacks.augment import EOT_KINDS, eot, random_resize, random_resized_crop
+from mme.protection.attacks.diffjpeg import LUMA_TABLE, dct_matrix, diff_jpeg, quant_tables
 
 
 def smooth_noisy(size: int = 48, seed: int = 0) -> np.ndarray:
@@ -118,8 +118,8 @@ def test_config_parses_flags_and_rejects_ranges() -> None:
 
 def test_poison_with_every_eot_transformation(tmp_path, monkeypatch) -> None:
     """One tiny MEM round through resize + JPEG + bicubic crop: runs, stays in budget."""
-    from mme.poison import poison
-    from mme.prepare import prepare
+    from mme.ingest.prepare import prepare
+    from mme.protection.poison import poison
 
     monkeypatch.setenv("MME_TRACKING", "off")
     clean = tmp_path / "clean"

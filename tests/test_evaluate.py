@@ -1,4 +1,4 @@
-"""mme.evaluate / ``mme evaluate``: embeddings of a split, metrics.json, MLflow."""
+"""mme.victim.evaluate / ``mme evaluate``: embeddings of a split, metrics.json, MLflow."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mme import cli, evaluate, models
+from mme import cli, models
 from mme.config import EvaluateConfig
+from mme.victim import evaluate
 
 NO_PARAMS = ["--params", "none"]  # no params file: the built-in defaults
 STABLE_KEYS = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mme.cli import main
-from mme.export import export
+from mme.protection.export import export
 from mme.shards import (
     Sample,
     encode_png,

@@ -19,8 +19,8 @@ from prefect.settings import (  # noqa: E402
 )
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from mme import tracking  # noqa: E402
 from mme.config import DataConfig, EvaluateConfig, PoisonConfig, VictimConfig  # noqa: E402
+from mme.track import tracking  # noqa: E402
 
 EXPERIMENT = "tiny"
 TINY_POISON = dict(rounds=1, surrogate_steps=1, batch_size=8, pgd_steps=1, trigger_rounds=1)

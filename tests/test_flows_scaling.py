@@ -24,9 +24,9 @@ from prefect.settings import (  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows import tasks, torchrun  # noqa: E402
-from mme import tracking  # noqa: E402
 from mme.config import DataConfig, PoisonConfig, VictimConfig  # noqa: E402
-from mme.prepare import prepare  # noqa: E402
+from mme.ingest.prepare import prepare  # noqa: E402
+from mme.track import tracking  # noqa: E402
 
 EXPERIMENT = "torchrun"
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_deployments_on_a_process_pool_run_on_its_worker(env: Path, monkeypatch)
     from prefect.workers.process import ProcessWorker
 
     from flows.serve import deploy_to_pool, pipeline_parameters
-    from mme import report
+    from mme.track import report
 
     params = _pool_params(env)
     victim = VictimConfig(model="mme-tiny-rn", epochs=1, batch_size=8, device="cpu")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mme.grid import (
+from mme.imageops import apply_noise, to_working_resolution
+from mme.protection.grid import (
     FONT_SIZE,
     PAD,
     TEXT_WIDTH,
@@ -19,7 +20,6 @@ from mme.grid import (
     save_grid,
     wrap_text,
 )
-from mme.imageops import apply_noise, to_working_resolution
 from mme.shards import Sample, encode_png, write_json_atomic, write_shards
 
 EPS = 8

@@ -23,9 +23,9 @@ import torch
 
 from mme import cli, fsio, imageops, limits, shards
 from mme.config import ConfigError, DataConfig, PoisonConfig
-from mme.export import export
-from mme.poison import CKPT, poison, work_dir
-from mme.prepare import prepare
+from mme.ingest.prepare import prepare
+from mme.protection.export import export
+from mme.protection.poison import CKPT, poison, work_dir
 
 FAST = dict(
     model="mme-tiny-vit",
@@ -171,7 +171,7 @@ def test_planted_object_array_as_noise_is_refused_by_verify(clean, protected, tm
     priv.mkdir()
     (priv / "triggers.json").write_bytes((protected.private / "triggers.json").read_bytes())
     np.save(priv / "noise.npy", np.array([object()] * 3, dtype=object), allow_pickle=True)
-    from mme.verify import verify
+    from mme.protection.verify import verify
 
     report = verify(clean, protected.out, private=priv)
     assert not report.ok and "noise.npy is unreadable" in " ".join(report.errors)
@@ -293,7 +293,7 @@ def test_second_writer_in_another_process_is_refused(tmp_path):
 
 def test_set_failing_verification_has_no_manifest(clean, tmp_path, monkeypatch):
     """The manifest was written before verify ran: a failed set still looked complete."""
-    from mme import verify as verify_module
+    from mme.protection import verify as verify_module
 
     real = verify_module.verify
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from mme.hygiene import (
+from mme.ingest.hygiene import (
     REASONS,
     DuplicateFilter,
     Skip,

@@ -50,8 +50,8 @@ def test_write_keeps_the_bytes_of_the_dict(tmp_path):
 
 
 def test_a_baseline_writes_a_single_trigger_len(tmp_path, monkeypatch):
-    from mme.poison import poison
-    from mme.prepare import prepare
+    from mme.ingest.prepare import prepare
+    from mme.protection.poison import poison
 
     monkeypatch.setenv("MME_TRACKING", "off")
     clean = tmp_path / "clean"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mme import tracking
+from mme.track import tracking
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [

@@ -1,5 +1,5 @@
-"""Protection at native resolution (:mod:`mme.native`): the mapping of δ onto the original pixels
-(pure functions), and the acceptance run: an 800x600 photo -> prepare -> poison -> export
+"""Protection at native resolution (:mod:`mme.protection.native`): mapping δ onto the original
+pixels (pure functions), and the acceptance run: an 800x600 photo -> prepare -> poison -> export
 --native gives an 800x600 image that ``mme verify --native`` passes at that size."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mme import cli, imageops, native, shards
+from mme import cli, imageops, shards
+from mme.protection import native
 
 
 def photo(width: int, height: int, seed: int = 0) -> np.ndarray:

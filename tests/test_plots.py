@@ -1,4 +1,4 @@
-"""Pictures (:mod:`mme.plots`): PNGs from loss rows and metrics; skipped without matplotlib."""
+"""Pictures (:mod:`mme.track.plots`): PNGs from loss rows and metrics; none without matplotlib."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mme import plots
+from mme.track import plots
 
 ROWS = [
     {"step": s, "epoch": 0, "loss": 5.0 / (1 + s), "lr": 1e-3, "logit_scale": 14.3}

@@ -12,8 +12,8 @@ import torch
 
 from mme import cli, imageops, shards
 from mme.config import ConfigError, DataConfig, PoisonConfig
-from mme.poison import poison
-from mme.prepare import prepare
+from mme.ingest.prepare import prepare
+from mme.protection.poison import poison
 
 FAST = dict(
     model="mme-tiny-vit",
@@ -219,8 +219,8 @@ def test_poison_is_tracked_in_mlflow(clean, tmp_path, monkeypatch):
 @pytest.mark.parametrize("n", [1, 64, 150])
 def test_parallel_png_encoding_is_byte_identical(tmp_path, n):
     """write_outputs' process pool gives the same bytes, in the same order, as one process."""
-    from mme.attacks.store import PairStore
-    from mme.poison import protected_pngs
+    from mme.protection.attacks.store import PairStore
+    from mme.protection.poison import protected_pngs
 
     clean, noise = PairStore.open_arrays(tmp_path, n, 16, np.dtype(np.int8))
     rng = np.random.default_rng(n)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mme import cli, shards
 from mme.config import DataConfig
-from mme.prepare import hash_split, prepare
+from mme.ingest.prepare import hash_split, prepare
 
 FLICKR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "flickr8k-dev"
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mme import cli, report, tracking
+from mme import cli
 from mme.config import VictimConfig
+from mme.track import report, tracking
 
 METRICS = {
     **{f"{d}_r{k}": 10.0 * k for d in ("i2t", "t2i") for k in (1, 5, 10)},
@@ -188,13 +189,13 @@ def test_nested_run_joins_parent_experiment(store: Path) -> None:
     ],
 )
 def test_metrics_label(path, label):
-    from mme.report import metrics_label
+    from mme.track.report import metrics_label
 
     assert metrics_label(Path(path)) == label
 
 
 def _html_report(tmp_path: Path) -> Path:
-    from mme import grid
+    from mme.protection import grid
 
     for name in ("clean", "protected"):
         (tmp_path / f"{name}.json").write_text(json.dumps(METRICS))

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from mme.retrieval import caption_index, chance_metrics, retrieval_metrics
+from mme.victim.retrieval import caption_index, chance_metrics, retrieval_metrics
 
 RECALLS = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mme.ingest.sources import iter_csv, iter_folder, iter_webdataset
 from mme.shards import Sample, write_shards
-from mme.sources import iter_csv, iter_folder, iter_webdataset
 
 FLICKR8K_DEV = Path("/work/shared/data/flickr8k-dev")
 
@@ -310,7 +310,7 @@ def test_hf_sources_read_images_and_captions(tmp_path, layout):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    from mme.sources import iter_hf
+    from mme.ingest.sources import iter_hf
 
     table = _hf_table(pa)
     root = tmp_path / "hf"
@@ -330,7 +330,7 @@ def test_hf_sources_read_images_and_captions(tmp_path, layout):
 
 def test_hf_source_names_missing_columns_and_escaping_files(tmp_path):
     pa = pytest.importorskip("pyarrow")
-    from mme.sources import iter_hf
+    from mme.ingest.sources import iter_hf
 
     root = tmp_path / "hf"
     _save_to_disk_layout(pa, root, pa.table({"pixels": [b"x"], "label": ["a"]}))

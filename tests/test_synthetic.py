@@ -9,9 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from mme import synthetic
-from mme.shards import iter_samples, sha256_bytes, write_shards
-from mme.synthetic import (
+from mme.ingest import synthetic
+from mme.ingest.synthetic import (
     BG_COLOURS,
     COLOUR_WORDS,
     COLOURS,
@@ -25,6 +24,7 @@ from mme.synthetic import (
     generate,
     make_sample,
 )
+from mme.shards import iter_samples, sha256_bytes, write_shards
 
 
 def _mentions(text: str, phrases: tuple[str, ...]) -> bool:

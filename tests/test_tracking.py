@@ -1,4 +1,4 @@
-"""mme.tracking: local SQLite store, artifacts inside the store's folder, off switch."""
+"""mme.track.tracking: local SQLite store, artifacts inside the store's folder, off switch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mme import tracking
+from mme.track import tracking
 
 
 @pytest.fixture(scope="module")

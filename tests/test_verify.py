@@ -12,8 +12,9 @@ import pytest
 
 from mme.cli import main
 from mme.imageops import apply_noise, to_working_resolution
+from mme.models import load_tokenizer, token_ids
+from mme.protection.verify import verify
 from mme.shards import Sample, encode_png, sha256_bytes, write_json_atomic, write_shards
-from mme.verify import load_tokenizer, token_ids, verify
 
 SIZE = 24  # working resolution S
 EPS = 8
@@ -377,7 +378,7 @@ def test_without_private_folder_public_checks_still_run(sets, tmp_path, capsys):
 
 def test_parallel_verify_gives_the_same_report(sets, tmp_path, monkeypatch):
     """Pairs checked by a process pool: same counts, problems (in order) and summaries."""
-    from mme import verify as verify_module
+    from mme.protection import verify as verify_module
 
     clean, samples, records = sets
     records[1]["pixels"] = np.clip(records[1]["pixels"].astype(int) + 40, 0, 255).astype(np.uint8)

@@ -1,4 +1,4 @@
-"""mme.victim / ``mme train``: pairs view, trainer argv, log parsing, an end-to-end CPU run."""
+"""mme.victim.train / ``mme train``: pairs view, trainer argv, log parsing, a CPU end-to-end run."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mme import cli, models, shards, victim
+from mme import cli, models, shards
 from mme.config import VictimConfig
+from mme.victim import open_clip_adapter as adapter
+from mme.victim import train as victim
 
 NO_PARAMS = ["--params", "none"]  # no params file: the built-in defaults
 
@@ -45,13 +47,13 @@ def test_trainer_argv(tmp_path: Path) -> None:
     cfg = VictimConfig(
         epochs=2, batch_size=8, workers=4, device="cpu", pretrained=tmp_path / "p.pt"
     )
-    argv = victim.trainer_argv(cfg, tmp_path, "x.tar", n_pairs=100, n_shards=2)
+    argv = adapter.trainer_argv(cfg, tmp_path, "x.tar", n_pairs=100, n_shards=2)
     flags = dict(zip(argv[::2], argv[1::2], strict=False))
     assert flags["--precision"] == "fp32" and flags["--device"] == "cpu"
     assert flags["--workers"] == "2"  # clamped to the shard count
     assert flags["--train-num-samples"] == "100" and flags["--report-to"] == ""
     assert flags["--pretrained"] == str(tmp_path / "p.pt")
-    assert victim.resolve_precision("auto", torch.device("cuda")) == "amp_bf16"
+    assert adapter.resolve_precision("auto", torch.device("cuda")) == "amp_bf16"
 
 
 def test_parse_trainer_log(tmp_path: Path) -> None:
@@ -65,7 +67,7 @@ def test_parse_trainer_log(tmp_path: Path) -> None:
         "80/s, 80/s/gpu LR: 1.5e-05 Logit Scale: 14.3 Contrastive_loss: 1.25 (1.5) "
         "Loss: 1.2500 (1.5000)\n"
     )
-    rows = victim.parse_trainer_log(log, batch_size=16)
+    rows = adapter.parse_trainer_log(log, batch_size=16)
     assert rows == [
         {"step": 0, "epoch": 0, "loss": 2.5, "lr": 1e-4, "logit_scale": 14.286},
         {"step": 7, "epoch": 1, "loss": 1.25, "lr": 1.5e-5, "logit_scale": 14.3},
@@ -190,7 +192,7 @@ def test_one_caption_per_draw_tokenizes_one_line_seeded() -> None:
 
     tok = open_clip.get_tokenizer("mme-tiny-vit")
     text = "a red square\n\na picture that is entirely red\n"
-    a, b = victim.OneCaption(tok, seed=3), victim.OneCaption(tok, seed=3)
+    a, b = adapter.OneCaption(tok, seed=3), adapter.OneCaption(tok, seed=3)
     got_a = [a(text)[0] for _ in range(20)]
     got_b = [b(text)[0] for _ in range(20)]
     options = tok(["a red square", "a picture that is entirely red"])
@@ -206,8 +208,8 @@ def test_one_caption_per_draw_tokenizes_one_line_seeded() -> None:
     + [(3, "cuda", 16, 3), (0, "cpu", 16, 0)],
 )
 def test_resolve_workers(monkeypatch, workers, device, cores, want) -> None:
-    monkeypatch.setattr(victim.os, "cpu_count", lambda: cores)
-    assert victim.resolve_workers(workers, torch.device(device)) == want
+    monkeypatch.setattr(adapter.os, "cpu_count", lambda: cores)
+    assert adapter.resolve_workers(workers, torch.device(device)) == want
 
 
 @pytest.mark.parametrize(("n", "workers", "want"), [(30000, 14, 1000), (6000, 14, 429), (5, 8, 1)])
@@ -236,9 +238,9 @@ def test_trainer_gets_the_one_caption_tokenizer_and_workers_can_receive_it() -> 
     import open_clip_train.main as trainer
 
     original = trainer.get_tokenizer
-    with victim.one_caption_per_draw(seed=0):
+    with adapter.one_caption_per_draw(seed=0):
         tok = trainer.get_tokenizer("mme-tiny-vit")
-        assert isinstance(tok, victim.OneCaption)
+        assert isinstance(tok, adapter.OneCaption)
         copy = pickle.loads(pickle.dumps(tok))  # spawn-started data-loader workers
         assert torch.equal(copy("a dog\na cat")[0], tok("a dog\na cat")[0])
     assert trainer.get_tokenizer is original
@@ -263,8 +265,6 @@ def test_trainer_output_once_without_model_printout(monkeypatch, capsys) -> None
     import open_clip_train.main
     from open_clip_train.logger import setup_logging
 
-    from mme import victim
-
     def fake_main(argv):
         setup_logging(None, logging.INFO)  # what open_clip_train does: + a stderr handler
         logging.info("Model:")
@@ -278,7 +278,7 @@ def test_trainer_output_once_without_model_printout(monkeypatch, capsys) -> None
     root.addHandler(existing)
     monkeypatch.setattr(open_clip_train.main, "main", fake_main)
     try:
-        victim.run_trainer([])
+        adapter.run_trainer([])
     finally:
         root.removeHandler(existing)
     shown = console.getvalue() + capsys.readouterr().err

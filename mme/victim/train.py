@@ -1,8 +1,8 @@
 """``mme train``: train a victim CLIP on shards with ``open_clip_train``, the community trainer.
 
-We do not write a training loop: :func:`train_victim` calls ``open_clip_train.main.main(argv)``
-in-process (so our model configs registered with open_clip are visible to it) and only prepares
-its input and collects its output.
+We do not write a training loop: :func:`train_victim` runs ``open_clip_train`` in-process through
+its adapter, :mod:`mme.victim.open_clip_adapter`, and only prepares its input and collects its
+output.
 
 Input. Our shards hold one sample per image with all its captions in one ``txt``, one per line;
 open_clip_train takes each sample's ``txt`` as ONE caption. Two ways to feed it (``view``):
@@ -26,18 +26,12 @@ Output (``run_dir``):
   and its picture ``train_loss.png``.
 - ``train.json``: configuration, data sizes, device, precision, wall time, final loss.
 
-Everything is also logged to MLflow (via :mod:`mme.tracking`).
+Everything is also logged to MLflow (via :mod:`mme.track.tracking`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import logging
-import os
-import random
-import re
 import shutil
 import sys
 import time
@@ -48,17 +42,21 @@ from typing import Any
 
 import torch
 
-from mme import arguments, distributed, fsio, models, paths, plots, shards, tracking
-from mme.config import ConfigError, VictimConfig, section_from_args
+from mme import arguments, distributed, fsio, models, paths, shards
+from mme.config import ConfigError, VictimConfig, default_shards, section_from_args
+from mme.track import plots, tracking
+from mme.victim.open_clip_adapter import (
+    TRAINER_NAME,
+    one_caption_per_draw,
+    parse_trainer_log,
+    resolve_workers,
+    run_trainer,
+    seeded_sample_shuffle,
+    trainer_argv,
+    write_loss_csv,
+)
 
 PAIRS_SHARD_SIZE = 1000
-TRAINER_NAME = "trainer"  # open_clip_train's --name: its logs go to run_dir/trainer
-# A log line of open_clip_train.train.train_one_epoch, e.g. "Train Epoch: 0 [ 256/10112 (3%)]
-# Data (t): ... LR: 0.000100 Logit Scale: 14.3 Contrastive_loss: ... Loss: 4.1 (4.2)"
-LOG_RE = re.compile(
-    r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<seen>\d+)/(?P<total>\d+).*?"
-    r"LR: (?P<lr>[-+0-9.eE]+) Logit Scale: (?P<scale>[-+0-9.eE]+).* Loss: (?P<loss>[-+0-9.eE]+) "
-)
 
 
 def iter_pairs(shard_dir: Path, split: str) -> Iterator[shards.Sample]:
@@ -97,227 +95,14 @@ def count_captions(shard_dir: Path, split: str) -> int:
     )
 
 
-def resolve_workers(workers: int | None, device: torch.device) -> int:
-    """``None``: 1 on CPU (cores are the compute there); on CUDA all cores but two, at most 16
-    (decoding + augmenting 224-px images is what feeds the GPU)."""
-    if workers is not None:
-        return workers
-    if device.type != "cuda":
-        return 1
-    return max(1, min(16, (os.cpu_count() or 1) - 2))
-
-
 def view_shard_size(n: int, workers: int) -> int:
     """Samples per view shard: at most 1000, and enough shards for every worker."""
     return max(1, min(PAIRS_SHARD_SIZE, -(-n // max(1, workers))))
 
 
-class OneCaption:
-    """A tokenizer that, given a sample's ``txt`` (captions one per line), tokenizes one of them
-    drawn with its own seeded generator (each data-loader worker gets a copy of it)."""
-
-    def __init__(self, tokenizer: Any, seed: int) -> None:
-        self.tokenizer, self.rng = tokenizer, random.Random(seed)
-
-    def pick(self, text: str) -> str:
-        lines = [c for c in text.split("\n") if c.strip()]
-        return self.rng.choice(lines) if lines else text
-
-    def __call__(self, texts: str | list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        return self.tokenizer([self.pick(t) for t in texts], *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "tokenizer":  # unpickling: no state yet
-            raise AttributeError(name)
-        return getattr(self.tokenizer, name)
-
-
-@contextlib.contextmanager
-def one_caption_per_draw(seed: int) -> Iterator[None]:
-    """Hand open_clip_train a :class:`OneCaption` tokenizer (it looks ``get_tokenizer`` up in
-    its ``main`` module when it builds the data pipeline)."""
-    import open_clip_train.main as trainer
-
-    original = trainer.get_tokenizer
-
-    def get_tokenizer(*args: Any, **kwargs: Any) -> OneCaption:
-        return OneCaption(original(*args, **kwargs), seed)
-
-    trainer.get_tokenizer = get_tokenizer
-    try:
-        yield
-    finally:
-        trainer.get_tokenizer = original
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast on CUDA, fp32 on CPU (CPU autocast is slower, not faster)."""
-    if precision == "auto":
-        return "amp_bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def trainer_argv(
-    cfg: VictimConfig, run_dir: Path, data: str, n_pairs: int, n_shards: int
-) -> list[str]:
-    """The open_clip_train command line for ``cfg`` (train on ``data``, logs in ``run_dir``)."""
-    device = models.resolve_device(cfg.device)
-    steps_per_epoch = max(1, n_pairs // cfg.batch_size)
-    flags: dict[str, Any] = {
-        "--train-data": data,
-        "--dataset-type": "webdataset",
-        "--train-num-samples": n_pairs,
-        "--model": cfg.model,
-        "--epochs": cfg.epochs,
-        "--batch-size": cfg.batch_size,
-        "--lr": cfg.lr,
-        "--wd": cfg.wd,
-        "--warmup": cfg.warmup,
-        "--lr-scheduler": "cosine",
-        "--precision": resolve_precision(cfg.precision, device),
-        "--device": device,
-        "--seed": cfg.seed,
-        # the trainer asserts shards >= workers
-        "--workers": min(resolve_workers(cfg.workers, device), n_shards),
-        "--logs": run_dir,
-        "--name": TRAINER_NAME,
-        "--report-to": "",  # no wandb/tensorboard: we log to MLflow from out.log
-        "--save-frequency": 1,  # with --delete-previous-checkpoint: only the latest epoch
-        "--log-every-n-steps": max(1, min(100, steps_per_epoch // 20)),
-    }
-    if cfg.pretrained is not None:
-        flags["--pretrained"] = cfg.pretrained
-    return [str(x) for kv in flags.items() for x in kv] + ["--delete-previous-checkpoint"]
-
-
 # On a small shared CPU, two jobs that each spin up one thread per core slow each other down
 # ~10x (OpenMP threads wait on each other); one thread each keeps both near full speed.
 cpu_threads = models.torch_threads
-
-
-@contextlib.contextmanager
-def seeded_sample_shuffle(seed: int) -> Iterator[None]:
-    """Give open_clip_train's sample-level ``wds.shuffle`` a generator seeded with ``seed``.
-
-    Why: its shard shuffle is seeded by ``--seed`` but its sample shuffle buffer draws its seed
-    from the pid and the clock, so two runs saw different batches from step 0 (clean victims
-    varied 40-48x chance across identical ``make run``s). open_clip_train looks
-    ``webdataset.shuffle`` up when it builds the pipeline; the data-loader worker gets its own
-    copy of this generator, so the order is the same on every run with the same seed.
-    """
-    import random
-
-    import webdataset
-
-    original = webdataset.shuffle
-
-    def shuffle(*args: Any, rng: random.Random | None = None, **kwargs: Any) -> Any:
-        return original(*args, rng=rng or random.Random(seed), **kwargs)
-
-    webdataset.shuffle = shuffle
-    try:
-        yield
-    finally:
-        webdataset.shuffle = original
-
-
-class _NoModelPrintout(logging.Filter):
-    """Drops open_clip_train's "Model:" line and the module printout after it (hundreds of
-    lines of ``str(model)``); the model's config is in the run folder's params.txt."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.skip_next = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.skip_next:
-            self.skip_next = False
-            return False
-        if record.name == "root" and record.msg == "Model:":
-            self.skip_next = True
-            return False
-        return True
-
-
-class _NotTrainerRecords(logging.Filter):
-    """Passes everything but the trainer's own records (it logs through the root logger)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.name != "root"
-
-
-def run_trainer(argv: list[str]) -> None:
-    """Run ``open_clip_train.main.main(argv)`` in-process and undo its global logging changes.
-
-    open_clip_train adds root log handlers (stderr + out.log) and raises every logger to INFO on
-    each call; left alone, a second run in the same process would write into the first run's log.
-    """
-    from open_clip_train.main import main as trainer_main
-
-    models.register_configs()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    levels = {
-        n: lg.level for n, lg in root.manager.loggerDict.items() if isinstance(lg, logging.Logger)
-    }
-    # Once, and without the model printout: the trainer prints through its own stderr handler,
-    # so handlers that were already there (e.g. Prefect's console) skip its root-logger records.
-    quiet, own = _NoModelPrintout(), _NotTrainerRecords()
-    root.addFilter(quiet)
-    for h in handlers:
-        h.addFilter(own)
-    try:
-        status = trainer_main(argv)
-    finally:
-        root.removeFilter(quiet)
-        for h in handlers:
-            h.removeFilter(own)
-        for h in root.handlers[:]:
-            if h not in handlers:
-                root.removeHandler(h)
-                h.close()
-        root.setLevel(level)
-        for name, lg in root.manager.loggerDict.items():
-            if name in levels:
-                lg.setLevel(levels[name])
-            elif isinstance(lg, logging.Logger) and lg.level == logging.INFO:
-                lg.setLevel(logging.NOTSET)  # created during the run, raised to INFO by it
-    if status not in (None, 0):
-        raise RuntimeError(f"open_clip_train failed (status {status}); see its log above")
-
-
-def parse_trainer_log(log_path: Path, batch_size: int) -> list[dict[str, float]]:
-    """Per-step rows ``{step, epoch, loss, lr, logit_scale}`` from open_clip_train's ``out.log``.
-
-    ``step`` is the global optimizer step (0-based) the trainer logged at; ``loss`` is that step's
-    loss (not the running average the trainer prints in parentheses).
-    """
-    rows = []
-    for line in Path(log_path).read_text(errors="replace").splitlines():
-        m = LOG_RE.search(line)
-        if m is None:
-            continue
-        epoch, seen, total = int(m["epoch"]), int(m["seen"]), int(m["total"])
-        step = epoch * (total // batch_size) + seen // batch_size - 1
-        rows.append(
-            {
-                "step": step,
-                "epoch": epoch,
-                "loss": float(m["loss"]),
-                "lr": float(m["lr"]),
-                "logit_scale": float(m["scale"]),
-            }
-        )
-    return rows
-
-
-def write_loss_csv(rows: list[dict[str, float]], path: Path) -> None:
-    fields = ["step", "epoch", "loss", "lr", "logit_scale"]
-    with fsio.atomic_open(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def data_provenance(shard_dir: Path) -> dict[str, Any]:
@@ -366,7 +151,7 @@ def _clean_run_dir(run_dir: Path) -> None:
 
 
 def train_params(cfg: VictimConfig, prov: dict[str, Any]) -> dict[str, Any]:
-    """MLflow params of a training run (shared names, see :mod:`mme.tracking`)."""
+    """MLflow params of a training run (shared names, see :mod:`mme.track.tracking`)."""
     return {
         "victim_model": cfg.model,
         "epochs": cfg.epochs,
@@ -505,14 +290,6 @@ def _record_outputs(
 add_arguments = arguments.train  # flags live where --help needs no torch
 
 
-def default_shards(params: Path | None) -> Path:
-    """``data.out`` of params.yaml, else the embedded synthetic default."""
-    from mme.config import read_params
-
-    data = (read_params(params).get("data") or {}) if params else {}
-    return Path(data.get("out") or paths.CLEAN)
-
-
 def run(args: argparse.Namespace) -> int:
     from mme.config import ConfigError
 
@@ -525,6 +302,6 @@ def run(args: argparse.Namespace) -> int:
         models.resolve_device(cfg.device)
     except (ValueError, RuntimeError) as err:
         raise ConfigError(str(err)) from None
-    run_dir = args.run_dir or Path("runs") / f"victim-{Path(shard_dir).name}"
+    run_dir = args.run_dir or paths.victim_run(shard_dir)
     print(train_victim(cfg, shard_dir, run_dir))
     return 0

@@ -236,7 +236,7 @@ def _save_state(cfg: ProtectConfig, state: dict[str, Any]) -> None:
 
 
 def _stage_prepare(cfg: ProtectConfig) -> dict[str, Any]:
-    from mme.prepare import prepare
+    from mme.ingest.prepare import prepare
 
     dcfg = data_config(cfg)
     try:
@@ -250,7 +250,7 @@ def _stage_prepare(cfg: ProtectConfig) -> dict[str, Any]:
 
 
 def _stage_poison(cfg: ProtectConfig, resume: bool) -> dict[str, Any]:
-    from mme.poison import poison
+    from mme.protection.poison import poison
 
     manifest = poison(poison_config(cfg), resume=resume)
     return {"protected": manifest["n_protected"], "working_size": manifest["working_size"]}
@@ -258,7 +258,7 @@ def _stage_poison(cfg: ProtectConfig, resume: bool) -> dict[str, Any]:
 
 def _stage_verify(cfg: ProtectConfig) -> dict[str, Any]:
     from mme import fsio
-    from mme.verify import verify
+    from mme.protection.verify import verify
 
     private = cfg.private_dir
     report = verify(private / "clean", private / "protected", private=private / "noise")
@@ -271,7 +271,7 @@ def _stage_verify(cfg: ProtectConfig) -> dict[str, Any]:
 
 
 def _stage_export(cfg: ProtectConfig) -> dict[str, Any]:
-    from mme.export import export
+    from mme.protection.export import export
 
     result = export(cfg.private_dir / "protected", cfg.output, "folder", force=True)
     return {"captions": sum(c["captions"] or 0 for c in result["splits"].values())}
@@ -411,13 +411,13 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as err:
         raise ConfigError(format_validation_error("poison", err)) from None
     if args.dry_run:
-        from mme.plan import plan
+        from mme.protection.plan import plan
 
         print(plan(cfg).text())
         return 0
     check_paths(cfg, args.resume)  # user errors before the timed pass below
     if not args.resume:
-        from mme.plan import plan
+        from mme.protection.plan import plan
 
         p = plan(cfg)  # a few seconds: one timed pass of the surrogate
         print(

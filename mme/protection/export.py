@@ -21,7 +21,7 @@ absent; an existing non-empty ``DIR`` is replaced only with ``force``, and only 
 ``mme export`` made it.
 
 ``native`` (folder only): each image is the clean original at its own size with δ mapped onto it
-(:mod:`mme.native`; needs the clean shards and the private ``noise.npy``), instead of the
+(:mod:`mme.protection.native`; needs the clean shards and the private ``noise.npy``), instead of the
 working-size crop. ``mme verify --native DIR`` checks such a folder at native size.
 """
 
@@ -99,7 +99,7 @@ def _write_folder(
     protected: Path, dest: Path, splits: list[str], native: dict[str, Path | None] | None = None
 ) -> dict[str, dict[str, int]]:
     """Image + caption file per sample; metadata.jsonl; one subfolder per split if several."""
-    from mme.native import native_samples
+    from mme.protection.native import native_samples
 
     counts = {}
     with fsio.atomic_open(dest / "metadata.jsonl", "w") as index:

@@ -357,16 +357,17 @@ def set_tags(tags: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mme.tracking ui-url``: the runs view of params.yaml's experiment
+    """``python -m mme.track.tracking ui-url``: the runs view of params.yaml's experiment
     (``make mlflow-ui`` prints and opens it)."""
     import argparse
 
+    from mme import paths
     from mme.config import load_section
 
-    parser = argparse.ArgumentParser(prog="python -m mme.tracking")
+    parser = argparse.ArgumentParser(prog="python -m mme.track.tracking")
     parser.add_argument("command", choices=["ui-url"])
     parser.add_argument("--base", default="http://127.0.0.1:5000", help="where the UI is served")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=paths.PARAMS)
     args = parser.parse_args(argv)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or (
         load_section("tracking", args.params).experiment

@@ -16,7 +16,8 @@ id, and for each pair:
 - ``meta``: the stored sha256 matches the image bytes.
 
 ``--native DIR`` also checks an ``mme export --native`` folder at the originals' own size
-(:func:`mme.native.verify_native`: every clean image present, same width × height, L∞ ≤ ε).
+(:func:`mme.protection.native.verify_native`: every clean image present, same width × height,
+L∞ ≤ ε).
 
 Ids in one set only are ``missing`` / ``extra``; a repeated protected id is a ``duplicate``.
 Without the private folder every check but ``noise`` and the ``triggers.json`` agreement runs on
@@ -38,7 +39,6 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
@@ -180,46 +180,6 @@ def _summary_line(name: str, s: Summary, fmt: str) -> str:
     return f"  {name:<8} min {s.min:{fmt}}   mean {s.mean:{fmt}}   max {s.max:{fmt}}   (n={s.n})"
 
 
-# ------------------------------------------------------------------------------ tokenizer
-
-
-@lru_cache(maxsize=4)
-def load_tokenizer(model_name: str) -> Any:
-    """open_clip tokenizer of ``model_name``; the plain CLIP BPE tokenizer if it is unknown.
-
-    The mme configs are registered first. Unknown names (a custom config of another machine) and
-    tokenizers that would need a download fall back to ``SimpleTokenizer``, which every CLIP-BPE
-    model shares and which ships with open_clip — verify must work offline.
-    """
-    import open_clip
-
-    from mme.models import register_configs
-
-    register_configs()
-    if model_name in open_clip.list_models():
-        try:
-            return open_clip.get_tokenizer(model_name)
-        except Exception as err:  # e.g. an HF tokenizer that is not cached (no internet)
-            print(
-                f"mme verify: tokenizer of {model_name} unavailable ({err}); using CLIP BPE",
-                file=sys.stderr,
-            )
-    return open_clip.tokenizer.SimpleTokenizer()
-
-
-def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Ids each text becomes between the start and end tokens, as the victim's tokenizer sees it
-    (including truncation to the context length)."""
-    rows = tokenizer(texts).tolist()
-    eot = getattr(tokenizer, "eot_token_id", None)
-    out = []
-    for row in rows:
-        body = row[1:]
-        end = body.index(eot) if eot in body else len(body)
-        out.append(body[:end])
-    return out
-
-
 # --------------------------------------------------------------------------------- checks
 
 
@@ -292,6 +252,8 @@ def _check_trigger(p: Sample, ctx: _Context) -> list[tuple[str, str]]:
     if text and ctx.trigger_len and len(ids) != ctx.trigger_len:
         problems.append(("trigger", f"{len(ids)} trigger ids, config says {ctx.trigger_len}"))
     if text:
+        from mme.models import token_ids
+
         got = token_ids(ctx.tokenizer, [text])[0]
         if got != ids:
             problems.append(("trigger", f"{text!r} tokenizes to {got}, not {ids}"))
@@ -308,6 +270,8 @@ def _check_captions(c: Sample, p: Sample, ctx: _Context) -> list[tuple[str, str]
         if got != want:
             return [("caption", f"caption {i} is {got[:60]!r}, expected {want[:60]!r}")]
     if text:
+        from mme.models import token_ids
+
         for i, row in enumerate(token_ids(ctx.tokenizer, p.captions)):
             if row[: len(ids)] != ids:
                 return [("caption", f"caption {i} starts with tokens {row[: len(ids)]}, not {ids}")]
@@ -470,6 +434,8 @@ def _context(
     if "working_size" not in manifest:
         raise ConfigError("the protected manifest.json has no working_size")
     size = int(manifest["working_size"])
+    from mme.models import load_tokenizer
+
     tokenizer = load_tokenizer(cfg.get("model") or "ViT-B-32")
     trigger_len = Manifest.model_validate(manifest).trigger_len  # one value (0: baselines)
     ctx = _Context(size, eps, trigger_len, tokenizer)
@@ -560,8 +526,9 @@ add_arguments = arguments.verify  # flags live where --help needs no torch
 
 
 def _native_ok(clean: Path, folder: Path, epsilon: float) -> bool:
-    """:func:`mme.native.verify_native` of an exported folder, printed; True when it passes."""
-    from mme.native import verify_native
+    """:func:`mme.protection.native.verify_native` of an exported folder, printed; True when it
+    passes."""
+    from mme.protection.native import verify_native
 
     native = verify_native(clean, folder, epsilon)
     print(f"native size: {native.n_checked} images, max L-inf {native.max_linf} (eps {epsilon:g})")

@@ -41,7 +41,7 @@ def hash_split(key: str, test_fraction: float) -> str:
 
 
 def _raw_items(cfg: DataConfig) -> Iterator[Any]:
-    from mme import sources
+    from mme.ingest import sources
 
     if cfg.source == "folder":
         yield from sources.iter_folder(cfg.input)
@@ -66,7 +66,7 @@ def _raw_items(cfg: DataConfig) -> Iterator[Any]:
 
 def _clean_item(item: Any, cfg: DataConfig, dups: Any, skipped: list[dict]) -> Sample:
     """Validate one raw item into a Sample; raises hygiene.Skip for a broken one."""
-    from mme import hygiene
+    from mme.ingest import hygiene
 
     data = hygiene.load_bytes(item.load, item.source)
     captions, dropped = hygiene.clean_captions(item.captions)
@@ -91,7 +91,7 @@ def _clean_item(item: Any, cfg: DataConfig, dups: Any, skipped: list[dict]) -> S
 
 
 def _external_samples(cfg: DataConfig, skipped: list[dict]) -> Iterator[tuple[str, Sample]]:
-    from mme import hygiene
+    from mme.ingest import hygiene
 
     dups = hygiene.DuplicateFilter()
     seen: set[str] = set()
@@ -110,7 +110,7 @@ def _external_samples(cfg: DataConfig, skipped: list[dict]) -> Iterator[tuple[st
 
 
 def _synthetic_samples(cfg: DataConfig) -> Iterator[tuple[str, Sample]]:
-    from mme import synthetic
+    from mme.ingest import synthetic
 
     for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
         kw = dict(image_size=cfg.image_size, captions_per_image=cfg.captions_per_image)

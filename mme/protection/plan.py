@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from mme.config import PoisonConfig
-from mme.protect import ProtectConfig, data_config, input_kind, poison_config
+from mme.protection.protect import ProtectConfig, data_config, input_kind, poison_config
 
 PNG_BYTES_PER_PIXEL = 3.0  # noisy photos barely compress: assume raw RGB size per PNG
 
@@ -68,7 +68,7 @@ def _duration(seconds: float) -> str:
 
 def count_images(cfg: ProtectConfig) -> tuple[int, int]:
     """(images, input bytes) without decoding anything."""
-    from mme import sources
+    from mme.ingest import sources
 
     dcfg = data_config(cfg)
     if dcfg.source == "csv":

@@ -1,7 +1,7 @@
 """``mme report``: the comparison table of evaluated victims, as Markdown.
 
 One row per (dataset, dataset version, victim): the latest finished ``evaluate`` run in MLflow
-(read through :mod:`mme.tracking`), with image->text and text->image R@1/5/10, ``rsum`` and
+(read through :mod:`mme.track.tracking`), with image->text and text->image R@1/5/10, ``rsum`` and
 ``rsum`` over its chance level; ``attack`` names the ``mme attack`` transform of the training
 data (``—`` for none). ``dataset`` is the clean test folder's name, the dataset version
 is the sha256 of the training data's ``manifest.json`` (the ``data_manifest_sha256`` param every
@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mme import fsio, plots, shards, tracking
+from mme import fsio, paths, shards
 from mme.config import ReportConfig, VictimConfig, add_params_argument, load_section
+from mme.track import plots, tracking
 
 KS = (1, 5, 10)
 METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -252,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runs-dir",
         type=Path,
-        default=Path("runs"),
+        default=paths.RUNS,
         help="--html: loss curves from RUNS_DIR/<label>/train_loss.csv (default: runs)",
     )
 
@@ -284,8 +285,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_page(args: argparse.Namespace, cfg: ReportConfig, rows: list[Row], table: str) -> None:
-    """``--html``: the page of :mod:`mme.htmlreport`."""
-    from mme import htmlreport
+    """``--html``: the page of :mod:`mme.track.htmlreport`."""
+    from mme.track import htmlreport
 
     labels = [row_label(r) for r in rows]
     grids = [args.grid] if args.grid else [Path(d) / "grid.png" for d in cfg.datasets]

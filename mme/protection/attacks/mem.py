@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mme import distributed
-from mme.attacks import hotflip, text
-from mme.attacks.augment import eot
-from mme.attacks.pgd import pgd
-from mme.attacks.store import PairStore
-from mme.attacks.triggers import insert_trigger
 from mme.config import PoisonConfig
 from mme.models import normalizer
+from mme.protection.attacks import hotflip, text
+from mme.protection.attacks.augment import eot
+from mme.protection.attacks.pgd import pgd
+from mme.protection.attacks.store import PairStore
+from mme.protection.attacks.triggers import insert_trigger
 
 RoundHook = Callable[[int, dict[str, float]], None]
 NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")

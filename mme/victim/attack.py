@@ -2,10 +2,11 @@
 
 Reads every split of ``attack.protected`` (the shard readers of :mod:`mme.shards` validate its
 keys and members) and writes ``attack.out`` (default ``data/attacked/<name>``, ``<name>`` =
-:func:`mme.transforms.slug` of the spec): the same ids in the same order, each image and/or caption
-transformed by ``attack.transform`` (:mod:`mme.transforms`), and a ``manifest.json`` written last
-that keeps the protected set's ``method``, ``epsilon`` and ``trigger_len`` and adds ``attack``,
-so ``mme train`` / ``mme evaluate`` log the attack as an MLflow param and ``mme report`` shows it.
+:func:`mme.victim.transforms.slug` of the spec): the same ids in the same order, each image
+and/or caption transformed by ``attack.transform`` (:mod:`mme.victim.transforms`), and a
+``manifest.json`` written last that keeps the protected set's ``method``, ``epsilon`` and
+``trigger_len`` and adds ``attack``, so ``mme train`` / ``mme evaluate`` log the attack as an
+MLflow param and ``mme report`` shows it.
 The input is never modified.
 """
 
@@ -18,16 +19,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mme import __version__, fsio, shards, transforms
+from mme import __version__, fsio, paths, shards
 from mme.config import AttackConfig, ConfigError, add_section_arguments, section_from_args
+from mme.victim import transforms
 
-ATTACKED_ROOT = Path("data/attacked")
 CARRIED_KEYS = ("method", "epsilon", "trigger_len", "working_size", "n_protected")
 
 
 def output_dir(cfg: AttackConfig) -> Path:
     """``cfg.out``, else ``data/attacked/<slug of the spec>``."""
-    return Path(cfg.out) if cfg.out is not None else ATTACKED_ROOT / transforms.slug(cfg.transform)
+    return Path(cfg.out) if cfg.out is not None else paths.ATTACKED / transforms.slug(cfg.transform)
 
 
 def check_inputs(cfg: AttackConfig) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Each reader yields :class:`RawItem` s, one per image, in a deterministic order. Readers never
 modify their input and never judge it: image bytes are read lazily by ``RawItem.load`` and captions
 stay raw bytes, so that every problem (missing file, corrupt image, bad UTF-8, no caption) reaches
-:mod:`mme.hygiene` and is counted there, rather than being silently dropped here.
+:mod:`mme.ingest.hygiene` and is counted there, rather than being silently dropped here.
 
 Every input is treated as hostile: files are read only when they are plain files (no symlink,
 FIFO or device; see :func:`mme.fsio.read_regular`) under a byte cap (:mod:`mme.limits`), tars are
@@ -33,7 +33,7 @@ from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from braceexpand import braceexpand
 
 from mme import fsio, limits
-from mme.hygiene import Skip
+from mme.ingest.hygiene import Skip
 from mme.shards import open_tar, safe_key, sha256_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -15,7 +15,7 @@ import html
 import tempfile
 from pathlib import Path
 
-from mme import plots
+from mme.track import plots
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
@@ -52,7 +52,7 @@ def table_html(header: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown_to_rows(markdown: str) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a Markdown table as :func:`mme.report.markdown_table` writes it."""
+    """Header and rows of a Markdown table as :func:`mme.track.report.markdown_table` writes it."""
     lines = [ln.strip().strip("|").split("|") for ln in markdown.strip().splitlines()]
     cells = [[c.strip() for c in ln] for ln in lines]
     return cells[0], cells[2:]

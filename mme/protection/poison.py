@@ -35,11 +35,11 @@ from tqdm import tqdm
 
 from mme import __version__, arguments, distributed, fsio, imageops, models, shards
 from mme.api import make_callable
-from mme.attacks.mem import MEM, RoundHook
-from mme.attacks.store import PairStore
-from mme.attacks.triggers import candidate_mask, protected_caption, trigger_text
 from mme.config import ConfigError, PoisonConfig, section_from_args
 from mme.manifest import Manifest, read_manifest, write_manifest
+from mme.protection.attacks.mem import MEM, RoundHook
+from mme.protection.attacks.store import PairStore
+from mme.protection.attacks.triggers import candidate_mask, protected_caption, trigger_text
 
 CKPT = "checkpoint.pt"
 TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
@@ -311,7 +311,7 @@ def run_rounds(
     on_round: RoundHook | None,
     work: Path,
 ) -> None:
-    from mme import tracking
+    from mme.track import tracking
 
     rounds = range(start, cfg.rounds) if cfg.method != "random" else range(0)
     for r in tqdm(rounds, desc=f"{cfg.method} rounds", unit="round", file=sys.stderr):
@@ -438,7 +438,7 @@ def write_grid(
     texts: list[str],
     noise: np.ndarray,
 ) -> Path:
-    from mme import grid
+    from mme.protection import grid
 
     rows = grid_indices(cfg, store).numpy()
     clean = np.asarray(store.clean[rows])
@@ -527,7 +527,7 @@ def _rounds_and_outputs(
     t0: float,
 ) -> dict:
     """Rank 0 (or the only process): the rounds, then the outputs, tracked in one MLflow run."""
-    from mme import tracking
+    from mme.track import tracking
 
     work = work_dir(cfg)
     params = poison_params(cfg)
@@ -645,7 +645,7 @@ def output_manifest(
 def verify_outputs(cfg: PoisonConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     """Run ``mme verify`` (noise and trigger checks included) on the fresh output before its
     manifest exists; a violation here is a bug, so it stops the run with no manifest written."""
-    from mme.verify import verify
+    from mme.protection.verify import verify
 
     report = verify(
         cfg.clean, cfg.out, private=cfg.private, manifest=manifest, workers=cfg.write_workers
@@ -658,7 +658,7 @@ def verify_outputs(cfg: PoisonConfig, manifest: dict[str, Any]) -> dict[str, Any
 
 def log_outputs(cfg: PoisonConfig, manifest: dict, seconds: dict[str, float]) -> None:
     """Summary metrics (wall times: here and on stderr only, see :func:`output_manifest`)."""
-    from mme import tracking
+    from mme.track import tracking
 
     summary = manifest["verify"]
     metrics = seconds | {k: manifest[k] for k in ("n_protected", "distinct_triggers")}

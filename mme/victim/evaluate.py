@@ -1,8 +1,9 @@
 """``mme evaluate``: image<->text retrieval of a trained victim on a clean test split.
 
 Every test image is embedded once (open_clip's evaluation preprocessing for the model) and every
-one of its captions is embedded (the model's tokenizer); :func:`mme.retrieval.retrieval_metrics`
-ranks image->text and text->image over cosine similarity. The result is written atomically to
+one of its captions is embedded (the model's tokenizer);
+:func:`mme.victim.retrieval.retrieval_metrics` ranks image->text and text->image over cosine
+similarity. The result is written atomically to
 ``metrics.json`` (flat, numeric: recalls in percent, median/mean ranks, ``rsum``, its chance level
 and ``rsum_over_chance``, ``n_images``, ``n_captions``), printed as a table and logged to MLflow.
 """
@@ -20,9 +21,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mme import arguments, models, plots, retrieval, shards, tracking
+from mme import arguments, models, paths, shards
 from mme.api import make_callable
-from mme.config import ConfigError, EvaluateConfig, section_from_args
+from mme.config import ConfigError, EvaluateConfig, default_shards, section_from_args
+from mme.track import plots, tracking
+from mme.victim import retrieval
 
 PROVENANCE_KEYS = (
     "method",
@@ -110,7 +113,7 @@ def evaluate_checkpoint(
     """Retrieval metrics of ``checkpoint`` (or an untrained ``model`` if None) on ``split``.
 
     ``model`` may be None for checkpoints written by ``mme train`` (they name their model).
-    Returns the keys of :func:`mme.retrieval.retrieval_metrics` (all numbers).
+    Returns the keys of :func:`mme.victim.retrieval.retrieval_metrics` (all numbers).
     """
     record = checkpoint_record(checkpoint)
     name = resolve_model_name(model, record)
@@ -192,11 +195,9 @@ add_arguments = arguments.evaluate  # flags live where --help needs no torch
 
 
 def run(args: argparse.Namespace) -> int:
-    from mme.victim import default_shards
-
     cfg = section_from_args("evaluate", args)
     shard_dir = args.shards or default_shards(args.params)
-    checkpoint = args.checkpoint or Path("runs") / f"victim-{shard_dir.name}" / "checkpoint.pt"
+    checkpoint = args.checkpoint or paths.victim_run(shard_dir) / "checkpoint.pt"
     if not checkpoint.is_file():
         raise ConfigError(f"checkpoint {checkpoint} not found: run `mme train` first")
     if not shards.shard_paths(shard_dir, args.split):

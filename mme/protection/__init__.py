@@ -1,0 +1,1 @@
+"""Protection: make a clean set unlearnable (MEM and baselines), check it, export it."""

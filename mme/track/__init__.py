@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, the comparison report, its pictures and HTML page."""
