@@ -196,12 +196,19 @@ class TriggerPlaces:
         np.save(work / "trigger_col.npy", np.asarray(self.cols, dtype=np.int16))
 
 
-def caption_vocab(store: PairStore, vocab_size: int) -> torch.Tensor:
-    """(V,) bool: the token ids that occur in the training captions (streamed in chunks)."""
+def caption_vocab(store: PairStore, tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """(V,) bool: the tokens that occur as a whole word in the training captions (the token
+    before them ends a word, or is the start token: "board" of "checkerboard" does not count);
+    streamed in chunks of caption rows."""
+    ends_word = np.zeros(vocab_size, dtype=bool)
+    for tid, bpe in tokenizer.decoder.items():
+        if tid < vocab_size:
+            ends_word[tid] = bpe.endswith("</w>")
+    ends_word[tokenizer.sot_token_id] = True
     seen = np.zeros(vocab_size, dtype=bool)
     for start in range(0, len(store.cap_tokens), 65536):
-        ids = np.unique(np.asarray(store.cap_tokens[start : start + 65536]))
-        seen[ids[(ids >= 0) & (ids < vocab_size)]] = True
+        rows = np.asarray(store.cap_tokens[start : start + 65536]).clip(0, vocab_size - 1)
+        seen[np.unique(rows[:, 1:][ends_word[rows[:, :-1]]])] = True
     return torch.from_numpy(seen)
 
 
@@ -209,7 +216,7 @@ def trigger_vocabulary(cfg: PoisonConfig, store: PairStore, tokenizer: Any, v: i
     """(V,) bool: the tokens HotFlip may choose (``poison.trigger_vocab``)."""
     if cfg.trigger_vocab == "any":
         return candidate_mask(tokenizer, v)
-    allowed = word_mask(tokenizer, v, caption_vocab(store, v))
+    allowed = word_mask(tokenizer, v, caption_vocab(store, tokenizer, v))
     if cfg.method == "mem" and int(allowed.sum()) < cfg.candidates:
         raise ConfigError(
             f"poison.trigger_vocab = words: the training captions hold {int(allowed.sum())}"
