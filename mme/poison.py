@@ -729,6 +729,7 @@ def output_manifest(
         "method": cfg.method,
         "epsilon": cfg.epsilon,
         "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
+        **({"trigger_position": cfg.trigger_position} if random_places(cfg) else {}),
         # private: a local path, not data; write_workers: does not change the bytes; a baseline
         # has no trigger: its config must not name a second trigger_len
         "config": cfg.model_dump(mode="json", exclude=result_excluded(has_trigger, cfg)),

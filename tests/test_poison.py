@@ -95,7 +95,7 @@ def test_random_trigger_positions_verify_and_survive_strip_trigger(clean, tmp_pa
     )
     manifest = poison(cfg)
     assert manifest["verify"]["ok"]
-    assert manifest["config"]["trigger_position"] == "random"
+    assert manifest["config"]["trigger_position"] == manifest["trigger_position"] == "random"
     argv = ["verify", "--clean", str(clean), "--protected", str(cfg.out)]
     assert cli.main([*argv, "--private", str(cfg.private)]) == 0
     recorded = json.loads((cfg.private / "triggers.json").read_text())["trigger_word"]
@@ -118,7 +118,12 @@ def test_random_trigger_positions_verify_and_survive_strip_trigger(clean, tmp_pa
         triggers[s.id] = trig
     assert len(set(words)) >= 3  # varied positions, not always the first words
     out = tmp_path / "stripped"
-    attack(AttackConfig(protected=cfg.out, out=out, transform="strip-trigger:3"))
+    assert (
+        attack(AttackConfig(protected=cfg.out, out=out, transform="strip-trigger:3"))[
+            "trigger_position"
+        ]
+        == "random"
+    )
     kept = [
         f" {triggers[s.id]} " in f" {c} "
         for s in shards.iter_samples(out, "train")
