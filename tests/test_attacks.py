@@ -432,3 +432,29 @@ def test_compile_flag_wraps_the_image_tower(monkeypatch):
         F.normalize(model.encode_image((x - mem.mean) / mem.std), dim=-1),
         atol=1e-6,
     )
+
+
+def test_trigger_places_are_drawn_once_and_fit_the_context(tokenizer):
+    """trigger_position random: one word per image, within every caption of it, and the trigger
+    still before the end token even in a caption longer than the context."""
+    from mme.config import PoisonConfig
+    from mme.poison import TriggerPlaces
+
+    caps = [
+        ["a dog on the grass", "a brown dog runs across a green field"],
+        [" ".join(["word"] * 100), "a cat"],  # long caption: capped by the shorter one anyway
+        [" ".join(["word"] * 100)],  # only the long caption: capped by the context
+    ]
+    cfg = PoisonConfig(trigger_position="random", trigger_len=3, seed=5)
+    runs = []
+    for _ in range(2):
+        places = TriggerPlaces(cfg, tokenizer, len(caps))
+        for i, c in enumerate(caps):
+            places.add(i, c)
+        runs.append((places.words.tolist(), list(places.cols)))
+    assert runs[0] == runs[1]  # from the seed alone
+    words, cols = runs[0]
+    assert words[0] <= 5 and words[1] <= 2
+    flat = [c for group in caps for c in group]
+    for col, cap, w in zip(cols, flat, [words[0]] * 2 + [words[1]] * 2 + [words[2]], strict=True):
+        assert col == token_offsets(tokenizer, cap)[w] <= tokenizer.context_length - 1 - 3
