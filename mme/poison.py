@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -177,11 +178,11 @@ class TriggerPlaces:
     the whole run. Also records the token column of that boundary in each caption row."""
 
     def __init__(self, cfg: PoisonConfig, tokenizer: Any, n: int) -> None:
-        self.tokenizer, self.k = tokenizer, cfg.trigger_len
+        self.tokenizer = tokenizer
         self.last_col = int(tokenizer.context_length) - 1 - cfg.trigger_len  # EOT after trigger
         self.u = np.random.default_rng([cfg.seed, 11]).random(n)  # one draw per image
         self.words = np.zeros(n, dtype=np.int32)
-        self.cols: list[int] = []
+        self.cols = array("h")  # 2 bytes a caption: host memory stays small
 
     def add(self, i: int, captions: list[str]) -> None:
         offs = [token_offsets(self.tokenizer, c) for c in captions]
@@ -193,7 +194,7 @@ class TriggerPlaces:
 
     def save(self, work: Path) -> None:
         np.save(work / "trigger_word.npy", self.words)
-        np.save(work / "trigger_col.npy", np.asarray(self.cols, dtype=np.int16))
+        np.save(work / "trigger_col.npy", np.frombuffer(self.cols, dtype=np.int16))
 
 
 def caption_vocab(store: PairStore, tokenizer: Any, vocab_size: int) -> torch.Tensor:
