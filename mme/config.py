@@ -167,6 +167,16 @@ class PoisonConfig(Section):
     trigger_len: int = Field(3, ge=1, le=16, description="trigger tokens k (paper: 3 or 5)")
     trigger_rounds: int = Field(5, ge=0, description="rounds with trigger updates H (paper: 5)")
     candidates: int = Field(16, ge=1, description="HotFlip candidates per position (paper: 16)")
+    trigger_position: Literal["start", "random"] = Field(
+        "start",
+        description="trigger place in each caption: start (paper) or random (a word boundary "
+        "per image, drawn from the seed)",
+    )
+    trigger_vocab: Literal["any", "words"] = Field(
+        "any",
+        description="HotFlip tokens: any whole alphabetic word token, or words (3+ letters, "
+        "seen in the training captions)",
+    )
     shuffle_captions: bool = Field(True, description="shuffle caption bodies during PGD (MEM)")
     augment: bool = Field(True, description="EOT: optimise through the `eot` transformations")
     # EOT choices (mme/protection/attacks/augment.py); the defaults are the behaviour before they

@@ -14,7 +14,7 @@ config still says 3 next to a top-level 0, read as 0.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -46,6 +46,8 @@ class Manifest(BaseModel):
     method: str | None = None
     epsilon: float | None = Field(None, gt=0, le=255)
     trigger_len: int | None = Field(None, ge=0, le=16)
+    # where the trigger sits in each caption; absent: at the start (meta trigger_word per sample)
+    trigger_position: Literal["start", "random"] | None = None
     working_size: int | None = Field(None, ge=1)
     n_protected: int | None = Field(None, ge=0)
     verify: dict[str, Any] | None = None

@@ -12,10 +12,13 @@ from mme.protection.attacks.augment import random_resized_crop
 from mme.protection.attacks.pgd import pgd, pgd_step
 from mme.protection.attacks.triggers import (
     candidate_mask,
+    gather_trigger,
     insert_trigger,
     protected_caption,
     round_trips,
+    token_offsets,
     trigger_text,
+    word_mask,
 )
 
 
@@ -69,6 +72,96 @@ def test_insert_trigger_truncates_like_tokenizer(tokenizer):
     got = insert_trigger(tokenizer([caption]), trig, tokenizer.eot_token_id)
     expected = tokenizer([protected_caption("dog dog dog", caption)])
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("caption", "word", "expected"),
+    [
+        ("a red square", 0, "T U a red square"),
+        ("a red square", 1, "a T U red square"),
+        ("a red square", 2, "a red T U square"),
+        ("a red square", 3, "a red square T U"),
+        ("a red square", 9, "a red square T U"),  # past the end: last
+        ("a  red\tsquare.", 2, "a  red\tT U square."),  # the caption's own spacing is kept
+    ],
+)
+def test_protected_caption_puts_the_trigger_before_word_p(caption, word, expected):
+    assert protected_caption("T U", caption, word) == expected
+    assert protected_caption("", caption, word) == caption  # no trigger: the clean caption
+
+
+@pytest.mark.parametrize("word", [0, 1, 3, 5, 8])
+@pytest.mark.parametrize("k", [1, 3])
+def test_insert_trigger_at_a_word_matches_tokenizer(tokenizer, word, k):
+    """The token rows HotFlip and PGD see are the victim tokenizer's rows of the caption file."""
+    mask = candidate_mask(tokenizer, tokenizer.vocab_size)
+    ids = torch.nonzero(mask).flatten()[torch.arange(k) * 997 % int(mask.sum())]
+    caption = "a red circle, next to a small-ish blue square"
+    text = protected_caption(trigger_text(tokenizer, ids.tolist()), caption, word)
+    col = token_offsets(tokenizer, caption)[word]
+    got = insert_trigger(
+        tokenizer([caption]), ids[None], tokenizer.eot_token_id, torch.tensor([col])
+    )
+    assert torch.equal(got, tokenizer([text]))
+
+
+def test_insert_trigger_per_row_positions_and_truncation(tokenizer):
+    caps = ["a dog on the grass", " ".join(["word"] * 100)]
+    trig = torch.tensor([tokenizer.encode("zebra lamp")] * 2)
+    words = [3, 70]  # the long row: pushed past the context, truncated, EOT kept last
+    cols = torch.tensor([token_offsets(tokenizer, c)[w] for c, w in zip(caps, words, strict=True)])
+    got = insert_trigger(tokenizer(caps), trig, tokenizer.eot_token_id, cols)
+    expected = tokenizer(
+        [protected_caption("zebra lamp", c, w) for c, w in zip(caps, words, strict=True)]
+    )
+    assert torch.equal(got, expected)
+    ones = torch.ones(2, dtype=torch.long)  # column 1 is the paper's layout, same as no pos
+    default = insert_trigger(tokenizer(caps), trig, tokenizer.eot_token_id)
+    assert torch.equal(insert_trigger(tokenizer(caps), trig, tokenizer.eot_token_id, ones), default)
+
+
+@pytest.mark.parametrize("pos", [[1, 1, 1], [1, 4, 2], [5, 0, 3]])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("width", [None, 3])
+def test_gather_trigger_takes_each_rows_own_columns(pos, k, width):
+    shape = (3, 8) if width is None else (3, 8, width)
+    x = torch.arange(torch.Size(shape).numel()).view(shape)
+    got = gather_trigger(x, torch.tensor(pos), k)
+    expected = torch.stack([x[b, p : p + k] for b, p in enumerate(pos)])
+    assert torch.equal(got, expected)
+
+
+def test_word_vocabulary_is_long_words_seen_in_captions(tokenizer):
+    full = candidate_mask(tokenizer, tokenizer.vocab_size)
+    words = word_mask(tokenizer, tokenizer.vocab_size)
+    assert not (words & ~full).any() and 0 < int(words.sum()) < int(full.sum())
+    ids = torch.nonzero(words).flatten()
+    assert all(len(tokenizer.decode([int(i)]).strip()) >= 3 for i in ids[::500])
+    seen = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+    seen[tokenizer.encode("a dog runs on the green grass")] = True
+    kept = {
+        tokenizer.decode([int(i)]).strip()
+        for i in torch.nonzero(word_mask(tokenizer, tokenizer.vocab_size, seen)).flatten()
+    }
+    assert kept == {"dog", "runs", "the", "green", "grass"}
+
+
+def test_trigger_gradients_at_column_one_match_the_fixed_slice():
+    from mme import models
+
+    model, tok = models.create_model("mme-tiny-vit", None, torch.device("cpu"))
+    tokens = tok(["zebra lamp a red square", "a picture zebra lamp of blue"])
+    img = F.normalize(torch.randn(2, model.text_projection.shape[1]), dim=-1)
+    loss = open_clip.ClipLoss()
+
+    def loss_fn(i, t):
+        return loss(i, t, torch.tensor(10.0))
+
+    base = hotflip.trigger_gradients(model, tokens, img, 2, loss_fn)
+    ones = hotflip.trigger_gradients(model, tokens, img, 2, loss_fn, pos=torch.tensor([1, 1]))
+    assert torch.equal(base, ones)
+    at = hotflip.trigger_gradients(model, tokens, img, 2, loss_fn, pos=torch.tensor([1, 3]))
+    assert torch.equal(at[0], base[0]) and not torch.equal(at[1], base[1])
 
 
 def test_candidates_round_trip_through_the_tokenizer(tokenizer):
@@ -339,3 +432,29 @@ def test_compile_flag_wraps_the_image_tower(monkeypatch):
         F.normalize(model.encode_image((x - mem.mean) / mem.std), dim=-1),
         atol=1e-6,
     )
+
+
+def test_trigger_places_are_drawn_once_and_fit_the_context(tokenizer):
+    """trigger_position random: one word per image, within every caption of it, and the trigger
+    still before the end token even in a caption longer than the context."""
+    from mme.config import PoisonConfig
+    from mme.protection.poison import TriggerPlaces
+
+    caps = [
+        ["a dog on the grass", "a brown dog runs across a green field"],
+        [" ".join(["word"] * 100), "a cat"],  # long caption: capped by the shorter one anyway
+        [" ".join(["word"] * 100)],  # only the long caption: capped by the context
+    ]
+    cfg = PoisonConfig(trigger_position="random", trigger_len=3, seed=5)
+    runs = []
+    for _ in range(2):
+        places = TriggerPlaces(cfg, tokenizer, len(caps))
+        for i, c in enumerate(caps):
+            places.add(i, c)
+        runs.append((places.words.tolist(), list(places.cols)))
+    assert runs[0] == runs[1]  # from the seed alone
+    words, cols = runs[0]
+    assert words[0] <= 5 and words[1] <= 2
+    flat = [c for group in caps for c in group]
+    for col, cap, w in zip(cols, flat, [words[0]] * 2 + [words[1]] * 2 + [words[2]], strict=True):
+        assert col == token_offsets(tokenizer, cap)[w] <= tokenizer.context_length - 1 - 3

@@ -34,7 +34,15 @@ def test_data_record_of_clean_and_protected():
     assert attacked.data_record()["attack"] == "jpeg:90"
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"splits": {"train": {"images": -1}}}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"splits": {"train": {"images": -1}}}',
+        '{"trigger_position": "middle"}',
+    ],
+)
 def test_malformed_manifest_is_a_one_line_config_error(tmp_path, text):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ConfigError) as err:

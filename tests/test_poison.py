@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,63 @@ def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
     assert manifest["verify"]["ok"] and manifest["verify"]["max_linf"] <= 8
     argv = ["verify", "--clean", str(clean), "--protected", str(out), "--private", str(private)]
     assert cli.main(argv) == 0
+    # settings added later are left out at their defaults: the manifest keeps its bytes
+    assert not {"trigger_position", "trigger_vocab"} & set(manifest["config"])
+    assert "trigger_word" not in json.loads((private / "triggers.json").read_text())
+
+
+def test_random_trigger_positions_verify_and_survive_strip_trigger(clean, tmp_path):
+    """Issue 11: `strip-trigger` removed every MEM trigger (always the first words). At a
+    random word position per image (natural words from the captions) most triggers stay."""
+    from mme.config import AttackConfig
+    from mme.protection.attacks.triggers import protected_caption
+    from mme.victim.attack import attack
+
+    cfg = PoisonConfig(
+        clean=clean,
+        out=tmp_path / "mem",
+        private=tmp_path / "priv",
+        trigger_position="random",
+        trigger_vocab="words",
+        **FAST,
+    )
+    manifest = poison(cfg)
+    assert manifest["verify"]["ok"]
+    assert manifest["config"]["trigger_position"] == manifest["trigger_position"] == "random"
+    argv = ["verify", "--clean", str(clean), "--protected", str(cfg.out)]
+    assert cli.main([*argv, "--private", str(cfg.private)]) == 0
+    recorded = json.loads((cfg.private / "triggers.json").read_text())["trigger_word"]
+    clean_samples = {s.id: s for s in shards.iter_samples(clean, "train")}
+    caption_words = {
+        w
+        for s in clean_samples.values()
+        for c in s.captions
+        for w in re.findall("[a-z]+", c.lower())
+    }
+    words, triggers = [], {}
+    for i, s in enumerate(shards.iter_samples(cfg.out, "train")):
+        word, trig = s.meta["trigger_word"], s.meta["trigger_text"]
+        assert word == recorded[i]
+        assert s.captions == [
+            protected_caption(trig, c, word) for c in clean_samples[s.id].captions
+        ]
+        assert all(len(w) >= 3 and w in caption_words for w in trig.split())  # trigger_vocab
+        words.append(word)
+        triggers[s.id] = trig
+    assert len(set(words)) >= 3  # varied positions, not always the first words
+    out = tmp_path / "stripped"
+    assert (
+        attack(AttackConfig(protected=cfg.out, out=out, transform="strip-trigger:3"))[
+            "trigger_position"
+        ]
+        == "random"
+    )
+    kept = [
+        f" {triggers[s.id]} " in f" {c} "
+        for s in shards.iter_samples(out, "train")
+        for c in s.captions
+    ]
+    assert sum(kept) > 0.5 * len(kept)
 
 
 def test_a_last_batch_of_one_image_still_gets_noise(clean, tmp_path):

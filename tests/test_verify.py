@@ -13,6 +13,7 @@ import pytest
 from mme.cli import main
 from mme.imageops import apply_noise, to_working_resolution
 from mme.models import load_tokenizer, token_ids
+from mme.protection.attacks.triggers import protected_caption
 from mme.protection.verify import verify
 from mme.shards import Sample, encode_png, sha256_bytes, write_json_atomic, write_shards
 
@@ -73,6 +74,8 @@ def write_protected(out: Path, clean: Path, records: list[dict], eps: float = EP
         png = encode_png(r["pixels"].transpose(1, 2, 0))
         h, w = r["pixels"].shape[1:]
         meta = {k: r[k] for k in ("id", "protected", "trigger_text", "trigger_ids", "clean_sha256")}
+        if "trigger_word" in r:  # trigger_position: random
+            meta["trigger_word"] = r["trigger_word"]
         meta.update(source="test", sha256=sha256_bytes(png), width=w, height=h)
         meta.update(method="mem", epsilon=eps)
         samples.append(Sample(r["id"], png, "png", r["captions"], meta))
@@ -86,6 +89,8 @@ def write_protected(out: Path, clean: Path, records: list[dict], eps: float = EP
     triggers = {
         k: [r[k] for r in records] for k in ("id", "protected", "trigger_ids", "trigger_text")
     }
+    if all("trigger_word" in r for r in records):
+        triggers["trigger_word"] = [r["trigger_word"] for r in records]
     write_json_atomic(out / "triggers.json", {"ids": triggers.pop("id"), **triggers})
     return out
 
@@ -218,6 +223,43 @@ def test_caption_without_trigger_prefix_fails(sets, tmp_path):
     records[6]["captions"][1] = samples[6].captions[1]  # one caption lost its trigger
     prot = write_protected(tmp_path / "P", clean, records)
     assert verify(clean, prot, private=prot).violations["caption"] == [records[6]["id"]]
+
+
+def at_words(samples: list[Sample], records: list[dict]) -> list[dict]:
+    """The records with each trigger before word ``i % 4`` (trigger_position: random)."""
+    for i, (s, r) in enumerate(zip(samples, records, strict=True)):
+        r["trigger_word"] = i % 4
+        r["captions"] = [protected_caption(r["trigger_text"], c, i % 4) for c in s.captions]
+    return records
+
+
+@pytest.mark.parametrize(
+    ("damage", "kind"),
+    [
+        (None, None),
+        ("caption at the start", "caption"),
+        ("meta word", "trigger"),
+        ("word not an int", "caption"),
+    ],
+)
+def test_trigger_at_a_word_position(sets, tmp_path, damage, kind):
+    """Issue 11: a trigger inside the caption verifies at its word; moved or misrecorded fails."""
+    clean, samples, records = sets
+    records = at_words(samples, records)
+    r = records[2]  # word 2: "a photo TRIGGER number 2"
+    if damage == "caption at the start":
+        r["captions"][0] = f"{r['trigger_text']} {samples[2].captions[0]}"
+    elif damage == "word not an int":
+        r["trigger_word"] = "2"
+    prot = write_protected(tmp_path / "P", clean, records)
+    if damage == "meta word":  # captions and meta agree on word 2, triggers.json says 1
+        t = json.loads((prot / "triggers.json").read_text())
+        t["trigger_word"][2] = 1
+        (prot / "triggers.json").write_text(json.dumps(t))
+    report = verify(clean, prot, private=prot)
+    assert report.ok == (damage is None)
+    if kind is not None:
+        assert report.violations[kind] == [r["id"]]
 
 
 @pytest.mark.parametrize("size", [SIZE - 2, SIZE + 1])

@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -39,7 +40,13 @@ from mme.config import ConfigError, PoisonConfig, section_from_args
 from mme.manifest import Manifest, read_manifest, write_manifest
 from mme.protection.attacks.mem import MEM, RoundHook
 from mme.protection.attacks.store import PairStore
-from mme.protection.attacks.triggers import candidate_mask, protected_caption, trigger_text
+from mme.protection.attacks.triggers import (
+    candidate_mask,
+    protected_caption,
+    token_offsets,
+    trigger_text,
+    word_mask,
+)
 
 CKPT = "checkpoint.pt"
 TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
@@ -54,11 +61,21 @@ OWNER = "mme poison"
 PRIVATE_FILES = ("noise.npy", "triggers.json", "grid.png")
 
 
-def result_excluded(has_trigger: bool) -> set[str]:
+# trigger settings added after protected sets were published: at their defaults they are left
+# out of the manifest and the resume hash, so a default run keeps the bytes it had before
+LATER_DEFAULTS = {"trigger_position": "start", "trigger_vocab": "any"}
+
+
+def at_later_defaults(cfg: PoisonConfig) -> set[str]:
+    return {k for k, v in LATER_DEFAULTS.items() if getattr(cfg, k) == v}
+
+
+def result_excluded(has_trigger: bool, cfg: PoisonConfig | None = None) -> set[str]:
     """Config keys the output manifest leaves out (see :func:`output_manifest`)."""
     # work, nproc: where the store lives and how many processes ran do not change the bytes
     keys = {"private", "write_workers", "work", "nproc"}
-    return keys | (set() if has_trigger else {"trigger_len"})
+    keys |= at_later_defaults(cfg) if cfg is not None else set(LATER_DEFAULTS)
+    return keys | (set() if has_trigger else {"trigger_len", *LATER_DEFAULTS})
 
 
 def work_dir(cfg: PoisonConfig) -> Path:
@@ -105,7 +122,8 @@ fixed_threads = models.torch_threads
 
 def config_hash(cfg: PoisonConfig) -> str:
     """Hash of what determines the result (a resumed run must match it)."""
-    keep = cfg.model_dump(mode="json", exclude=NOT_IN_RESULT | {"out", "private"})
+    exclude = NOT_IN_RESULT | {"out", "private"} | at_later_defaults(cfg)
+    keep = cfg.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -124,6 +142,7 @@ def load_pairs(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int) -> Pair
     clean, _ = PairStore.open_arrays(work, n, size, imageops.noise_dtype(cfg.epsilon))
     offsets = np.zeros(n + 1, dtype=np.int64)
     pending: list[str] = []
+    places = TriggerPlaces(cfg, tokenizer, n) if random_places(cfg) else None
     i = -1
     with open(work / TOKENS, "wb") as tok_file, PixelDecoder(clean, cfg.write_workers) as pixels:
         it = shards.iter_samples(cfg.clean, "train")
@@ -131,6 +150,8 @@ def load_pairs(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int) -> Pair
             if i >= n:
                 break
             pixels.add(i, s.image_bytes)
+            if places is not None:
+                places.add(i, s.captions)
             offsets[i + 1] = offsets[i] + len(s.captions)
             pending.extend(s.captions)
             if (i + 1) % LOAD_CHUNK == 0:
@@ -141,7 +162,68 @@ def load_pairs(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int) -> Pair
     if i + 1 != n:
         raise ConfigError(f"{cfg.clean}: manifest lists {n} train images, shards hold {i + 1}")
     np.save(work / "cap_offsets.npy", offsets)
+    if places is not None:
+        places.save(work)
     return open_store(cfg, work, tokenizer, size, n)
+
+
+def random_places(cfg: PoisonConfig) -> bool:
+    return cfg.method == "mem" and cfg.trigger_position == "random"
+
+
+class TriggerPlaces:
+    """``trigger_position: random``: image ``i``'s trigger goes before word ``p_i`` of each of its
+    captions, ``p_i`` uniform over the word boundaries where the trigger still fits in the
+    context of every caption of it (``0 .. min words``), drawn once from the seed and kept for
+    the whole run. Also records the token column of that boundary in each caption row."""
+
+    def __init__(self, cfg: PoisonConfig, tokenizer: Any, n: int) -> None:
+        self.tokenizer = tokenizer
+        self.last_col = int(tokenizer.context_length) - 1 - cfg.trigger_len  # EOT after trigger
+        self.u = np.random.default_rng([cfg.seed, 11]).random(n)  # one draw per image
+        self.words = np.zeros(n, dtype=np.int32)
+        self.cols = array("h")  # 2 bytes a caption: host memory stays small
+
+    def add(self, i: int, captions: list[str]) -> None:
+        offs = [token_offsets(self.tokenizer, c) for c in captions]
+        fits = [sum(1 for t in o if t <= self.last_col) - 1 for o in offs]  # offsets increase
+        top = max(0, min(fits, default=0))
+        p = int(self.u[i] * (top + 1))
+        self.words[i] = p
+        self.cols.extend(min(o[min(p, len(o) - 1)], self.last_col) for o in offs)
+
+    def save(self, work: Path) -> None:
+        np.save(work / "trigger_word.npy", self.words)
+        np.save(work / "trigger_col.npy", np.frombuffer(self.cols, dtype=np.int16))
+
+
+def caption_vocab(store: PairStore, tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """(V,) bool: the tokens that occur as a whole word in the training captions (the token
+    before them ends a word, or is the start token: "board" of "checkerboard" does not count);
+    streamed in chunks of caption rows."""
+    ends_word = np.zeros(vocab_size, dtype=bool)
+    for tid, bpe in tokenizer.decoder.items():
+        if tid < vocab_size:
+            ends_word[tid] = bpe.endswith("</w>")
+    ends_word[tokenizer.sot_token_id] = True
+    seen = np.zeros(vocab_size, dtype=bool)
+    for start in range(0, len(store.cap_tokens), 65536):
+        rows = np.asarray(store.cap_tokens[start : start + 65536]).clip(0, vocab_size - 1)
+        seen[np.unique(rows[:, 1:][ends_word[rows[:, :-1]]])] = True
+    return torch.from_numpy(seen)
+
+
+def trigger_vocabulary(cfg: PoisonConfig, store: PairStore, tokenizer: Any, v: int) -> torch.Tensor:
+    """(V,) bool: the tokens HotFlip may choose (``poison.trigger_vocab``)."""
+    if cfg.trigger_vocab == "any":
+        return candidate_mask(tokenizer, v)
+    allowed = word_mask(tokenizer, v, caption_vocab(store, tokenizer, v))
+    if cfg.method == "mem" and int(allowed.sum()) < cfg.candidates:
+        raise ConfigError(
+            f"poison.trigger_vocab = words: the training captions hold {int(allowed.sum())}"
+            f" usable words, fewer than poison.candidates = {cfg.candidates}"
+        )
+    return allowed
 
 
 def _decode_rows(job: tuple[Any, int, list[bytes]]) -> None:
@@ -202,6 +284,10 @@ def open_store(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int, n: int)
     offsets = torch.from_numpy(np.load(work / "cap_offsets.npy"))
     length = int(tokenizer.context_length)
     tokens = np.memmap(work / TOKENS, dtype=np.int32, mode="r", shape=(int(offsets[-1]), length))
+    places = {}
+    if random_places(cfg):
+        for name in ("trigger_word", "trigger_col"):
+            places[name] = torch.from_numpy(np.load(work / f"{name}.npy").astype(np.int64))
     return PairStore(
         clean=clean,
         noise=noise,
@@ -211,6 +297,7 @@ def open_store(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int, n: int)
         triggers=torch.zeros(n, cfg.trigger_len, dtype=torch.long),
         protect=torch.ones(n, dtype=torch.bool),
         eot_id=tokenizer.eot_token_id,
+        **places,
     )
 
 
@@ -346,6 +433,7 @@ def write_outputs(
     for i, s in zip(rows, shards.iter_samples(cfg.clean, "train"), strict=True):
         prot = bool(store.protect[i])
         trig = texts[i] if prot and cfg.method == "mem" else ""
+        word = trigger_word(store, i) if trig else 0
         png = next(pngs)
         size = store.clean.shape[-1]
         meta = {
@@ -361,7 +449,9 @@ def write_outputs(
             "trigger_ids": store.triggers[i].tolist() if trig else [],
             "clean_sha256": s.meta.get("sha256", shards.sha256_bytes(s.image_bytes)),
         }
-        caps = [protected_caption(trig, c) for c in s.captions]
+        if trig and store.trigger_word is not None:  # the paper's layout keeps its bytes
+            meta["trigger_word"] = word
+        caps = [protected_caption(trig, c, word) for c in s.captions]
         writer.write(shards.Sample(s.id, png, "png", caps, meta))
         ids.append(s.id)
         if i in grid_rows:
@@ -376,9 +466,16 @@ def write_outputs(
         "trigger_ids": store.triggers.tolist() if cfg.method == "mem" else [],
         "trigger_text": texts if cfg.method == "mem" else [],
     }
+    if cfg.method == "mem" and store.trigger_word is not None:
+        trig_json["trigger_word"] = store.trigger_word.tolist()  # word position in each caption
     fsio.write_json(private / "triggers.json", trig_json)
     write_grid(cfg, store, grid_caps, texts, noise)
     return records, writer.n_captions
+
+
+def trigger_word(store: PairStore, i: int) -> int:
+    """The word position of image ``i``'s trigger in its captions (0: first)."""
+    return 0 if store.trigger_word is None else int(store.trigger_word[i])
 
 
 ENCODE_CHUNK = 64  # images per task: large enough to amortise the hand-over, small to balance
@@ -444,7 +541,11 @@ def write_grid(
     clean = np.asarray(store.clean[rows])
     prot = imageops.apply_noise(clean, np.asarray(noise[rows]))
     caps = [
-        protected_caption(texts[r] if cfg.method == "mem" else "", first_captions[int(r)])
+        protected_caption(
+            texts[r] if cfg.method == "mem" else "",
+            first_captions[int(r)],
+            trigger_word(store, int(r)),
+        )
         for r in rows
     ]
     path = Path(cfg.private) / "grid.png"
@@ -503,7 +604,7 @@ def _poison(
     distributed.barrier(world)
     if not world.main:
         store = open_store(cfg, work, tokenizer, size, n)
-    allowed = candidate_mask(tokenizer, model.token_embedding.num_embeddings)
+    allowed = trigger_vocabulary(cfg, store, tokenizer, model.token_embedding.num_embeddings)
     mem = MEM(model, store, cfg, device, allowed, world=world)
     start = resume_from(work, mem, store, cfg) if resume else 0
     if start == 0:
@@ -629,9 +730,10 @@ def output_manifest(
         "method": cfg.method,
         "epsilon": cfg.epsilon,
         "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
+        **({"trigger_position": cfg.trigger_position} if random_places(cfg) else {}),
         # private: a local path, not data; write_workers: does not change the bytes; a baseline
         # has no trigger: its config must not name a second trigger_len
-        "config": cfg.model_dump(mode="json", exclude=result_excluded(has_trigger)),
+        "config": cfg.model_dump(mode="json", exclude=result_excluded(has_trigger, cfg)),
         "clean": str(cfg.clean),
         "clean_splits": {k: v.images for k, v in clean_manifest.splits.items()},
         "working_size": int(store.clean.shape[-1]),

@@ -10,9 +10,11 @@ id, and for each pair:
   ``triggers.json``), ``clip(clean_at_S + δ)`` is exactly the protected image;
 - ``trigger``: ``trigger_text`` encodes to exactly ``trigger_ids`` with the model's tokenizer, has
   the configured length, and agrees with ``triggers.json`` (when the private folder is given);
-- ``caption``: the protected captions are ``trigger_text + " " + caption`` for the clean captions
-  in order (the clean captions themselves when there is no trigger), and each tokenizes with
-  ``trigger_ids`` right after the start token — what a victim's tokenizer will actually see;
+- ``caption``: the protected captions are the clean captions in order with ``trigger_text``
+  inserted before word ``trigger_word`` of the meta (0, the first word, when absent; the clean
+  captions themselves when there is no trigger), and each tokenizes with ``trigger_ids`` at that
+  word's token position — what a victim's tokenizer will actually see; with the private folder,
+  ``trigger_word`` agrees with ``triggers.json``;
 - ``meta``: the stored sha256 matches the image bytes.
 
 ``--native DIR`` also checks an ``mme export --native`` folder at the originals' own size
@@ -193,6 +195,7 @@ class _Context:
     tokenizer: Any
     triggers: dict[str, tuple[str, list[int]]] | None = None  # id -> (text, ids), triggers.json
     protect: dict[str, bool] | None = None  # id -> protected, triggers.json
+    words: dict[str, int] | None = None  # id -> trigger word position, triggers.json (random)
     noise: np.ndarray | None = None  # memory-mapped noise.npy
     noise_row: dict[str, int] | None = None  # id -> row of noise.npy
 
@@ -257,13 +260,21 @@ def _check_trigger(p: Sample, ctx: _Context) -> list[tuple[str, str]]:
         got = token_ids(ctx.tokenizer, [text])[0]
         if got != ids:
             problems.append(("trigger", f"{text!r} tokenizes to {got}, not {ids}"))
+    if text and ctx.words is not None and ctx.words.get(p.id) != p.meta.get("trigger_word", 0):
+        problems.append(("trigger", f"trigger_word {p.meta.get('trigger_word')} != triggers.json"))
     return problems
 
 
 def _check_captions(c: Sample, p: Sample, ctx: _Context) -> list[tuple[str, str]]:
-    """Protected captions = trigger + " " + clean captions, and tokenize with the trigger first."""
+    """Protected captions = clean captions with the trigger inserted before word
+    ``trigger_word``, and each tokenizes with the trigger ids at that word's token column."""
+    from mme.protection.attacks.triggers import protected_caption, token_offsets
+
     text, ids = p.meta.get("trigger_text", ""), list(p.meta.get("trigger_ids", []))
-    expected = [f"{text} {cap}" for cap in c.captions] if text else list(c.captions)
+    word = p.meta.get("trigger_word", 0)
+    if type(word) is not int or word < 0:
+        return [("caption", f"trigger_word {word!r} is not a word position")]
+    expected = [protected_caption(text, cap, word) for cap in c.captions]
     if len(p.captions) != len(expected):
         return [("caption", f"{len(p.captions)} captions, clean has {len(expected)}")]
     for i, (got, want) in enumerate(zip(p.captions, expected, strict=True)):
@@ -273,8 +284,11 @@ def _check_captions(c: Sample, p: Sample, ctx: _Context) -> list[tuple[str, str]
         from mme.models import token_ids
 
         for i, row in enumerate(token_ids(ctx.tokenizer, p.captions)):
-            if row[: len(ids)] != ids:
-                return [("caption", f"caption {i} starts with tokens {row[: len(ids)]}, not {ids}")]
+            offs = token_offsets(ctx.tokenizer, c.captions[i]) if word else [1]
+            at = offs[min(word, len(offs) - 1)] - 1  # token_ids drops the start token
+            if row[at : at + len(ids)] != ids:
+                got = row[at : at + len(ids)]
+                return [("caption", f"caption {i} has tokens {got} at {at + 1}, not {ids}")]
     return []
 
 
@@ -449,6 +463,8 @@ def _context(
         t = json.loads(tpath.read_text())
         ctx.protect = dict(zip(t["ids"], t.get("protected") or [True] * len(t["ids"]), strict=True))
         ctx.triggers = _trigger_table(t, ctx.protect)
+        if "trigger_word" in t:
+            ctx.words = dict(zip(t["ids"], t["trigger_word"], strict=True))
     except (KeyError, TypeError, ValueError) as err:
         errors.append(f"triggers.json is malformed: {err!r}")
         return ctx

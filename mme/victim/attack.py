@@ -23,7 +23,14 @@ from mme import __version__, fsio, paths, shards
 from mme.config import AttackConfig, ConfigError, add_section_arguments, section_from_args
 from mme.victim import transforms
 
-CARRIED_KEYS = ("method", "epsilon", "trigger_len", "working_size", "n_protected")
+CARRIED_KEYS = (
+    "method",
+    "epsilon",
+    "trigger_len",
+    "trigger_position",
+    "working_size",
+    "n_protected",
+)
 
 
 def output_dir(cfg: AttackConfig) -> Path:

@@ -2,7 +2,9 @@
 
 Spec (Ebrahimi et al. 2018, "HotFlip"; as used by MEM, arXiv 2407.16307 Alg. 1):
 
-1. Gradient ``g`` of the contrastive loss w.r.t. the trigger token embeddings, ``(B, k, W)``.
+1. Gradient ``g`` of the contrastive loss w.r.t. the trigger token embeddings, ``(B, k, W)``,
+   gathered at each sample's own trigger columns (``pos[b] .. pos[b] + k - 1``; 1..k when the
+   trigger follows the start token).
 2. First-order score of swapping position p to token v: ``−g[b, p] · E[v]`` (E the ``(V, W)``
    token embedding matrix); keep the top ``C`` allowed tokens per sample and position (paper: 16).
 3. Greedy, position by position: evaluate every candidate exactly and keep, **per sample**, the
@@ -23,6 +25,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from mme.protection.attacks.triggers import gather_trigger
 
 EncodeText = Callable[[torch.Tensor], torch.Tensor]  # (n, L) tokens -> (n, D) unit features
 
@@ -52,10 +56,12 @@ def trigger_gradients(
     k: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     encode: EncodeText | None = None,
+    pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """∂loss/∂(embeddings of token positions 1..k), shape (B, k, W).
+    """∂loss/∂(embeddings of each row's trigger tokens), shape (B, k, W).
 
-    ``tokens`` (B, L) already hold the triggers at positions 1..k; ``loss_fn(img, txt)`` is the
+    ``tokens`` (B, L) already hold the triggers at columns ``pos[b] .. pos[b] + k - 1`` (``pos``
+    (B,), default: 1 for every row, right after the start token); ``loss_fn(img, txt)`` is the
     batch contrastive loss; ``encode`` (default ``model.encode_text``) maps tokens to features
     through ``model.token_embedding``. A forward hook swaps the token-embedding output for a
     leaf tensor so only that gradient is computed (no parameter gradients).
@@ -74,7 +80,9 @@ def trigger_gradients(
             (grad,) = torch.autograd.grad(loss_fn(img, txt), captured["emb"])
     finally:
         handle.remove()
-    return grad[:, 1 : 1 + k].float()
+    if pos is None:
+        return grad[:, 1 : 1 + k].float()
+    return gather_trigger(grad, pos, k).float()
 
 
 @torch.no_grad()

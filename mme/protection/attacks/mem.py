@@ -199,7 +199,8 @@ class MEM:
             local = distributed.shard(self.world, torch.arange(len(idx)))
             x = self.augment(self.store.images(idx[local], self.device, noisy=noisy))
             # captions for the whole batch on every rank: ``gen`` stays in step across ranks
-            tokens = self.store.texts(idx, self.store.captions(idx, self.gen), self.with_trigger)
+            caps, cols = self.store.pick_captions(idx, self.gen)
+            tokens = self.store.texts(idx, caps, self.with_trigger, cols)
             with self.autocast():
                 img, txt = towers(x, tokens[local].to(self.device))
                 if self.world.active:
@@ -238,22 +239,26 @@ class MEM:
         k, total, count = self.cfg.trigger_len, 0.0, 0
         owned = torch.zeros(self.store.n, dtype=torch.bool)
         for i, idx in enumerate(tqdm(self.batches(True), desc="  triggers", leave=False)):
-            caps = self.store.captions(idx, self.gen)  # drawn by every rank: keeps gen in step
+            # drawn by every rank: keeps gen in step
+            caps, cols = self.store.pick_captions(idx, self.gen)
             if not self.mine(i):
                 continue
             owned[idx] = True
             with torch.no_grad():
                 img = self.encode_image(self.store.images(idx, self.device))
             trig = self.store.triggers[idx].to(self.device)
-            tokens = self.store.texts(idx, caps, True).to(self.device)
+            tokens = self.store.texts(idx, caps, True, cols).to(self.device)
             grad = hotflip.trigger_gradients(
-                self.model, tokens, img, k, self.clip_loss, self.text_features
+                self.model, tokens, img, k, self.clip_loss, self.text_features, cols
             )
             cands = hotflip.top_candidates(grad, emb, allowed, self.cfg.candidates)
 
-            def build(t: torch.Tensor, caps=caps) -> torch.Tensor:
-                rows = caps.repeat_interleave(t.shape[0] // len(caps), 0).to(t.device)
-                return insert_trigger(rows, t, self.store.eot_id)
+            def build(t: torch.Tensor, caps=caps, cols=cols) -> torch.Tensor:
+                # each row's candidates are evaluated at that row's own trigger columns
+                reps = t.shape[0] // len(caps)
+                rows = caps.repeat_interleave(reps, 0).to(t.device)
+                at = None if cols is None else cols.repeat_interleave(reps, 0)
+                return insert_trigger(rows, t, self.store.eot_id, at)
 
             new, own = hotflip.greedy_flip(self.encode_text, build, trig, cands, img, self.scale())
             self.store.triggers[idx] = new.cpu()
@@ -285,13 +290,13 @@ class MEM:
         distributed.barrier(self.world)
         for i, idx in enumerate(tqdm(self.batches(True), desc="  noise", leave=False)):
             b = len(idx)
-            caps = self.store.captions(idx, self.gen)
+            caps, cols = self.store.pick_captions(idx, self.gen)
             # MEM: a new shuffle of the caption bodies at every step; otherwise captions stay put
             perms = [torch.randperm(b, generator=self.gen) for _ in range(s)]
             perms = perms if shuffle else [torch.arange(b)]
             if not self.mine(i):  # another rank's batch (its draws above keep gen in step)
                 continue
-            texts = torch.cat([self.store.texts(idx, caps[p], self.with_trigger) for p in perms])
+            texts = torch.cat([self.shuffled_texts(idx, caps, cols, p) for p in perms])
             with torch.no_grad():  # the text is fixed during PGD: features once, no grad
                 txt = self.encode_text(texts).view(len(perms), b, -1)
             x = self.store.clean_batch(idx, self.device)
@@ -307,6 +312,19 @@ class MEM:
             self.store.noise[1 - self.store.current].flush()
             total, count = self.sum_over_ranks(total, count)  # also: every rank has written
         return total / max(count, 1)
+
+    def shuffled_texts(
+        self, idx: torch.Tensor, caps: torch.Tensor, cols: torch.Tensor | None, perm: torch.Tensor
+    ) -> torch.Tensor:
+        """Image ``idx[b]``'s trigger in caption ``caps[perm[b]]``. With per-image positions
+        (``cols``), the trigger goes at its own image's word position, clamped to the borrowed
+        caption's length (the column where that caption's tokens end, before its EOT)."""
+        body = caps[perm]
+        if cols is None:
+            return self.store.texts(idx, body, self.with_trigger)
+        end = (body == self.store.eot_id).long().argmax(dim=1)  # EOT column of each body
+        at = torch.minimum(cols, end.clamp(min=1))
+        return self.store.texts(idx, body, self.with_trigger, at)
 
     # -- outer loop ----------------------------------------------------------------------
     def run_round(self, r: int) -> dict[str, float]:

@@ -34,6 +34,11 @@ class PairStore:
     protect: torch.Tensor  # (N,) bool
     eot_id: int
     cached: dict[str, torch.Tensor] = field(default_factory=dict)  # device copies, see cache_on
+    # trigger_position "random": each image's trigger goes before word trigger_word[i] (N,) of
+    # every caption of it, which is token column trigger_col[row] (Ncap,) of caption row ``row``;
+    # None: right after the start token (column 1), the paper's layout
+    trigger_word: torch.Tensor | None = None
+    trigger_col: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -102,17 +107,32 @@ class PairStore:
 
     def captions(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """One random caption per image: tokens (B, L)."""
+        return self.pick_captions(idx, gen)[0]
+
+    def pick_captions(
+        self, idx: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One random caption per image: tokens (B, L) and its trigger columns (B,) (None when
+        every trigger follows the start token)."""
         start, count = self.cap_offsets[idx], self.cap_offsets[idx + 1] - self.cap_offsets[idx]
         pick = start + (torch.rand(len(idx), generator=gen) * count).long()
+        cols = None if self.trigger_col is None else self.trigger_col[pick].long()
         if isinstance(self.cap_tokens, torch.Tensor):
-            return self.cap_tokens[pick].long()
-        return torch.from_numpy(np.asarray(self.cap_tokens[pick.numpy()], dtype=np.int64))
+            return self.cap_tokens[pick].long(), cols
+        return torch.from_numpy(np.asarray(self.cap_tokens[pick.numpy()], dtype=np.int64)), cols
 
-    def texts(self, idx: torch.Tensor, tokens: torch.Tensor, with_trigger: bool) -> torch.Tensor:
-        """Caption tokens with each protected image's trigger inserted: (B, L)."""
+    def texts(
+        self,
+        idx: torch.Tensor,
+        tokens: torch.Tensor,
+        with_trigger: bool,
+        cols: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Caption tokens with each protected image's trigger inserted at column ``cols`` (B,)
+        (default: after the start token): (B, L)."""
         if not with_trigger:
             return tokens
-        triggered = insert_trigger(tokens, self.triggers[idx], self.eot_id)
+        triggered = insert_trigger(tokens, self.triggers[idx], self.eot_id, cols)
         return torch.where(self.protect[idx][:, None], triggered, tokens)
 
 
