@@ -16,7 +16,7 @@ import sys
 from typing import NoReturn
 
 from mme import __version__
-from mme.config import ConfigError
+from mme.config import ConfigError, PoisonConfig
 
 # name -> (module with run(), help, where its add_arguments lives)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -120,6 +120,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def pin_cpu_kernels(args: argparse.Namespace) -> None:
+    """``mme poison``: pin the CPU kernels to ``poison.cpu_isa`` before torch loads (they read
+    it once, at load; mme/cpuisa.py). ``mme protect`` pins the default level."""
+    from mme import cpuisa
+
+    if args.command == "poison":
+        from mme.config import section_from_args
+
+        cpuisa.pin(section_from_args("poison", args).cpu_isa)
+    elif args.command == "protect":
+        cpuisa.pin(PoisonConfig.model_fields["cpu_isa"].default)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -130,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     try:
+        pin_cpu_kernels(args)
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except ConfigError as err:

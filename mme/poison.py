@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mme import __version__, arguments, distributed, fsio, imageops, models, shards
+from mme import __version__, arguments, cpuisa, distributed, fsio, imageops, models, shards
 from mme.api import make_callable
 from mme.attacks.mem import MEM, RoundHook
 from mme.attacks.store import PairStore
@@ -494,6 +494,8 @@ def _poison(
     work = prepare_work(cfg, resume, world)
     torch.manual_seed(cfg.seed)  # surrogate init: same seed, same model on every rank
     device = distributed.device_for(world, models.resolve_device(cfg.device))
+    if device.type == "cpu":
+        cpuisa.check(cfg.cpu_isa)  # the instruction set is part of the bytes, like the threads
     model, tokenizer = models.create_model(cfg.model, cfg.pretrained, device)
     size = models.image_size(model)
     n = clean_manifest.images("train")
@@ -605,6 +607,7 @@ def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
         "eot": ",".join(cfg.eot) if cfg.augment else "none",
         "eot_interpolation": cfg.eot_interpolation,
         "threads": cfg.threads,
+        "cpu_isa": cfg.cpu_isa,
         "data_manifest_sha256": shards.manifest_sha256(cfg.clean),
     }
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mme import shards
+from mme import cpuisa, shards
 
 # Nothing in the tests may reach the network (weights, tokenizers, telemetry).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# in-process poisonings run the default poison.cpu_isa: its pins must precede torch's import
+cpuisa.pin("avx2")
 
 COLOURS = {
     "red": (220, 30, 30),
