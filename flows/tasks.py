@@ -136,15 +136,23 @@ class _TrainerLinesToTaskLog(APILogHandler):
         return record.name == "root"
 
 
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 @contextmanager
 def trainer_lines_in_task_log() -> Iterator[None]:
-    root = logging.getLogger()
+    root, http = logging.getLogger(), logging.getLogger("httpx")
     handler = _TrainerLinesToTaskLog()
     root.addHandler(handler)
+    # open_clip_train raises every logger to INFO, httpx's too, which would then print one
+    # console line per POST of these very lines to the API
+    http.addFilter(_warnings_only)
     try:
         yield
     finally:
         root.removeHandler(handler)
+        http.removeFilter(_warnings_only)
 
 
 @task(name="train", task_run_name="train-{run_dir.name}", **_cached(_train_key))
