@@ -206,6 +206,21 @@ def test_protected_bytes_do_not_depend_on_the_cpu_instruction_set(clean, tmp_pat
     assert native["private/noise.npy"] != pinned[0]["private/noise.npy"]  # the pin did something
 
 
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="poison.cpu_isa avx2 needs an x86-64 CPU with AVX2 (this one has none)",
+)
+def test_the_python_api_pins_before_torch_loads():
+    """``mme.poison`` / ``mme.protect`` looked up before torch is imported pin the default level."""
+    from mme import cpuisa
+
+    env = {k: v for k, v in os.environ.items() if k not in cpuisa.PINS["avx2"]}
+    code = "import mme; mme.protect; import torch; print(torch.backends.cpu.get_cpu_capability())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "AVX2", out.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "flags, needle",
     [
