@@ -7,9 +7,15 @@ Importing this package turns telemetry off before Prefect or MLflow is imported,
 point (``python -m flows.pipeline``, ``python -m flows.reevaluate``, ``python -m flows.serve``,
 a worker importing the flows) stays offline, not only the Make targets. A value the user set
 explicitly is kept.
+
+It also pins the CPU kernels to ``poison.cpu_isa``'s default level (AVX2) before torch loads:
+the poison task runs in this process, and the pin cannot be set once torch is loaded
+(mme/cpuisa.py). A flow run with ``poison.cpu_isa: native`` therefore runs the pinned kernels.
 """
 
 import os
+
+from mme import cpuisa
 
 TELEMETRY_OFF = {
     "DO_NOT_TRACK": "1",  # the cross-tool convention (MLflow, Prefect's client)
@@ -19,6 +25,7 @@ TELEMETRY_OFF = {
 }
 for _key, _value in TELEMETRY_OFF.items():
     os.environ.setdefault(_key, _value)
+cpuisa.pin("avx2")
 
 # The tasks run mme in-process: torch's OpenMP threads wait passively, as under the `mme`
 # command (mme.cli.passive_openmp says why); set before anything imports torch.

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.logging.handlers import APILogHandler
 from pydantic import BaseModel
 
 from flows import torchrun
@@ -138,15 +142,50 @@ def poison_task(cfg: PoisonConfig, clean: Path) -> Path:
     return Path(cfg.out)
 
 
+class _TrainerLinesToTaskLog(APILogHandler):
+    """The trainer's own lines into the current task run's log in the Prefect API (UI), once.
+
+    open_clip_train logs through the root logger and prints those lines itself (its stderr
+    handler), so this handler sends them to the API only, never to a console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Replaces the handler's filter list on purpose: mme.victim adds one to every root
+        # handler present when the trainer starts so that consoles print its lines once; this
+        # handler exists for exactly those lines. The model printout is dropped before any
+        # handler (mme.victim's filter on the root logger itself).
+        return record.name == "root"
+
+
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+@contextmanager
+def trainer_lines_in_task_log() -> Iterator[None]:
+    root, http = logging.getLogger(), logging.getLogger("httpx")
+    handler = _TrainerLinesToTaskLog()
+    root.addHandler(handler)
+    # open_clip_train raises every logger to INFO, httpx's too, which would then print one
+    # console line per POST of these very lines to the API
+    http.addFilter(_warnings_only)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        http.removeFilter(_warnings_only)
+
+
 @task(name="train", task_run_name="train-{run_dir.name}", **_cached(_train_key))
 def train_task(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
     """Train a victim on ``shards``; returns its checkpoint. With ``cfg.nproc`` > 1 through
-    torchrun (:mod:`flows.torchrun`), else in this process."""
+    torchrun (:mod:`flows.torchrun`, its output streamed into the task log), else in this
+    process (the trainer's lines: task log)."""
     if cfg.nproc > 1:
         extra = ["--shards", str(shards), "--run-dir", str(run_dir)]
         torchrun.launch(cfg.nproc, "train", "victim", cfg, extra)
         return Path(run_dir) / "checkpoint.pt"  # where train_victim puts it
-    return train_victim(cfg, Path(shards), Path(run_dir))
+    with trainer_lines_in_task_log():
+        return train_victim(cfg, Path(shards), Path(run_dir))
 
 
 @task(name="evaluate", task_run_name="evaluate-{checkpoint.parent.name}", **_cached(_evaluate_key))

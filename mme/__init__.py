@@ -13,6 +13,7 @@ The Python API (see :mod:`mme.api`), imported lazily so ``import mme`` stays lig
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -38,6 +39,9 @@ __all__ = ["__version__", *_API, *_NAMES]
 
 def __getattr__(name: str) -> Any:
     if name in _API:
+        if name in ("protect", "poison") and "torch" not in sys.modules:
+            # poison.cpu_isa's default pin must precede torch's import (mme/cpuisa.py)
+            importlib.import_module("mme.cpuisa").pin("avx2")
         return importlib.import_module(_API[name])
     if name in _NAMES:
         return getattr(importlib.import_module(_NAMES[name]), name)

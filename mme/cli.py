@@ -18,7 +18,7 @@ from collections.abc import MutableMapping
 from typing import NoReturn
 
 from mme import __version__
-from mme.config import ConfigError
+from mme.config import ConfigError, PoisonConfig
 
 # name -> (module with run(), help, where its add_arguments lives)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -144,6 +144,19 @@ def passive_openmp(environ: MutableMapping[str, str] = os.environ) -> None:
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def pin_cpu_kernels(args: argparse.Namespace) -> None:
+    """``mme poison``: pin the CPU kernels to ``poison.cpu_isa`` before torch loads (they read
+    it once, at load; mme/cpuisa.py). ``mme protect`` pins the default level."""
+    from mme import cpuisa
+
+    if args.command == "poison":
+        from mme.config import section_from_args
+
+        cpuisa.pin(section_from_args("poison", args).cpu_isa)
+    elif args.command == "protect":
+        cpuisa.pin(PoisonConfig.model_fields["cpu_isa"].default)
+
+
 def main(argv: list[str] | None = None) -> int:
     passive_openmp()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -155,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     try:
+        pin_cpu_kernels(args)
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except ConfigError as err:

@@ -203,6 +203,11 @@ class PoisonConfig(Section):
         ge=1,
         description="torch CPU threads of the loop; part of the result (same count: same bytes)",
     )
+    cpu_isa: Literal["avx2", "native"] = Field(
+        "avx2",
+        description="CPU kernels of the loop (ATen, oneDNN, MKL) pinned to this level, set "
+        "before torch loads; part of the result (native: this machine's own)",
+    )
     grid_samples: int = Field(6, ge=1, le=64, description="examples in grid.png")
     shard_size: int = Field(1000, ge=1, description="samples per tar shard")
     write_workers: int = Field(

@@ -13,11 +13,13 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from mme import shards  # noqa: E402
+from mme import cpuisa, shards  # noqa: E402
 
 # Nothing in the tests may reach the network (weights, tokenizers, telemetry).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# in-process poisonings run the default poison.cpu_isa: its pins must precede torch's import
+cpuisa.pin("avx2")
 
 COLOURS = {
     "red": (220, 30, 30),

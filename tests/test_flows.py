@@ -245,3 +245,24 @@ def test_reevaluate_defaults_follow_the_newest_pipeline_output(tmp_path: Path, m
     assert (cfg.protected, cfg.clean) == (dvc_made, Path("data/shards/syn"))
     cfg = plan(protected=prefect_made, clean=Path("elsewhere"))  # parameters win
     assert (cfg.protected, cfg.clean) == (prefect_made, Path("elsewhere"))
+
+
+def test_trainer_lines_reach_the_task_log_once(env: Path, pipeline_result: dict) -> None:
+    """The trainer's lines are in each train task run's log in the Prefect API, once each, and
+    without open_clip_train's model printout."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the logs are sent in the background
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_task_runs() if r.name.startswith("train-")]
+        runs = [r for r in runs if r.state_name != "Cached"]  # cache hits train nothing
+        assert runs
+        for run in runs:
+            log_filter = LogFilter(task_run_id=LogFilterTaskRunId(any_=[run.id]))
+            messages = [log.message for log in client.read_logs(log_filter=log_filter)]
+            trainer = [m for m in messages if m.startswith("Train Epoch: 0")]
+            assert trainer, messages[-20:]
+            assert len(trainer) == len(set(trainer))  # once
+            assert not any("VisionTransformer(" in m or m == "Model:" for m in messages)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +224,59 @@ def test_protected_bytes_do_not_depend_on_the_thread_count(clean, tmp_path):
     assert list(outputs[0]) == list(outputs[1])
     for name, data in outputs[0].items():
         assert data == outputs[1][name], name
+
+
+def poison_subprocess(clean: Path, out: Path, isa: str, **env: str) -> dict[str, bytes]:
+    """``python -m mme poison`` (a tiny run) in a fresh process with ``env`` set outside it;
+    returns every output file but the manifest (it names the output folder)."""
+    from mme import cpuisa
+
+    base = {k: v for k, v in os.environ.items() if k not in cpuisa.PINS["avx2"]}
+    repo = str(Path(__file__).resolve().parents[1])
+    base |= {"MME_TRACKING": "off", "OMP_NUM_THREADS": "1", "PYTHONPATH": repo, **env}
+    flags = "--params none --model mme-tiny-vit --rounds 2 --surrogate-steps 4 --batch-size 8"
+    flags += " --trigger-rounds 1 --candidates 2 --pgd-steps 2 --device cpu --grid-samples 2"
+    flags += f" --write-workers 1 --cpu-isa {isa}"
+    argv = [sys.executable, "-m", "mme", "poison", *flags.split(), "--clean", str(clean)]
+    argv += ["--out", str(out / "mem"), "--private", str(out / "private")]
+    proc = subprocess.run(argv, env=base, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted([*(out / "mem").iterdir(), *(out / "private").iterdir()])
+    return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in files if p.suffix != ".json"}
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="poison.cpu_isa avx2 needs an x86-64 CPU with AVX2 (this one has none)",
+)
+def test_protected_bytes_do_not_depend_on_the_cpu_instruction_set(clean, tmp_path):
+    """Issue 14: machines with other instruction sets (AVX-512 vs AVX2 kernels) gave other bytes.
+    Simulated by forcing ATen's kernels outside mme; ``poison.cpu_isa: avx2`` pins them back."""
+    pinned = [
+        poison_subprocess(clean, tmp_path / f"pin-{c}", "avx2", ATEN_CPU_CAPABILITY=c)
+        for c in ("avx512", "default")  # an AVX-512 machine; the plainest x86-64 kernels
+    ]
+    native = poison_subprocess(clean, tmp_path / "native", "native", ATEN_CPU_CAPABILITY="default")
+    assert list(pinned[0]) == list(pinned[1]) == list(native)
+    for name, data in pinned[0].items():
+        assert data == pinned[1][name], name
+    assert native["private/noise.npy"] != pinned[0]["private/noise.npy"]  # the pin did something
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="poison.cpu_isa avx2 needs an x86-64 CPU with AVX2 (this one has none)",
+)
+def test_the_python_api_pins_before_torch_loads():
+    """``mme.poison`` / ``mme.protect`` looked up before torch is imported pin the default level."""
+    from mme import cpuisa
+
+    env = {k: v for k, v in os.environ.items() if k not in cpuisa.PINS["avx2"]}
+    code = "import mme; mme.protect; import torch; print(torch.backends.cpu.get_cpu_capability())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "AVX2", out.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mme import cli, models, shards
-from mme.config import VictimConfig
+from mme.config import ConfigError, VictimConfig
 from mme.victim import open_clip_adapter as adapter
 from mme.victim import train as victim
 
@@ -285,3 +285,12 @@ def test_trainer_output_once_without_model_printout(monkeypatch, capsys) -> None
     assert shown.count("Train Epoch: 0") == 1
     assert "VisionTransformer" not in shown and "Model:" not in shown
     assert "a library warning" in console.getvalue()  # other loggers still reach it
+
+
+def test_batch_larger_than_the_data_fails_before_training(colour_shards: Path, tmp_path) -> None:
+    """Issue 14 (README's `--param victim='{"epochs": 2}'` on a 64-image params.yaml: batch 128):
+    open_clip_train drops partial batches and repeats the stream, so it decoded images forever."""
+    cfg = VictimConfig(model="mme-tiny-vit", epochs=1, batch_size=64, device="cpu", workers=1)
+    with pytest.raises(ConfigError, match="at most 40"):
+        victim.train_victim(cfg, colour_shards, tmp_path / "run")
+    assert not (tmp_path / "run" / "trainer").exists()

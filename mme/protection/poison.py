@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mme import __version__, arguments, distributed, fsio, imageops, models, shards
+from mme import __version__, arguments, cpuisa, distributed, fsio, imageops, models, shards
 from mme.api import make_callable
 from mme.config import ConfigError, PoisonConfig, section_from_args
 from mme.manifest import Manifest, read_manifest, write_manifest
@@ -595,6 +595,8 @@ def _poison(
     work = prepare_work(cfg, resume, world)
     torch.manual_seed(cfg.seed)  # surrogate init: same seed, same model on every rank
     device = distributed.device_for(world, models.resolve_device(cfg.device))
+    if device.type == "cpu":
+        cpuisa.check(cfg.cpu_isa)  # the instruction set is part of the bytes, like the threads
     model, tokenizer = models.create_model(cfg.model, cfg.pretrained, device)
     size = models.image_size(model)
     n = clean_manifest.images("train")
@@ -706,6 +708,7 @@ def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
         "eot": ",".join(cfg.eot) if cfg.augment else "none",
         "eot_interpolation": cfg.eot_interpolation,
         "threads": cfg.threads,
+        "cpu_isa": cfg.cpu_isa,
         "data_manifest_sha256": shards.manifest_sha256(cfg.clean),
     }
 

@@ -195,6 +195,7 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
             )
         argv = trainer_argv(cfg, run_dir, data, n_pairs, n_shards)
         n_images = shards_count(shards)
+        check_batch_fits(cfg, n_images if cfg.view == "images" else n_pairs, argv, world.size)
         if world.main:
             print(
                 f"mme train: {cfg.model} on {n_images} images / {n_pairs} pairs, {cfg.epochs} "
@@ -249,6 +250,19 @@ def training_data(
     n_pairs_guess = count_captions(shard_dir, "train")
     size = view_shard_size(n_pairs_guess, max(1, resolve_workers(cfg.workers, device)) * ranks)
     return write_pairs(shard_dir, "train", run_dir / "pairs", size)
+
+
+def check_batch_fits(cfg: VictimConfig, per_pass: int, argv: list[str], ranks: int) -> None:
+    """Fail before training when no data reader sees a full batch in one pass over its shards:
+    open_clip_train drops partial batches and repeats the stream until an epoch's batches are
+    drawn, so it would decode images forever without a single step (seen: 64 images, batch 128)."""
+    readers = int(argv[argv.index("--workers") + 1]) * ranks
+    if per_pass // max(1, readers) < cfg.batch_size:
+        raise ConfigError(
+            f"victim.batch_size = {cfg.batch_size}: more than the {per_pass} training samples "
+            f"per pass ({readers} data reader(s)); the trainer would never fill a batch: set "
+            f"victim.batch_size to at most {max(1, per_pass // max(1, readers))}"
+        )
 
 
 def shards_count(shard_dir: Path) -> int:
