@@ -4,28 +4,35 @@ For every image of the clean train split there must be exactly one protected sam
 id, and for each pair:
 
 - ``image``: the protected image is a decodable PNG of the working size ``S × S`` (meta agrees);
-- ``linf``: ``max |protected - clean_at_S|`` ≤ ε in 0–255 units (0 for a sample whose meta says
-  ``protected: false``), where ``clean_at_S = imageops.to_working_resolution(clean, S)``;
+- ``linf``: ``max |protected - clean_at_S|`` ≤ ε in 0–255 units (0 for a sample that
+  ``triggers.json`` marks unprotected), where
+  ``clean_at_S = imageops.to_working_resolution(clean, S)``;
 - ``noise``: with the PRIVATE folder of the run (``--private``: ``noise.npy`` +
   ``triggers.json``), ``clip(clean_at_S + δ)`` is exactly the protected image;
-- ``trigger``: ``trigger_text`` encodes to exactly ``trigger_ids`` with the model's tokenizer, has
-  the configured length, and agrees with ``triggers.json`` (when the private folder is given);
-- ``caption``: the protected captions are the clean captions in order with ``trigger_text``
-  inserted before word ``trigger_word`` of the meta (0, the first word, when absent; the clean
-  captions themselves when there is no trigger), and each tokenizes with ``trigger_ids`` at that
-  word's token position — what a victim's tokenizer will actually see; with the private folder,
-  ``trigger_word`` agrees with ``triggers.json``;
-- ``meta``: the stored sha256 matches the image bytes.
+- ``trigger``: the image's trigger encodes to exactly its ids with the model's tokenizer and has
+  the configured length (none for a method without trigger, or an unprotected image). The public
+  set does not name the trigger (docs/threat-model.md): with the private folder it is
+  ``triggers.json``'s row of the image (text, ids, word ``trigger_word``); without it, the words
+  inserted at the same word of every clean caption (:func:`infer_trigger`);
+- ``caption``: the protected captions are the clean captions in order with that trigger
+  inserted before its word (0, the first word, when ``triggers.json`` has no ``trigger_word``;
+  the clean captions themselves when there is no trigger), and each tokenizes with the trigger
+  ids at that word's token position — what a victim's tokenizer will actually see;
+- ``meta``: the stored sha256 matches the image bytes, and the public meta holds none of
+  :data:`mme.shards.PRIVATE_META` (a set made before those keys became private fails here).
 
 ``--native DIR`` also checks an ``mme export --native`` folder at the originals' own size
 (:func:`mme.protection.native.verify_native`: every clean image present, same width × height,
 L∞ ≤ ε).
 
 Ids in one set only are ``missing`` / ``extra``; a repeated protected id is a ``duplicate``.
-Without the private folder every check but ``noise`` and the ``triggers.json`` agreement runs on
-the clean and the public set alone: what a third party holding the clean originals can check.
-PSNR and SSIM (min/mean/max over the pairs whose meta says ``protected: true``) describe how
-visible the noise is. Both shard sets
+Without the private folder the checks run on the clean and the public set alone (what a third
+party holding the clean originals can check), and the report lists what that leaves out
+(:data:`NEEDS_PRIVATE`): the ``noise`` check, the agreement of each trigger and its word with
+``triggers.json``, and which images are unprotected (``protect_fraction`` < 1: the public meta no
+longer says so), so every image is held to ε, none to 0.
+PSNR and SSIM (min/mean/max over the protected pairs: ``triggers.json``'s flag, or without it
+the pairs that differ) describe how visible the noise is. Both shard sets
 are streamed side by side; only samples whose partner has not been seen yet are buffered, so an
 in-order pair of sets needs O(1) memory and an out-of-order one still verifies.
 """
@@ -113,7 +120,7 @@ class VerifyReport:
     n_clean: int = 0
     n_protected: int = 0
     n_checked: int = 0
-    n_with_noise: int = 0  # pairs whose meta says ``protected: true``
+    n_with_noise: int = 0  # protected pairs (triggers.json; without it: pairs that differ)
     max_linf: int = 0
     noise_checked: bool = False
     private_checked: bool = False  # triggers.json read: triggers and protected flags checked
