@@ -185,7 +185,7 @@ def _write_readme(
         f"epsilon: {eps} (L-inf bound of the image noise, 0-255 pixel units, "
         + ("at each image's own size)" if native else f"at {size}x{size} px)"),
         f"trigger length: {Manifest.model_validate(manifest).trigger_len or 0} word token(s) "
-        "prepended to each caption",
+        "in each caption (at the start, or with trigger_position random at a word of its own)",
         f"tokenizer: {cfg.get('model', '?')}",
     ]
     lines += [f"{s}: {c['images']} images, {c['captions']} captions" for s, c in counts.items()]
