@@ -46,7 +46,8 @@ class Manifest(BaseModel):
     method: str | None = None
     epsilon: float | None = Field(None, gt=0, le=255)
     trigger_len: int | None = Field(None, ge=0, le=16)
-    # where the trigger sits in each caption; absent: at the start (meta trigger_word per sample)
+    # where the trigger sits in each caption; absent: at the start (the word of each image: in
+    # the private triggers.json only)
     trigger_position: Literal["start", "random"] | None = None
     working_size: int | None = Field(None, ge=1)
     n_protected: int | None = Field(None, ge=0)

@@ -5,7 +5,9 @@ One sample per image. Members of a sample with key ``ID``:
 - ``ID.png`` or ``ID.jpg``: the image bytes (RGB).
 - ``ID.txt``: all captions of the image, UTF-8, one per line (captions never contain newlines).
 - ``ID.json``: metadata, at least ``{"id", "source", "sha256", "width", "height"}``; later stages
-  add keys (e.g. ``method``, ``epsilon``, ``trigger_text``).
+  add keys (e.g. ``method``, ``epsilon``). A protected sample's metadata never holds the keys of
+  :data:`PRIVATE_META` (which words are the trigger, which images carry noise): those live only in
+  the private ``triggers.json`` (docs/threat-model.md).
 
 Shards are ``OUT/{split}-%06d.tar``. Tars are byte-deterministic (sorted members, mtime 0, uid 0,
 no user names) so that the same inputs give byte-identical shards, and each tar is written with
@@ -37,6 +39,16 @@ from PIL import Image
 from mme import fsio, limits
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# metadata keys that locate or identify the protection: private (triggers.json) only. Sets made
+# before this rule carried them in the public meta; publishing paths drop or refuse them.
+PRIVATE_META = ("trigger_text", "trigger_ids", "trigger_word", "protected", "clean_sha256")
+
+
+def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` without the keys of :data:`PRIVATE_META`."""
+    return {k: v for k, v in meta.items() if k not in PRIVATE_META}
+
+
 IMAGE_EXTS = ("png", "jpg")
 
 

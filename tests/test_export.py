@@ -11,6 +11,7 @@ import pytest
 from mme.cli import main
 from mme.protection.export import export
 from mme.shards import (
+    PRIVATE_META,
     Sample,
     encode_png,
     iter_samples,
@@ -24,8 +25,9 @@ SIZE = 24
 EPS = 8
 
 
-def make_protected(root: Path, n: int = 7, seed: int = 0) -> list[Sample]:
-    """A small protected set in the ``mme poison`` format (shards, manifest, noise.npy, ...)."""
+def make_protected(root: Path, n: int = 7, seed: int = 0, old_meta: bool = False) -> list[Sample]:
+    """A small protected set in the ``mme poison`` format (shards, manifest, noise.npy, ...);
+    ``old_meta``: as sets made before the trigger became private (it named it in the meta)."""
     rng = np.random.default_rng(seed)
     samples = []
     for i in range(n):
@@ -33,11 +35,15 @@ def make_protected(root: Path, n: int = 7, seed: int = 0) -> list[Sample]:
         word = ["red", "dog", "house", "blue"][i % 4]
         caps = [f"{word} a photo number {i}", f"{word} another caption, é ü {i}"]
         meta = {"id": f"img-{i:03d}", "source": "test", "sha256": sha256_bytes(png)}
-        meta.update(width=SIZE, height=SIZE, method="mem", epsilon=EPS, protected=True)
-        meta.update(trigger_text=word, trigger_ids=[1000 + i % 4], clean_sha256="0" * 64)
+        meta.update(width=SIZE, height=SIZE, method="mem", epsilon=EPS)
+        if old_meta:
+            meta.update(protected=True, trigger_text=word, trigger_ids=[1000 + i % 4])
+            meta.update(trigger_word=0, clean_sha256="0" * 64)
         samples.append(Sample(meta["id"], png, "png", caps, meta))
     shards = write_shards(root, "train", samples, maxcount=3)
     config = {"method": "mem", "epsilon": EPS, "model": "mme-tiny-vit", "trigger_len": 1}
+    if old_meta:
+        config["seed"] = 1234
     splits = {"train": {"images": n, "captions": 2 * n, "shards": shards}}
     manifest = {"created_by": "mme poison", "config": config, "clean": "/somewhere/clean"}
     write_json_atomic(root / "manifest.json", {**manifest, "working_size": SIZE, "splits": splits})
@@ -101,6 +107,25 @@ def test_webdataset_copies_shards(protected, tmp_path):
     assert manifest["config"]["epsilon"] == EPS and "clean" not in manifest
     assert [s.id for s in iter_samples(out, "train")] == [s.id for s in samples]
     assert not (out / "noise.npy").exists()
+
+
+def test_old_set_naming_its_trigger_is_exported_without_it(tmp_path, capsys):
+    """A set made before the trigger left the public meta: the folder export drops those keys
+    (and the seed); the webdataset export, which copies shards byte for byte, refuses it."""
+    prot = tmp_path / "old"
+    make_protected(prot, old_meta=True)
+    assert run_export(prot, tmp_path / "pub") == 0
+    text = (tmp_path / "pub" / "metadata.jsonl").read_text("utf-8")
+    records = [json.loads(line) for line in text.splitlines()]
+    assert all(not set(PRIVATE_META) & set(r) for r in records)
+    assert run_export(prot, tmp_path / "wds", "--format", "webdataset") == 2
+    assert "trigger_text" in capsys.readouterr().err and not (tmp_path / "wds").exists()
+    make_protected(tmp_path / "old2", old_meta=False)  # the seed alone: dropped from the config
+    manifest = json.loads((tmp_path / "old2" / "manifest.json").read_text())
+    manifest["config"]["seed"] = 1234
+    (tmp_path / "old2" / "manifest.json").write_text(json.dumps(manifest))
+    assert run_export(tmp_path / "old2", tmp_path / "wds2", "--format", "webdataset") == 0
+    assert "seed" not in json.loads((tmp_path / "wds2" / "manifest.json").read_text())["config"]
 
 
 @pytest.mark.parametrize("fmt", ["folder", "webdataset"])

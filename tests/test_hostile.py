@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,11 +48,7 @@ PUBLIC_META = {
     "height",
     "method",
     "epsilon",
-    "protected",
-    "trigger_text",
-    "trigger_ids",
-    "clean_sha256",
-}
+}  # never the trigger, its position or the protected flag: those are private (triggers.json)
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +113,88 @@ def test_published_set_gives_back_no_clean_image(clean, protected):
     out = pub.parent / "export"
     export(pub, out)
     assert not {"noise.npy", "triggers.json", "grid.png"} & {p.name for p in out.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def protected_random(clean) -> PoisonConfig:
+    """Triggers at random word positions on half of the images: the layouts with most to hide."""
+    root = clean.parent / "random"
+    cfg = PoisonConfig(
+        clean=clean,
+        out=root / "pub",
+        private=root / "priv",
+        trigger_position="random",
+        protect_fraction=0.5,
+        **FAST,
+    )
+    poison(cfg)
+    return cfg
+
+
+# what names a trigger, its word position or the protected images (or recomputes them: seed)
+PRIVATE_KEYS = {"trigger_text", "trigger_ids", "trigger_word", "protected", "clean_sha256", "seed"}
+
+
+def leaks(text: str, triggers: dict) -> list[str]:
+    """Keys of :data:`PRIVATE_KEYS`, trigger texts and trigger id lists anywhere in a JSON text."""
+    found, todo = [], [json.loads(text)]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, dict):
+            found += sorted(PRIVATE_KEYS & set(x))
+            todo += x.values()
+        elif isinstance(x, list):
+            found += [str(x)] if x and x in triggers["trigger_ids"] else []
+            todo += x
+        elif isinstance(x, str) and x in triggers["trigger_text"]:
+            found.append(x)
+    return found
+
+
+def test_published_files_do_not_name_the_trigger(clean, protected_random, tmp_path):
+    """The metadata named each caption's trigger words, their ids and word position and the
+    protected flag: a data user stripped the trigger exactly, wherever it was. No public file
+    (shard member, manifest.json, an export's metadata.jsonl) may; verify still catches a
+    moved trigger and a tampered triggers.json (from the private folder)."""
+    pub, priv = protected_random.out, protected_random.private
+    triggers = json.loads((priv / "triggers.json").read_text())
+    assert len(triggers["trigger_word"]) == 16 and 0 < sum(triggers["protected"]) < 16
+    with tarfile.open(pub / "train-000000.tar") as tar:
+        for m in tar:
+            if m.name.endswith(".json"):
+                assert not leaks(tar.extractfile(m).read().decode(), triggers), m.name
+    assert not leaks((pub / "manifest.json").read_text(), triggers)
+    for fmt in ("folder", "webdataset"):
+        export(pub, tmp_path / fmt, fmt)
+    for line in (tmp_path / "folder" / "metadata.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        del record["text"], record["captions"]  # the captions themselves, as in <id>.txt
+        assert not leaks(json.dumps(record), triggers)
+    assert not leaks((tmp_path / "webdataset" / "manifest.json").read_text(), triggers)
+
+    samples = list(shards.iter_samples(pub, "train"))
+    row = triggers["protected"].index(True)
+    s = samples[row]
+    moved = [f"{triggers['trigger_text'][row]} {c}" for c in clean_captions(clean)[s.id]]
+    if moved == s.captions:  # its trigger was drawn at word 0: move it to the end
+        moved = [f"{c} {triggers['trigger_text'][row]}" for c in clean_captions(clean)[s.id]]
+    samples[row] = shards.Sample(s.id, s.image_bytes, s.image_ext, moved, s.meta)
+    bad = tmp_path / "moved"
+    bad.mkdir()
+    shards.write_shards(bad, "train", samples)
+    (bad / "manifest.json").write_bytes((pub / "manifest.json").read_bytes())
+    from mme.protection.verify import verify
+
+    assert verify(clean, bad, private=priv).violations["caption"] == [s.id]
+    forged = tmp_path / "forged"
+    shutil.copytree(priv, forged)
+    triggers["trigger_ids"][row] = [i + 1 for i in triggers["trigger_ids"][row]]
+    (forged / "triggers.json").write_text(json.dumps(triggers))
+    assert s.id in verify(clean, pub, private=forged).offending_ids
+
+
+def clean_captions(clean: Path) -> dict[str, list[str]]:
+    return {s.id: s.captions for s in shards.iter_samples(clean, "train")}
 
 
 # ------------------------------------------------------------------------ writing and executing

@@ -65,13 +65,15 @@ def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
     assert np.abs(noise).max() <= 8 and np.abs(noise).max() > 0
     tok = open_clip.get_tokenizer("mme-tiny-vit")
     clean_samples = {s.id: s for s in shards.iter_samples(clean, "train")}
+    triggers = json.loads((private / "triggers.json").read_text())  # private: not in the meta
     for i, s in enumerate(shards.iter_samples(out, "train")):
         c = clean_samples[s.id]
         base = imageops.to_working_resolution(c.image_bytes, 64)
         prot = s.image().transpose(2, 0, 1)
         assert np.array_equal(prot, imageops.apply_noise(base, noise[i]))
-        trig = s.meta["trigger_text"]
-        assert len(s.meta["trigger_ids"]) == 3 and tok.encode(trig) == s.meta["trigger_ids"]
+        assert triggers["ids"][i] == s.id and not set(shards.PRIVATE_META) & set(s.meta)
+        trig, ids = triggers["trigger_text"][i], triggers["trigger_ids"][i]
+        assert len(ids) == 3 and tok.encode(trig) == ids
         assert s.captions == [f"{trig} {cap}" for cap in c.captions]
     assert manifest["n_protected"] == 16 and len(manifest["rounds"]) == 2
     assert manifest["verify"]["ok"] and manifest["verify"]["max_linf"] <= 8
@@ -102,7 +104,7 @@ def test_random_trigger_positions_verify_and_survive_strip_trigger(clean, tmp_pa
     assert manifest["config"]["trigger_position"] == manifest["trigger_position"] == "random"
     argv = ["verify", "--clean", str(clean), "--protected", str(cfg.out)]
     assert cli.main([*argv, "--private", str(cfg.private)]) == 0
-    recorded = json.loads((cfg.private / "triggers.json").read_text())["trigger_word"]
+    recorded = json.loads((cfg.private / "triggers.json").read_text())
     clean_samples = {s.id: s for s in shards.iter_samples(clean, "train")}
     caption_words = {
         w
@@ -112,8 +114,8 @@ def test_random_trigger_positions_verify_and_survive_strip_trigger(clean, tmp_pa
     }
     words, triggers = [], {}
     for i, s in enumerate(shards.iter_samples(cfg.out, "train")):
-        word, trig = s.meta["trigger_word"], s.meta["trigger_text"]
-        assert word == recorded[i]
+        assert recorded["ids"][i] == s.id and not set(shards.PRIVATE_META) & set(s.meta)
+        word, trig = recorded["trigger_word"][i], recorded["trigger_text"][i]
         assert s.captions == [
             protected_caption(trig, c, word) for c in clean_samples[s.id].captions
         ]
@@ -155,7 +157,7 @@ def test_baselines_have_no_trigger_and_respect_budget(clean, tmp_path, method):
     assert 0 < np.abs(noise).max() <= 4
     clean_caps = {s.id: s.captions for s in shards.iter_samples(clean, "train")}
     for s in shards.iter_samples(cfg.out, "train"):
-        assert s.captions == clean_caps[s.id] and s.meta["trigger_text"] == ""
+        assert s.captions == clean_caps[s.id] and not set(shards.PRIVATE_META) & set(s.meta)
 
 
 def test_partial_protection_leaves_the_rest_untouched(clean, tmp_path):
@@ -168,8 +170,10 @@ def test_partial_protection_leaves_the_rest_untouched(clean, tmp_path):
     flags = json.loads((cfg.private / "triggers.json").read_text())["protected"]
     for row, flag in zip(noise, flags, strict=True):
         assert (np.abs(row).max() > 0) == flag
-    for s in shards.iter_samples(cfg.out, "train"):
-        assert s.meta["protected"] == (s.meta["trigger_text"] != "")
+    clean_caps = {s.id: s.captions for s in shards.iter_samples(clean, "train")}
+    for s, flag in zip(shards.iter_samples(cfg.out, "train"), flags, strict=True):
+        assert (s.captions != clean_caps[s.id]) == flag  # only the protected carry a trigger
+        assert not set(shards.PRIVATE_META) & set(s.meta)  # which ones: private
 
 
 class Killed(Exception):

@@ -66,8 +66,11 @@ def test_protect_photos_from_outside_the_repo_without_params(photos, tmp_path):
     assert json.loads((private / "verify.json").read_text())["ok"] is True
     rows = [json.loads(line) for line in (pub / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all((pub / r["file_name"]).exists() and r["text"] for r in rows)
-    # the captions carry the trigger words the metadata names
-    assert all(r["text"].startswith(r["trigger_text"] + " ") for r in rows)
+    # the captions carry the trigger words that only the private triggers.json names
+    triggers = json.loads((private / "noise" / "triggers.json").read_text())
+    text = dict(zip(triggers["ids"], triggers["trigger_text"], strict=True))
+    assert all(r["text"].startswith(text[r["id"]] + " ") for r in rows)
+    assert not any({"trigger_text", "trigger_ids", "protected"} & set(r) for r in rows)
 
 
 def test_dry_run_plans_and_writes_nothing(photos, tmp_path, capsys):

@@ -68,14 +68,15 @@ def protect(samples: list[Sample], eps: int = EPS, seed: int = 1) -> list[dict[s
 
 def write_protected(out: Path, clean: Path, records: list[dict], eps: float = EPS, **cfg) -> Path:
     """Write records in the ``mme poison`` format: shards, manifest, noise.npy, triggers.json
-    (triggers.json as poison writes it for MEM: a ``protected`` flag and a trigger per row)."""
+    (triggers.json as poison writes it for MEM: a ``protected`` flag and a trigger per row).
+    A record's ``leak`` keys are also written to its public meta (sets made before they
+    became private)."""
     samples = []
     for r in records:
         png = encode_png(r["pixels"].transpose(1, 2, 0))
         h, w = r["pixels"].shape[1:]
-        meta = {k: r[k] for k in ("id", "protected", "trigger_text", "trigger_ids", "clean_sha256")}
-        if "trigger_word" in r:  # trigger_position: random
-            meta["trigger_word"] = r["trigger_word"]
+        # public meta: the trigger and the protected flag live in triggers.json only
+        meta = {"id": r["id"], **{k: r[k] for k in r.get("leak", ())}}
         meta.update(source="test", sha256=sha256_bytes(png), width=w, height=h)
         meta.update(method="mem", epsilon=eps)
         samples.append(Sample(r["id"], png, "png", r["captions"], meta))
@@ -238,7 +239,7 @@ def at_words(samples: list[Sample], records: list[dict]) -> list[dict]:
     [
         (None, None),
         ("caption at the start", "caption"),
-        ("meta word", "trigger"),
+        ("triggers.json word", "caption"),
         ("word not an int", "caption"),
     ],
 )
@@ -252,7 +253,7 @@ def test_trigger_at_a_word_position(sets, tmp_path, damage, kind):
     elif damage == "word not an int":
         r["trigger_word"] = "2"
     prot = write_protected(tmp_path / "P", clean, records)
-    if damage == "meta word":  # captions and meta agree on word 2, triggers.json says 1
+    if damage == "triggers.json word":  # captions have word 2, triggers.json says 1
         t = json.loads((prot / "triggers.json").read_text())
         t["trigger_word"][2] = 1
         (prot / "triggers.json").write_text(json.dumps(t))
@@ -386,9 +387,10 @@ def test_poison_triggers_json_layouts(sets, tmp_path):
     t["trigger_ids"][2], t["trigger_text"][2] = [1929], "dog"  # kept, but not used
     (prot / "triggers.json").write_text(json.dumps(t))
     assert verify(clean, prot, private=prot).ok
-    t["protected"][4] = False  # disagrees with the meta of img004
+    t["protected"][4] = False  # but img004 carries noise and a trigger
     (prot / "triggers.json").write_text(json.dumps(t))
-    assert verify(clean, prot, private=prot).violations["meta"] == [records[4]["id"]]
+    report = verify(clean, prot, private=prot)
+    assert report.offending_ids == [records[4]["id"]] == report.violations["linf"]
 
     for x in records:  # an untriggered method (em / random): empty trigger lists
         x.update(trigger_text="", trigger_ids=[])
@@ -431,3 +433,42 @@ def test_parallel_verify_gives_the_same_report(sets, tmp_path, monkeypatch):
     many = verify_module.verify(clean, prot, workers=2).to_dict()
     assert not one["ok"] and one["n_checked"] == len(samples)
     assert one == many
+
+
+def test_public_meta_naming_the_trigger_fails(sets, tmp_path):
+    """The trigger, its word and the protected flag are private: a set whose public meta names
+    them (made before they left it) fails the meta check, with or without the private folder."""
+    clean, samples, records = sets
+    records = at_words(samples, records)
+    records[3]["leak"] = ("trigger_text", "trigger_ids", "trigger_word", "protected")
+    prot = write_protected(tmp_path / "P", clean, records)
+    for private in (prot, None):
+        report = verify(clean, prot, private=private)
+        assert report.violations["meta"] == report.offending_ids == [records[3]["id"]]
+
+
+@pytest.mark.parametrize(
+    ("damage", "kind"),
+    [(None, None), ("one caption lost it", "caption"), ("two words", "trigger")],
+)
+def test_without_private_folder_trigger_is_read_off_the_captions(
+    sets, tmp_path, capsys, damage, kind
+):
+    """No meta names the trigger any more: without --private verify takes the words inserted
+    into the clean captions as the trigger, checks it (same place in every caption, configured
+    length, tokens at that word) and says what it could not check."""
+    clean, samples, records = sets
+    records = at_words(samples, records)
+    r = records[3]
+    if damage == "one caption lost it":
+        r["captions"][1] = samples[3].captions[1]
+    elif damage == "two words":
+        r["captions"] = [protected_caption("red dog", c, 3) for c in samples[3].captions]
+    pub = write_protected(tmp_path / "pub", clean, records)
+    for name in ("noise.npy", "triggers.json"):
+        (pub / name).unlink()
+    report = verify(clean, pub)
+    assert not report.private_checked and report.ok == (damage is None), report.table()
+    if kind is not None:
+        assert report.violations[kind] == report.offending_ids == [r["id"]]
+    assert "not checked (needs --private)" in report.table()

@@ -13,7 +13,10 @@ Formats:
 
 The export is public-only by construction: it reads nothing but the protected shards and their
 manifest (``noise.npy``, ``triggers.json`` and ``grid.png`` live in the run's private folder,
-never here). The input is treated as hostile: every sample id must be a plain key
+never here), and it passes on no metadata key that names the trigger or the protected images
+(:data:`mme.shards.PRIVATE_META`; a set made before they became private is cleaned in
+``folder`` format and refused in ``webdataset`` format, whose shards are copied byte for byte).
+The input is treated as hostile: every sample id must be a plain key
 (``[A-Za-z0-9_-]+``) and every file is resolved under ``DIR``, so a crafted shard cannot write
 elsewhere. ``DIR`` may not equal, contain or sit inside the input. The export is built in a
 hidden folder beside ``DIR`` and renamed into place at the end, so ``DIR`` is either complete or
@@ -38,7 +41,7 @@ from tqdm import tqdm
 
 from mme import __version__, fsio
 from mme.manifest import Manifest
-from mme.shards import iter_samples, load_manifest, shard_paths
+from mme.shards import PRIVATE_META, iter_samples, load_manifest, public_meta, shard_paths
 
 FORMATS = ("folder", "webdataset")
 OWNER = "mme export"
@@ -122,7 +125,8 @@ def _write_folder(
                 # one caption per line with a final newline: what the folder reader splits on
                 fsio.write_text(image.with_suffix(".txt"), "\n".join(s.captions) + "\n")
                 rel = image.relative_to(dest.resolve()).as_posix()
-                record = {**s.meta, "id": s.id, "split": split, "file": rel}
+                # sets made before the trigger left the meta still carry it: never copied on
+                record = {**public_meta(s.meta), "id": s.id, "split": split, "file": rel}
                 record["captions_file"] = rel.rsplit(".", 1)[0] + ".txt"
                 # Hugging Face `datasets` imagefolder reads file_name (and text: the caption)
                 record |= {"file_name": rel, "text": s.captions[0], "captions": list(s.captions)}
@@ -139,8 +143,14 @@ def _write_webdataset(
     metadata member validated: a crafted shard is not passed on); a manifest without local
     paths or side files."""
     for split in splits:
-        for _ in iter_samples(protected, split):
-            pass
+        for s in iter_samples(protected, split):
+            leaked = sorted(k for k in PRIVATE_META if k in s.meta)
+            if leaked:  # shards are copied byte for byte: an old set's meta cannot be cleaned
+                raise ValueError(
+                    f"{protected}: sample {s.id} names {leaked} in its public metadata (a set"
+                    " made before these keys became private): re-run mme poison, or export"
+                    " --format folder, which leaves them out"
+                )
         for tar in tqdm(shard_paths(protected, split), desc=f"export {split}", file=sys.stderr):
             shutil.copyfile(tar, dest / tar.name)
     counts = {s: {k: manifest["splits"][s].get(k) for k in ("images", "captions")} for s in splits}
@@ -148,12 +158,18 @@ def _write_webdataset(
         "created_by": "mme export",
         "mme_version": __version__,
         "exported_from": manifest.get("created_by"),
-        "config": manifest.get("config", {}),
+        "config": public_config(manifest.get("config", {})),
         "working_size": manifest.get("working_size"),
         "splits": {s: manifest["splits"][s] for s in splits},
     }
     fsio.write_json(dest / "manifest.json", published)
     return counts
+
+
+def public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The poison config without ``seed`` (older manifests carry it): with it, the protected
+    subset and the trigger positions can be recomputed."""
+    return {k: v for k, v in config.items() if k != "seed"}
 
 
 def _write_readme(
@@ -169,7 +185,7 @@ def _write_readme(
         f"epsilon: {eps} (L-inf bound of the image noise, 0-255 pixel units, "
         + ("at each image's own size)" if native else f"at {size}x{size} px)"),
         f"trigger length: {Manifest.model_validate(manifest).trigger_len or 0} word token(s) "
-        "prepended to each caption",
+        "in each caption (at the start, or with trigger_position random at a word of its own)",
         f"tokenizer: {cfg.get('model', '?')}",
     ]
     lines += [f"{s}: {c['images']} images, {c['captions']} captions" for s, c in counts.items()]

@@ -5,7 +5,8 @@ Two outputs, kept apart by design (see docs/threat-model.md):
 - PUBLIC ``cfg.out``: protected ``train-*.tar`` shards with the clean ids (image = clip(x + δ) as
   PNG at the working resolution, captions = trigger words + caption, metadata) and
   ``manifest.json``, written last, only after ``mme verify`` passed. Nothing in it gives back a
-  clean pixel.
+  clean pixel, and nothing in its metadata says which words are the trigger, where they sit,
+  or which images carry noise (no ``shards.PRIVATE_META`` key, no seed).
 - PRIVATE ``cfg.private``: ``noise.npy`` (int8 pixel units, row order = ``triggers.json["ids"]``;
   protected - noise = clean), ``triggers.json`` (which images are protected), ``grid.png``
   (clean | noise amplified | protected) and ``work/`` (memory-mapped pixels and noise, per-round
@@ -73,7 +74,8 @@ def at_later_defaults(cfg: PoisonConfig) -> set[str]:
 def result_excluded(has_trigger: bool, cfg: PoisonConfig | None = None) -> set[str]:
     """Config keys the output manifest leaves out (see :func:`output_manifest`)."""
     # work, nproc: where the store lives and how many processes ran do not change the bytes
-    keys = {"private", "write_workers", "work", "nproc"}
+    # seed: with it, the protected subset and the trigger positions can be recomputed
+    keys = {"private", "write_workers", "work", "nproc", "seed"}
     keys |= at_later_defaults(cfg) if cfg is not None else set(LATER_DEFAULTS)
     return keys | (set() if has_trigger else {"trigger_len", *LATER_DEFAULTS})
 
@@ -444,13 +446,7 @@ def write_outputs(
             "height": size,
             "method": cfg.method,
             "epsilon": cfg.epsilon,
-            "protected": prot,
-            "trigger_text": trig,
-            "trigger_ids": store.triggers[i].tolist() if trig else [],
-            "clean_sha256": s.meta.get("sha256", shards.sha256_bytes(s.image_bytes)),
-        }
-        if trig and store.trigger_word is not None:  # the paper's layout keeps its bytes
-            meta["trigger_word"] = word
+        }  # public: nothing that says which words are the trigger or which images carry noise
         caps = [protected_caption(trig, c, word) for c in s.captions]
         writer.write(shards.Sample(s.id, png, "png", caps, meta))
         ids.append(s.id)
@@ -465,6 +461,7 @@ def write_outputs(
         "protected": store.protect.tolist(),
         "trigger_ids": store.triggers.tolist() if cfg.method == "mem" else [],
         "trigger_text": texts if cfg.method == "mem" else [],
+        "seed": cfg.seed,  # left out of the public manifest (see result_excluded)
     }
     if cfg.method == "mem" and store.trigger_word is not None:
         trig_json["trigger_word"] = store.trigger_word.tolist()  # word position in each caption

@@ -4,28 +4,35 @@ For every image of the clean train split there must be exactly one protected sam
 id, and for each pair:
 
 - ``image``: the protected image is a decodable PNG of the working size ``S × S`` (meta agrees);
-- ``linf``: ``max |protected - clean_at_S|`` ≤ ε in 0–255 units (0 for a sample whose meta says
-  ``protected: false``), where ``clean_at_S = imageops.to_working_resolution(clean, S)``;
+- ``linf``: ``max |protected - clean_at_S|`` ≤ ε in 0–255 units (0 for a sample that
+  ``triggers.json`` marks unprotected), where
+  ``clean_at_S = imageops.to_working_resolution(clean, S)``;
 - ``noise``: with the PRIVATE folder of the run (``--private``: ``noise.npy`` +
   ``triggers.json``), ``clip(clean_at_S + δ)`` is exactly the protected image;
-- ``trigger``: ``trigger_text`` encodes to exactly ``trigger_ids`` with the model's tokenizer, has
-  the configured length, and agrees with ``triggers.json`` (when the private folder is given);
-- ``caption``: the protected captions are the clean captions in order with ``trigger_text``
-  inserted before word ``trigger_word`` of the meta (0, the first word, when absent; the clean
-  captions themselves when there is no trigger), and each tokenizes with ``trigger_ids`` at that
-  word's token position — what a victim's tokenizer will actually see; with the private folder,
-  ``trigger_word`` agrees with ``triggers.json``;
-- ``meta``: the stored sha256 matches the image bytes.
+- ``trigger``: the image's trigger encodes to exactly its ids with the model's tokenizer and has
+  the configured length (none for a method without trigger, or an unprotected image). The public
+  set does not name the trigger (docs/threat-model.md): with the private folder it is
+  ``triggers.json``'s row of the image (text, ids, word ``trigger_word``); without it, the words
+  inserted at the same word of every clean caption (:func:`infer_trigger`);
+- ``caption``: the protected captions are the clean captions in order with that trigger
+  inserted before its word (0, the first word, when ``triggers.json`` has no ``trigger_word``;
+  the clean captions themselves when there is no trigger), and each tokenizes with the trigger
+  ids at that word's token position — what a victim's tokenizer will actually see;
+- ``meta``: the stored sha256 matches the image bytes, and the public meta holds none of
+  :data:`mme.shards.PRIVATE_META` (a set made before those keys became private fails here).
 
 ``--native DIR`` also checks an ``mme export --native`` folder at the originals' own size
 (:func:`mme.protection.native.verify_native`: every clean image present, same width × height,
 L∞ ≤ ε).
 
 Ids in one set only are ``missing`` / ``extra``; a repeated protected id is a ``duplicate``.
-Without the private folder every check but ``noise`` and the ``triggers.json`` agreement runs on
-the clean and the public set alone: what a third party holding the clean originals can check.
-PSNR and SSIM (min/mean/max over the pairs whose meta says ``protected: true``) describe how
-visible the noise is. Both shard sets
+Without the private folder the checks run on the clean and the public set alone (what a third
+party holding the clean originals can check), and the report lists what that leaves out
+(:data:`NEEDS_PRIVATE`): the ``noise`` check, the agreement of each trigger and its word with
+``triggers.json``, and which images are unprotected (``protect_fraction`` < 1: the public meta no
+longer says so), so every image is held to ε, none to 0.
+PSNR and SSIM (min/mean/max over the protected pairs: ``triggers.json``'s flag, or without it
+the pairs that differ) describe how visible the noise is. Both shard sets
 are streamed side by side; only samples whose partner has not been seen yet are buffered, so an
 in-order pair of sets needs O(1) memory and an out-of-order one still verifies.
 """
@@ -53,6 +60,7 @@ from mme.config import ConfigError
 from mme.imageops import psnr, ssim, to_working_resolution
 from mme.manifest import Manifest
 from mme.shards import (
+    PRIVATE_META,
     BadShard,
     Sample,
     iter_samples,
@@ -64,6 +72,12 @@ from mme.shards import (
 
 SPLIT = "train"
 KINDS = ("missing", "extra", "duplicate", "image", "linf", "noise", "trigger", "caption", "meta")
+# what only the private folder can tell (the public set names no trigger and no protected flag)
+NEEDS_PRIVATE = (
+    "that each trigger is the one triggers.json records, at its recorded word",
+    "that unprotected images (protect_fraction < 1) equal their clean one: all held to eps",
+    "that clip(clean + noise.npy) is exactly the protected image",
+)
 SHOW_IDS = 20  # offending ids listed per check in the table; the JSON report has all of them
 SHOW_DETAILS = 5  # example messages kept per check
 VERIFY_CHUNK = 32  # pairs per task handed to a worker process
@@ -106,9 +120,10 @@ class VerifyReport:
     n_clean: int = 0
     n_protected: int = 0
     n_checked: int = 0
-    n_with_noise: int = 0  # pairs whose meta says ``protected: true``
+    n_with_noise: int = 0  # protected pairs (triggers.json; without it: pairs that differ)
     max_linf: int = 0
     noise_checked: bool = False
+    private_checked: bool = False  # triggers.json read: triggers and protected flags checked
     psnr: Summary = field(default_factory=Summary)
     ssim: Summary = field(default_factory=Summary)
     violations: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
@@ -157,9 +172,13 @@ class VerifyReport:
             if kind == "noise" and not self.noise_checked:
                 lines.append(f"  {kind:<10}{'-':>10}  (no private folder: --private DIR)")
                 continue
+            if kind == "trigger" and not self.private_checked:
+                lines.append(f"  {'':14}(no private folder: trigger read off the captions)")
             ids = self.violations[kind]
             lines.append(f"  {kind:<10}{len(ids):>10}  {list_ids(ids)}".rstrip())
             lines += [f"{'':14}e.g. {d}" for d in self.details[kind][:2]]
+        if not self.private_checked:
+            lines += [f"  not checked (needs --private): {n}" for n in NEEDS_PRIVATE]
         lines += [f"  error: {e}" for e in self.errors]
         n_bad = len(self.offending_ids)
         lines.append(f"  result: {status}" + (f" ({n_bad} offending ids)" if n_bad else ""))
@@ -239,39 +258,89 @@ def _check_pixels(
     return linf, problems
 
 
-def _check_trigger(p: Sample, ctx: _Context) -> list[tuple[str, str]]:
-    """The trigger of the meta: consistent, right length, and an exact tokenizer round trip."""
-    text, ids = p.meta.get("trigger_text", ""), list(p.meta.get("trigger_ids", []))
+@dataclass
+class _Trigger:
+    """The trigger a protected sample must carry: from triggers.json, else read off its captions."""
+
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    word: Any = 0  # word position; anything else is reported by the caption check
+
+
+def _expected_trigger(c: Sample, p: Sample, ctx: _Context) -> _Trigger:
+    """With the private folder: triggers.json's row of ``p.id``. Without it the public set does
+    not name the trigger (docs/threat-model.md): the words inserted into the clean captions,
+    the same at the same word of every caption, are taken as the trigger."""
+    if ctx.triggers is not None:
+        text, ids = ctx.triggers.get(p.id, ("", []))
+        word = ctx.words.get(p.id, 0) if ctx.words is not None and text else 0
+        return _Trigger(text, list(ids), word)
+    text, word = infer_trigger(c.captions, p.captions)
+    if not text:
+        return _Trigger()
+    from mme.models import token_ids
+
+    return _Trigger(text, token_ids(ctx.tokenizer, [text])[0], word)
+
+
+def infer_trigger(clean: list[str], protected: list[str]) -> tuple[str, int]:
+    """``(text, word)`` such that ``protected_caption(text, c, word)`` gives every protected
+    caption from its clean one; ``("", 0)`` when there is none (the caption check reports it)."""
+    from mme.protection.attacks.triggers import protected_caption, word_starts
+
+    if not clean or len(clean) != len(protected) or list(clean) == list(protected):
+        return "", 0
+    c0, p0 = clean[0], protected[0]
+    starts = word_starts(c0)
+    most = max(len(word_starts(c)) for c in clean)  # past c0's end: appended to c0 only
+    for word in range(most + 1):  # the three layouts of protected_caption
+        if word == 0:
+            head, tail = "", " " + c0
+        elif word < len(starts):
+            head, tail = c0[: starts[word]], " " + c0[starts[word] :]
+        else:
+            head, tail = c0 + " ", ""
+        if not (p0.startswith(head) and p0.endswith(tail)) or len(p0) <= len(head) + len(tail):
+            continue
+        text = p0[len(head) : len(p0) - len(tail)]
+        if text.strip() == text and all(
+            protected_caption(text, c, word) == q for c, q in zip(clean, protected, strict=True)
+        ):
+            return text, word
+    return "", 0
+
+
+def _check_trigger(p: Sample, t: _Trigger, ctx: _Context) -> list[tuple[str, str]]:
+    """The expected trigger: consistent, right length, an exact tokenizer round trip; and no
+    public meta key that names it (:data:`mme.shards.PRIVATE_META`)."""
     problems = []
-    if ctx.triggers is not None and ctx.triggers.get(p.id, ("", [])) != (text, ids):
-        problems.append(("trigger", f"meta trigger {text!r} {ids} != triggers.json"))
+    leaked = sorted(k for k in PRIVATE_META if k in p.meta)
+    if leaked:
+        problems.append(("meta", f"public meta names {leaked}: private only (re-run mme poison)"))
     flag = ctx.protect.get(p.id) if ctx.protect is not None else None
-    if flag is not None and flag != p.meta.get("protected", True):
-        problems.append(("meta", f"meta protected={p.meta.get('protected')}, triggers.json {flag}"))
-    if bool(text) != bool(ids):
-        problems.append(("trigger", f"trigger_text {text!r} but trigger_ids {ids}"))
-    if text and not p.meta.get("protected", True):
+    if bool(t.text) != bool(t.ids):
+        problems.append(("trigger", f"trigger_text {t.text!r} but trigger_ids {t.ids}"))
+    if t.text and flag is False:
         problems.append(("trigger", "unprotected sample carries a trigger"))
-    if text and ctx.trigger_len and len(ids) != ctx.trigger_len:
-        problems.append(("trigger", f"{len(ids)} trigger ids, config says {ctx.trigger_len}"))
-    if text:
+    if t.text and ctx.trigger_len == 0:
+        problems.append(("trigger", f"captions carry {t.text!r} but the set has no trigger"))
+    if t.text and ctx.trigger_len and len(t.ids) != ctx.trigger_len:
+        problems.append(("trigger", f"{len(t.ids)} trigger ids, config says {ctx.trigger_len}"))
+    if t.text:
         from mme.models import token_ids
 
-        got = token_ids(ctx.tokenizer, [text])[0]
-        if got != ids:
-            problems.append(("trigger", f"{text!r} tokenizes to {got}, not {ids}"))
-    if text and ctx.words is not None and ctx.words.get(p.id) != p.meta.get("trigger_word", 0):
-        problems.append(("trigger", f"trigger_word {p.meta.get('trigger_word')} != triggers.json"))
+        got = token_ids(ctx.tokenizer, [t.text])[0]
+        if got != t.ids:
+            problems.append(("trigger", f"{t.text!r} tokenizes to {got}, not {t.ids}"))
     return problems
 
 
-def _check_captions(c: Sample, p: Sample, ctx: _Context) -> list[tuple[str, str]]:
+def _check_captions(c: Sample, p: Sample, t: _Trigger, ctx: _Context) -> list[tuple[str, str]]:
     """Protected captions = clean captions with the trigger inserted before word
-    ``trigger_word``, and each tokenizes with the trigger ids at that word's token column."""
+    ``t.word``, and each tokenizes with the trigger ids at that word's token column."""
     from mme.protection.attacks.triggers import protected_caption, token_offsets
 
-    text, ids = p.meta.get("trigger_text", ""), list(p.meta.get("trigger_ids", []))
-    word = p.meta.get("trigger_word", 0)
+    text, ids, word = t.text, t.ids, t.word
     if type(word) is not int or word < 0:
         return [("caption", f"trigger_word {word!r} is not a word position")]
     expected = [protected_caption(text, cap, word) for cap in c.captions]
@@ -309,15 +378,20 @@ def _examine(c: Sample, p: Sample, ctx: _Context) -> _PairResult:
     prot, problems = _check_image(p, ctx.size)
     if p.meta.get("sha256") != sha256_bytes(p.image_bytes):
         problems.append(("meta", "sha256 does not match the image bytes"))
-    res = _PairResult(p.id, problems, bool(p.meta.get("protected", True)))
+    # which images carry noise is private: without triggers.json every image is held to ε
+    flag = ctx.protect.get(p.id) if ctx.protect is not None else None
+    res = _PairResult(p.id, problems, flag is not False)
     if prot is not None:
         clean = to_working_resolution(c.image_bytes, ctx.size)
         bound = ctx.epsilon if res.with_noise else 0  # an unprotected image must be the clean one
         res.linf, pixel_problems = _check_pixels(p.id, prot, clean, bound, ctx)
         problems += pixel_problems
+        if flag is None:  # no flag to go by: the images that differ from their clean one
+            res.with_noise = res.linf > 0
         if res.with_noise:  # unprotected pairs are identical when valid: inf dB would hide the rest
             res.psnr, res.ssim = psnr(clean, prot), ssim(clean, prot)
-    problems += _check_trigger(p, ctx) + _check_captions(c, p, ctx)
+    trigger = _expected_trigger(c, p, ctx)
+    problems += _check_trigger(p, trigger, ctx) + _check_captions(c, p, trigger, ctx)
     return res
 
 
@@ -522,6 +596,7 @@ def verify(
         epsilon=float(eps),
         working_size=ctx.size,
         noise_checked=ctx.noise is not None,
+        private_checked=ctx.triggers is not None,
         errors=errors,
     )
     expected = manifest.get("splits", {}).get(SPLIT, {}).get("images")

@@ -66,7 +66,7 @@ def attack_sample(spec: transforms.AttackSpec, sample: shards.Sample, seed: int)
         pixels = transforms.decode(data)
     else:
         data, ext, pixels = shards.encode_png(image), "png", image
-    meta = dict(sample.meta)
+    meta = shards.public_meta(sample.meta)  # a data user never sees the private keys
     meta.update(
         {
             "attack": str(spec),
