@@ -96,7 +96,7 @@ BENCH_VICTIM ?= --epochs 6
 BENCH_SETS := random:--method=random em:--method=em errmax:--method=errmax \
 	mem_k3:--trigger-len=3 mem_k5:--trigger-len=5
 benchmark: venv
-	$(BIN)/mme prepare
+	$(BIN)/mme prepare --n-train 2000  # the results table's 2,000 images (make run: 1,000)
 	OMP_NUM_THREADS=1 $(BIN)/mme train $(BENCH_VICTIM) --shards data/shards/synthetic \
 	  --run-dir $(BENCH_OUT)/clean
 	$(BIN)/mme evaluate --checkpoint $(BENCH_OUT)/clean/checkpoint.pt --shards data/shards/synthetic

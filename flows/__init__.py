@@ -27,6 +27,5 @@ for _key, _value in TELEMETRY_OFF.items():
     os.environ.setdefault(_key, _value)
 cpuisa.pin("avx2")
 
-# The tasks run mme in-process: torch's OpenMP threads wait passively, as under the `mme`
-# command (mme.cli.passive_openmp says why); set before anything imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The tasks run mme in-process: OpenMP waits as under the `mme` command (mme/cpuisa.py).
+cpuisa.short_openmp_spin()

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-from collections.abc import MutableMapping
 from typing import NoReturn
 
 from mme import __version__
@@ -130,20 +128,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def passive_openmp(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Make torch's OpenMP threads sleep, not spin, while they wait (unless the user chose).
-
-    Why: torch's CPU wheels use libgomp, whose idle threads spin at every barrier. On a small
-    machine where anything else also runs -- the victim trainer's data-loader worker, a second
-    job, a test suite -- a spinning thread holds the core that the thread it waits for needs,
-    and a 2-thread loop slows down several-fold (docs/orchestration.md, "CPU threads": a
-    surrogate step 10.4 s -> 2.7 s under load). The wait policy changes no result: the same
-    threads do the same share of every kernel. libgomp reads it once, when torch loads, so
-    this runs before anything imports torch.
-    """
-    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def pin_cpu_kernels(args: argparse.Namespace) -> None:
     """``mme poison``: pin the CPU kernels to ``poison.cpu_isa`` before torch loads (they read
     it once, at load; mme/cpuisa.py). ``mme protect`` pins the default level."""
@@ -158,7 +142,9 @@ def pin_cpu_kernels(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    passive_openmp()
+    from mme import cpuisa
+
+    cpuisa.short_openmp_spin()  # before torch loads (mme/cpuisa.py says why)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import MutableMapping
 
 from mme.config import ConfigError
 
@@ -61,3 +62,22 @@ def check(isa: str) -> None:
             f"imported (here: ATen runs {capability}, {wrong}): `mme poison` sets it; from Python "
             f"call mme.cpuisa.pin({isa!r}) before `import torch`, or set poison.cpu_isa: native"
         )
+
+
+# libgomp (the OpenMP of torch's CPU wheels) lets a thread that waits at a barrier spin for
+# GOMP_SPINCOUNT iterations before it sleeps: 300,000 by default, 0 with OMP_WAIT_POLICY=PASSIVE.
+# On a small machine where anything else runs (the victim trainer's data-loader worker, a second
+# job, a test suite) a spinning thread holds the core that the thread it waits for needs.
+# Measured on 2 cores (docs/orchestration.md, "OpenMP waits"): under load a surrogate step took
+# 10.4 s with the default and 2.7 s with PASSIVE; idle, PASSIVE cost 10 % on the poison loop and
+# 33 % on the victim, while 10,000 spins matched the default. Results do not change: the same
+# threads do the same share of every kernel.
+SPINCOUNT = "10000"
+
+
+def short_openmp_spin(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Let OpenMP threads spin briefly, then sleep, unless the user chose a wait policy.
+
+    libgomp reads it once, when torch loads: call before ``import torch``."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = SPINCOUNT

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-# Before torch loads: tests and their subprocesses share 2 cores in CI; spinning OpenMP
-# threads would hold them (mme.cli.passive_openmp says why; results do not change).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import pytest
 
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from mme import cpuisa, shards  # noqa: E402
+from mme import cpuisa, shards
 
 # Nothing in the tests may reach the network (weights, tokenizers, telemetry).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # in-process poisonings run the default poison.cpu_isa: its pins must precede torch's import
 cpuisa.pin("avx2")
+# tests and their subprocesses share 2 cores in CI: OpenMP threads spin briefly, then sleep
+cpuisa.short_openmp_spin()
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -151,14 +151,23 @@ def test_tracking_switches_off_in_one_line_without_mlflow(monkeypatch, capsys):
     assert err == [e for e in err if "MLflow is not installed" in e] and len(err) == 1
 
 
-@pytest.mark.parametrize(("before", "after"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_threads_wait_passively_unless_the_user_chose(before, after):
-    environ = {} if before is None else {"OMP_WAIT_POLICY": before}
-    cli.passive_openmp(environ)
-    assert environ["OMP_WAIT_POLICY"] == after
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({}, {"GOMP_SPINCOUNT": "10000"}),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+        ({"GOMP_SPINCOUNT": "0"}, {"GOMP_SPINCOUNT": "0"}),
+    ],
+)
+def test_openmp_spins_briefly_unless_the_user_chose(before, after):
+    from mme import cpuisa
+
+    environ = dict(before)
+    cpuisa.short_openmp_spin(environ)
+    assert environ == after
 
 
-def test_openmp_wait_policy_is_set_before_torch_loads():
+def test_openmp_spin_count_is_set_before_torch_loads():
     code = (
         "import os, sys\n"
         "from mme import cli\n"
@@ -166,11 +175,12 @@ def test_openmp_wait_policy_is_set_before_torch_loads():
         "    cli.main(['poison', '--help'])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print('POLICY', os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\n"
+        "print('SPIN', os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    drop = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     ).stdout
-    assert "POLICY PASSIVE False" in out
+    assert "SPIN 10000 False" in out
