@@ -1,6 +1,6 @@
 """mme — multimodal unlearnable examples (Multi-step Error Minimization, arXiv 2407.16307).
 
-The Python API (see :mod:`mme.api`), imported lazily so ``import mme`` stays light::
+The Python API (see :mod:`mme.app.api`), imported lazily so ``import mme`` stays light::
 
     import mme
 
@@ -18,8 +18,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = {  # callable stage modules (mme.api)
-    "protect": "mme.protection.protect",
+_API = {  # callable stage modules (mme.app.api)
+    "protect": "mme.app.protect",
     "prepare": "mme.ingest.prepare",
     "poison": "mme.protection.poison",
     "evaluate": "mme.victim.evaluate",
@@ -28,11 +28,11 @@ _NAMES = {
     "DataConfig": "mme.config",
     "PoisonConfig": "mme.config",
     "EvaluateConfig": "mme.config",
-    "ProtectConfig": "mme.protection.protect",
-    "ProtectResult": "mme.protection.protect",
+    "ProtectConfig": "mme.app.protect",
+    "ProtectResult": "mme.app.protect",
     "Manifest": "mme.manifest",
     "read_manifest": "mme.manifest",
-    "RetrievalMetrics": "mme.api",
+    "RetrievalMetrics": "mme.app.api",
 }
 __all__ = ["__version__", *_API, *_NAMES]
 

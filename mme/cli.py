@@ -21,9 +21,9 @@ from mme.config import ConfigError, PoisonConfig
 # name -> (module with run(), help, where its add_arguments lives)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "protect": (
-        "mme.protection.protect",
+        "mme.app.protect",
         "protect a folder / CSV / shards / HF dataset in one go: prepare, poison, verify, export",
-        "mme.protection.protect",
+        "mme.app.protect",
     ),
     "prepare": (
         "mme.ingest.prepare",
@@ -46,9 +46,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "mme.protection.export",
     ),
     "attack": (
-        "mme.victim.attack",
+        "mme.countermeasures.apply",
         "write a transformed copy of a protected set (JPEG, resize, ...)",
-        "mme.victim.attack",
+        "mme.countermeasures.apply",
     ),
     "train": (
         "mme.victim.train",
@@ -62,7 +62,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "report": ("mme.track.report", "comparison table of tracked runs (MLflow)", "mme.track.report"),
     "bench": (
-        "mme.bench",
+        "mme.app.bench",
         "time each phase (poisoning, I/O, victim) on the current device",
         "mme.arguments:bench",
     ),

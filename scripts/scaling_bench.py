@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/scaling_bench.py --sizes 2000 20000 --root /tmp/scaling
 
-For each size: synthetic 64 px JPEG shards (``mme.bench.synthetic_shards``), then, in a fresh
+For each size: synthetic 64 px JPEG shards (``mme.app.bench.synthetic_shards``), then, in a fresh
 process, ``poison.load_pairs`` and one MEM round (tiny settings: 2 surrogate steps, 1 PGD step
 over every image, no HotFlip). Reported: wall time of each part; the peak anonymous (heap) RSS,
 sampled every 50 ms; the file-backed RSS at the end (the memory-mapped store's pages, which the
@@ -55,8 +55,8 @@ def measure(clean: Path, work: Path) -> dict:
     from mme import models
     from mme.config import PoisonConfig
     from mme.protection import poison
-    from mme.protection.attacks.mem import MEM
-    from mme.protection.attacks.triggers import candidate_mask
+    from mme.protection.methods.mem import MEM
+    from mme.protection.methods.triggers import candidate_mask
 
     sampler = PeakAnon()
     cfg = PoisonConfig(
@@ -98,7 +98,7 @@ def main() -> None:
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.root)))
         return
-    from mme.bench import synthetic_shards
+    from mme.app.bench import synthetic_shards
 
     rows = []
     for n in args.sizes:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mme import cli
-from mme.bench import PHASES, BenchConfig, run_bench
+from mme.app.bench import PHASES, BenchConfig, run_bench
 
 TINY = ["--model", "mme-tiny-vit", "--batch-size", "4", "--batches", "2", "--steps", "1"]
 TINY += ["--pgd-steps", "1", "--candidates", "2", "--device", "cpu"]

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from mme.config import ConfigError, DataConfig, PoisonConfig, load_section
-from mme.protection.attacks.augment import EOT_KINDS, eot, random_resize, random_resized_crop
-from mme.protection.attacks.diffjpeg import LUMA_TABLE, dct_matrix, diff_jpeg, quant_tables
+from mme.protection.methods.augment import EOT_KINDS, eot, random_resize, random_resized_crop
+from mme.protection.methods.diffjpeg import LUMA_TABLE, dct_matrix, diff_jpeg, quant_tables
 
 
 def smooth_noisy(size: int = 48, seed: int = 0) -> np.ndarray:

@@ -88,8 +88,8 @@ def test_random_trigger_positions_verify_and_survive_strip_trigger(clean, tmp_pa
     """Issue 11: `strip-trigger` removed every MEM trigger (always the first words). At a
     random word position per image (natural words from the captions) most triggers stay."""
     from mme.config import AttackConfig
-    from mme.protection.attacks.triggers import protected_caption
-    from mme.victim.attack import attack
+    from mme.countermeasures.apply import attack
+    from mme.protection.methods.triggers import protected_caption
 
     cfg = PoisonConfig(
         clean=clean,
@@ -338,7 +338,7 @@ def test_poison_is_tracked_in_mlflow(clean, tmp_path, monkeypatch):
 @pytest.mark.parametrize("n", [1, 64, 150])
 def test_parallel_png_encoding_is_byte_identical(tmp_path, n):
     """write_outputs' process pool gives the same bytes, in the same order, as one process."""
-    from mme.protection.attacks.store import PairStore
+    from mme.protection.methods.store import PairStore
     from mme.protection.poison import protected_pngs
 
     clean, noise = PairStore.open_arrays(tmp_path, n, 16, np.dtype(np.int8))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mme import cli
-from mme.protection.protect import ProtectConfig, protect
+from mme.app.protect import ProtectConfig, protect
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-dev"

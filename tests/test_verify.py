@@ -13,7 +13,7 @@ import pytest
 from mme.cli import main
 from mme.imageops import apply_noise, to_working_resolution
 from mme.models import load_tokenizer, token_ids
-from mme.protection.attacks.triggers import protected_caption
+from mme.protection.methods.triggers import protected_caption
 from mme.protection.verify import verify
 from mme.shards import Sample, encode_png, sha256_bytes, write_json_atomic, write_shards
 

@@ -36,12 +36,12 @@ import torch
 from tqdm import tqdm
 
 from mme import __version__, arguments, cpuisa, distributed, fsio, imageops, models, shards
-from mme.api import make_callable
+from mme.app.api import make_callable
 from mme.config import ConfigError, PoisonConfig, section_from_args
 from mme.manifest import Manifest, read_manifest, write_manifest
-from mme.protection.attacks.mem import MEM, RoundHook
-from mme.protection.attacks.store import PairStore
-from mme.protection.attacks.triggers import (
+from mme.protection.methods.mem import MEM, RoundHook
+from mme.protection.methods.store import PairStore
+from mme.protection.methods.triggers import (
     candidate_mask,
     protected_caption,
     token_offsets,
@@ -785,4 +785,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-make_callable(__name__)  # `mme.poison(...)` is the API function of mme/api.py
+make_callable(__name__)  # `mme.poison(...)` is the API function of mme/app/api.py

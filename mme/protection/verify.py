@@ -286,7 +286,7 @@ def _expected_trigger(c: Sample, p: Sample, ctx: _Context) -> _Trigger:
 def infer_trigger(clean: list[str], protected: list[str]) -> tuple[str, int]:
     """``(text, word)`` such that ``protected_caption(text, c, word)`` gives every protected
     caption from its clean one; ``("", 0)`` when there is none (the caption check reports it)."""
-    from mme.protection.attacks.triggers import protected_caption, word_starts
+    from mme.protection.methods.triggers import protected_caption, word_starts
 
     if not clean or len(clean) != len(protected) or list(clean) == list(protected):
         return "", 0
@@ -338,7 +338,7 @@ def _check_trigger(p: Sample, t: _Trigger, ctx: _Context) -> list[tuple[str, str
 def _check_captions(c: Sample, p: Sample, t: _Trigger, ctx: _Context) -> list[tuple[str, str]]:
     """Protected captions = clean captions with the trigger inserted before word
     ``t.word``, and each tokenizes with the trigger ids at that word's token column."""
-    from mme.protection.attacks.triggers import protected_caption, token_offsets
+    from mme.protection.methods.triggers import protected_caption, token_offsets
 
     text, ids, word = t.text, t.ids, t.word
     if type(word) is not int or word < 0:

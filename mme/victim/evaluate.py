@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mme import arguments, models, paths, shards
-from mme.api import make_callable
+from mme.app.api import make_callable
 from mme.config import ConfigError, EvaluateConfig, default_shards, section_from_args
 from mme.track import plots, tracking
 from mme.victim import retrieval
@@ -216,4 +216,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-make_callable(__name__)  # `mme.evaluate(...)` is the API function of mme/api.py
+make_callable(__name__)  # `mme.evaluate(...)` is the API function of mme/app/api.py

@@ -1,5 +1,5 @@
-"""``mme attack``: the pure transforms (:mod:`mme.victim.transforms`) on small arrays and captions,
-the spec grammar and its config section, and the command on shards built in the test."""
+"""``mme attack``: the pure transforms (:mod:`mme.countermeasures.transforms`) on small arrays and
+captions, the spec grammar and its config section, and the command on shards built in the test."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from PIL import Image
 
 from mme import cli, shards
 from mme.config import AttackConfig, ConfigError, load_section
+from mme.countermeasures import transforms
+from mme.countermeasures.apply import attack, output_dir
 from mme.track import report
-from mme.victim import transforms
-from mme.victim.attack import attack, output_dir
 
 IMAGE_SPECS = ["jpeg:90", "resize:96", "img2dataset", "blur:1.5", "grayscale", "iss"]
 TEXT_SPECS = ["strip-trigger:3", "shuffle-words"]

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mme.protection.attacks.diffjpeg import diff_jpeg
+from mme.protection.methods.diffjpeg import diff_jpeg
 
 EOT_KINDS = ("resize", "jpeg", "crop")
 

@@ -2,8 +2,8 @@
 
 Reads every split of ``attack.protected`` (the shard readers of :mod:`mme.shards` validate its
 keys and members) and writes ``attack.out`` (default ``data/attacked/<name>``, ``<name>`` =
-:func:`mme.victim.transforms.slug` of the spec): the same ids in the same order, each image
-and/or caption transformed by ``attack.transform`` (:mod:`mme.victim.transforms`), and a
+:func:`mme.countermeasures.transforms.slug` of the spec): the same ids in the same order, each image
+and/or caption transformed by ``attack.transform`` (:mod:`mme.countermeasures.transforms`), and a
 ``manifest.json`` written last that keeps the protected set's ``method``, ``epsilon`` and
 ``trigger_len`` and adds ``attack``, so ``mme train`` / ``mme evaluate`` log the attack as an
 MLflow param and ``mme report`` shows it.
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mme import __version__, fsio, paths, shards
 from mme.config import AttackConfig, ConfigError, add_section_arguments, section_from_args
-from mme.victim import transforms
+from mme.countermeasures import transforms
 
 CARRIED_KEYS = (
     "method",

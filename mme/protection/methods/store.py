@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mme.protection.attacks.triggers import insert_trigger
+from mme.protection.methods.triggers import insert_trigger
 
 
 @dataclass

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mme.protection.attacks.triggers import gather_trigger
+from mme.protection.methods.triggers import gather_trigger
 
 EncodeText = Callable[[torch.Tensor], torch.Tensor]  # (n, L) tokens -> (n, D) unit features
 

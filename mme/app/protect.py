@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mme.api import make_callable
+from mme.app.api import make_callable
 from mme.config import (
     PHOTO_PROFILE,
     ConfigError,
@@ -411,13 +411,13 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as err:
         raise ConfigError(format_validation_error("poison", err)) from None
     if args.dry_run:
-        from mme.protection.plan import plan
+        from mme.app.plan import plan
 
         print(plan(cfg).text())
         return 0
     check_paths(cfg, args.resume)  # user errors before the timed pass below
     if not args.resume:
-        from mme.protection.plan import plan
+        from mme.app.plan import plan
 
         p = plan(cfg)  # a few seconds: one timed pass of the surrogate
         print(
@@ -430,4 +430,4 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.verified else 1
 
 
-make_callable(__name__)  # `mme.protect(...)` is the API function of mme/api.py
+make_callable(__name__)  # `mme.protect(...)` is the API function of mme/app/api.py

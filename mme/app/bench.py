@@ -124,8 +124,8 @@ def poison_phases(cfg: BenchConfig, model: Any, tok: Any, root: Path, device: to
     from mme import models
     from mme.config import PoisonConfig
     from mme.protection import poison
-    from mme.protection.attacks.mem import MEM
-    from mme.protection.attacks.triggers import candidate_mask
+    from mme.protection.methods.mem import MEM
+    from mme.protection.methods.triggers import candidate_mask
 
     size = models.image_size(model)
     n = cfg.batch_size * cfg.batches

@@ -36,11 +36,11 @@ from tqdm import tqdm
 from mme import distributed
 from mme.config import PoisonConfig
 from mme.models import normalizer
-from mme.protection.attacks import hotflip, text
-from mme.protection.attacks.augment import eot
-from mme.protection.attacks.pgd import pgd
-from mme.protection.attacks.store import PairStore
-from mme.protection.attacks.triggers import insert_trigger
+from mme.protection.methods import hotflip, text
+from mme.protection.methods.augment import eot
+from mme.protection.methods.pgd import pgd
+from mme.protection.methods.store import PairStore
+from mme.protection.methods.triggers import insert_trigger
 
 RoundHook = Callable[[int, dict[str, float]], None]
 NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")

@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from mme.app.protect import ProtectConfig, data_config, input_kind, poison_config
 from mme.config import PoisonConfig
-from mme.protection.protect import ProtectConfig, data_config, input_kind, poison_config
 
 PNG_BYTES_PER_PIXEL = 3.0  # noisy photos barely compress: assume raw RGB size per PNG
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mme.protection.attacks import hotflip
-from mme.protection.attacks.augment import random_resized_crop
-from mme.protection.attacks.pgd import pgd, pgd_step
-from mme.protection.attacks.triggers import (
+from mme.protection.methods import hotflip
+from mme.protection.methods.augment import random_resized_crop
+from mme.protection.methods.pgd import pgd, pgd_step
+from mme.protection.methods.triggers import (
     candidate_mask,
     gather_trigger,
     insert_trigger,
@@ -302,7 +302,7 @@ def test_greedy_flip_compares_against_the_current_negatives(seed):
 )
 def test_split_batches_never_leaves_a_single_pair(n, batch, sizes):
     """Regression: ClipLoss of a batch of one is 0, so that image's noise never moved."""
-    from mme.protection.attacks.mem import split_batches
+    from mme.protection.methods.mem import split_batches
 
     got = split_batches(torch.arange(n), batch)
     assert [len(b) for b in got] == sizes
@@ -313,7 +313,7 @@ def test_surrogate_adamw_does_not_decay_gains_biases_or_temperature():
     """Regression: AdamW decayed every parameter; CLIP decays weight matrices only (wd 0.2)."""
     from mme import models
     from mme.config import PoisonConfig
-    from mme.protection.attacks.mem import decay_groups
+    from mme.protection.methods.mem import decay_groups
 
     model, _ = models.create_model("mme-tiny-vit", None, torch.device("cpu"))
     groups = decay_groups(model, PoisonConfig().surrogate_wd)
@@ -332,7 +332,7 @@ def test_surrogate_adamw_does_not_decay_gains_biases_or_temperature():
 def test_trimmed_text_encoding_gives_the_same_features_losses_and_trigger_grads(model_name):
     """Captions cut to the longest in the batch: same features, ClipLoss, HotFlip gradients."""
     from mme import models
-    from mme.protection.attacks import text
+    from mme.protection.methods import text
 
     torch.manual_seed(0)
     model, tok = models.create_model(model_name, None, torch.device("cpu"))
@@ -361,7 +361,7 @@ def test_trimmed_text_encoding_gives_the_same_features_losses_and_trigger_grads(
 
 def test_trimming_falls_back_to_the_full_context_without_a_causal_mask():
     from mme import models
-    from mme.protection.attacks import text
+    from mme.protection.methods import text
 
     model, tok = models.create_model("mme-tiny-vit", None, torch.device("cpu"))
     model.attn_mask = None  # padding would then be visible: no trimming
@@ -373,7 +373,7 @@ def test_trimming_falls_back_to_the_full_context_without_a_causal_mask():
 def _tiny_store(tmp_path, n=6, size=8):
     import numpy as np
 
-    from mme.protection.attacks.store import PairStore
+    from mme.protection.methods.store import PairStore
 
     clean, noise = PairStore.open_arrays(tmp_path, n, size, np.dtype(np.int8))
     rng = np.random.default_rng(0)
@@ -413,7 +413,7 @@ def test_compile_flag_wraps_the_image_tower(monkeypatch):
     """The ``compile`` path, checked without compiling (too slow for CPU tests)."""
     from mme import models
     from mme.config import PoisonConfig
-    from mme.protection.attacks.mem import MEM
+    from mme.protection.methods.mem import MEM
 
     seen = []
 

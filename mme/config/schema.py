@@ -179,7 +179,7 @@ class PoisonConfig(Section):
     )
     shuffle_captions: bool = Field(True, description="shuffle caption bodies during PGD (MEM)")
     augment: bool = Field(True, description="EOT: optimise through the `eot` transformations")
-    # EOT choices (mme/protection/attacks/augment.py); the defaults are the behaviour before they
+    # EOT choices (mme/protection/methods/augment.py); the defaults are the behaviour before they
     # existed, which combination protects best is not measured yet
     eot: list[Literal["resize", "jpeg", "crop"]] = Field(
         default_factory=lambda: ["crop"],
@@ -241,8 +241,8 @@ class PoisonConfig(Section):
 
 class AttackConfig(Section):
     """``attack:`` section — ``mme attack``: a transformed copy of a protected set, what a data
-    user might do to it before training (specs: :mod:`mme.victim.transforms`). The DVC pipeline runs
-    one per entry of params.yaml's ``attacks`` (name -> spec)."""
+    user might do to it before training (specs: :mod:`mme.countermeasures.transforms`). The DVC
+    pipeline runs one per entry of params.yaml's ``attacks`` (name -> spec)."""
 
     transform: str = Field(
         "jpeg:90",
@@ -257,7 +257,7 @@ class AttackConfig(Section):
     @field_validator("transform")
     @classmethod
     def _known_transform(cls, value: str) -> str:
-        from mme.victim.transforms import parse_spec
+        from mme.countermeasures.transforms import parse_spec
 
         return str(parse_spec(value))
 
@@ -559,7 +559,7 @@ def section_from_args(section: str, args: Any):
     return load_section(section, args.params, overrides)
 
 
-# `mme bench` (mme/bench.py): its flags, kept here so `mme bench --help` needs no torch
+# `mme bench` (mme/app/bench.py): its flags, kept here so `mme bench --help` needs no torch
 PHASES = ("ceiling", "surrogate", "pgd", "hotflip", "load", "write_verify", "victim")
 
 

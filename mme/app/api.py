@@ -104,11 +104,11 @@ def protect(
 ) -> Any:
     """Protect a folder / CSV / shard folder into a publishable folder (``mme protect``).
 
-    ``config`` is a :class:`mme.protection.protect.ProtectConfig` (``fields`` replace its values,
-    e.g. ``poison={"rounds": 2}``); returns a :class:`mme.protection.protect.ProtectResult`.
+    ``config`` is a :class:`mme.app.protect.ProtectConfig` (``fields`` replace its values,
+    e.g. ``poison={"rounds": 2}``); returns a :class:`mme.app.protect.ProtectResult`.
     """
-    from mme.protection.protect import ProtectConfig
-    from mme.protection.protect import protect as run
+    from mme.app.protect import ProtectConfig
+    from mme.app.protect import protect as run
 
     cfg = _config(ProtectConfig, config, {**fields, "input": input, "output": output})
     return run(cfg, resume=resume)

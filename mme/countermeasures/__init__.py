@@ -1,0 +1,1 @@
+"""Countermeasures: what a data user may do to a published set before training (``mme attack``)."""
