@@ -8,14 +8,15 @@ point (``python -m flows.pipeline``, ``python -m flows.reevaluate``, ``python -m
 a worker importing the flows) stays offline, not only the Make targets. A value the user set
 explicitly is kept.
 
-It also pins the CPU kernels to ``poison.cpu_isa``'s default level (AVX2) before torch loads:
-the poison task runs in this process, and the pin cannot be set once torch is loaded
-(mme/cpuisa.py). A flow run with ``poison.cpu_isa: native`` therefore runs the pinned kernels.
+It also prepares the process environment before torch loads (mme/env.py): OpenMP waits as under
+the `mme` command, and the CPU kernels pinned to ``poison.cpu_isa``'s default level (AVX2): the
+poison task runs in this process, and the pin cannot be set once torch is loaded. A flow run
+with ``poison.cpu_isa: native`` therefore runs the pinned kernels.
 """
 
 import os
 
-from mme import cpuisa
+from mme.env import prepare_process_env
 
 TELEMETRY_OFF = {
     "DO_NOT_TRACK": "1",  # the cross-tool convention (MLflow, Prefect's client)
@@ -25,7 +26,4 @@ TELEMETRY_OFF = {
 }
 for _key, _value in TELEMETRY_OFF.items():
     os.environ.setdefault(_key, _value)
-cpuisa.pin("avx2")
-
-# The tasks run mme in-process: OpenMP waits as under the `mme` command (mme/cpuisa.py).
-cpuisa.short_openmp_spin()
+prepare_process_env("avx2")  # the tasks run mme in-process

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mme.config import add_section_arguments
+from mme.config import add_model_arguments, add_section_arguments
 
 
 def poison(parser: argparse.ArgumentParser) -> None:
@@ -87,13 +87,5 @@ def evaluate(parser: argparse.ArgumentParser) -> None:
 def bench(parser: argparse.ArgumentParser) -> None:
     from mme.config import BenchConfig
 
-    for name, field in BenchConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        nargs = "+" if name == "phases" else None
-        default = field.default if field.default_factory is None else field.default_factory()
-        shown = " ".join(default) if isinstance(default, list) else default
-        help_text = f"{field.description} (default: {shown})"
-        metavar = "N" if field.annotation is int else ("TEXT" if nargs is None else "PHASE")
-        parser.add_argument(
-            flag, dest=name, default=None, nargs=nargs, metavar=metavar, help=help_text
-        )
+    group = parser.add_argument_group("bench settings", "a flag replaces its default")
+    add_model_arguments(group, BenchConfig, lists={"phases": "PHASE"})

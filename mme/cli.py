@@ -15,7 +15,7 @@ import importlib
 import sys
 from typing import NoReturn
 
-from mme import __version__
+from mme import __version__, env
 from mme.config import ConfigError, PoisonConfig
 
 # name -> (module with run(), help, where its add_arguments lives)
@@ -128,23 +128,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def pin_cpu_kernels(args: argparse.Namespace) -> None:
-    """``mme poison``: pin the CPU kernels to ``poison.cpu_isa`` before torch loads (they read
-    it once, at load; mme/cpuisa.py). ``mme protect`` pins the default level."""
-    from mme import cpuisa
-
+def kernel_isa(args: argparse.Namespace) -> str | None:
+    """The CPU kernel level the command runs (mme/cpuisa.py): ``poison.cpu_isa`` for
+    ``mme poison``, its default for ``mme protect``, none (left as it is) for the others."""
     if args.command == "poison":
         from mme.config import section_from_args
 
-        cpuisa.pin(section_from_args("poison", args).cpu_isa)
-    elif args.command == "protect":
-        cpuisa.pin(PoisonConfig.model_fields["cpu_isa"].default)
+        return section_from_args("poison", args).cpu_isa
+    if args.command == "protect":
+        return PoisonConfig.model_fields["cpu_isa"].default
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mme import cpuisa
-
-    cpuisa.short_openmp_spin()  # before torch loads (mme/cpuisa.py says why)
+    env.prepare_process_env()  # before anything can load torch, --help included (mme/env.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     try:
-        pin_cpu_kernels(args)
+        env.prepare_process_env(kernel_isa(args))  # the command's kernels, still before torch
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except ConfigError as err:

@@ -4,7 +4,8 @@ PyTorch (ATen), oneDNN and MKL pick their float kernels by CPU: an AVX-512 machi
 orders than an AVX2 one, the surrogate drifts, and the protected set gets other bytes (measured:
 docs/orchestration.md, "Reproducibility"). Each library reads its pin from the environment once,
 when torch loads or at its first call, so the pin must be set before ``import torch``:
-``mme poison`` / ``mme protect`` do it (mme/cli.py); Python callers call :func:`pin` first.
+every entry point does it through :func:`mme.env.prepare_process_env`; other Python callers call
+:func:`pin` first.
 
 Kept free of torch at import time: the CLI calls :func:`pin` before anything loads it.
 """
@@ -32,14 +33,15 @@ def x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-def pin(isa: str) -> None:
+def pin(isa: str, environ: MutableMapping[str, str] = os.environ) -> None:
     """Put ``isa``'s pins into the environment (``native``: leave it as it is).
 
     Overrides what the environment says: the pin is part of the result, like ``poison.seed``.
-    Effective only for libraries not loaded yet, i.e. call it before ``import torch``."""
+    Effective only for libraries not loaded yet, i.e. call it before ``import torch``
+    (:func:`mme.env.prepare_process_env` does, for every entry point)."""
     if isa == "native" or not x86():
         return
-    os.environ.update(PINS[isa])
+    environ.update(PINS[isa])
 
 
 def check(isa: str) -> None:

@@ -89,6 +89,23 @@ def all_sum_(world: World, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def sum_scalars(world: World, total: float, count: int) -> tuple[float, int]:
+    """``(total, count)`` summed over ranks (as they are for one process)."""
+    if not world.active:
+        return total, count
+    t = all_sum_(world, torch.tensor([total, float(count)], dtype=torch.float64))
+    return float(t[0]), int(t[1])
+
+
+def wrap_ddp(world: World, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel (buffers not broadcast: the towers keep none
+    that change); one device id per rank on CUDA, none on the CPU (gloo)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
 def gather_rows(world: World, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Concatenate every rank's ``x`` (rows ``counts[r]`` on rank r) in rank order, with
     gradients: the backward pass sums each rank's gradient of its rows back to that rank.
@@ -161,8 +178,3 @@ def joined_group() -> Iterator[None]:
     finally:
         dist.init_process_group = original_init
         parallel.DistributedDataParallel = original_ddp
-
-
-def finish(world: World) -> None:
-    if world.active and dist.is_initialized():
-        dist.destroy_process_group()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image
 
 
@@ -41,11 +40,6 @@ def noise_dtype(epsilon: float) -> np.dtype:
 def apply_noise(clean_u8: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """``clip(clean + noise, 0, 255)`` as uint8; any shapes that broadcast."""
     return np.clip(clean_u8.astype(np.int16) + noise.astype(np.int16), 0, 255).astype(np.uint8)
-
-
-def u8_to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B,3,H,W)`` → float in [0, 1]."""
-    return x.float().div_(255.0)
 
 
 def psnr(clean_u8: np.ndarray, other_u8: np.ndarray) -> float:

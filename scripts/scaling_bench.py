@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python scripts/scaling_bench.py --sizes 2000 20000 --root /tmp/scaling
 
 For each size: synthetic 64 px JPEG shards (``mme.app.bench.synthetic_shards``), then, in a fresh
-process, ``poison.load_pairs`` and one MEM round (tiny settings: 2 surrogate steps, 1 PGD step
+process, ``workstore.load_pairs`` and one MEM round (tiny settings: 2 surrogate steps, 1 PGD step
 over every image, no HotFlip). Reported: wall time of each part; the peak anonymous (heap) RSS,
 sampled every 50 ms; the file-backed RSS at the end (the memory-mapped store's pages, which the
 kernel can drop) and the store's size on disk. Prints a Markdown table.
@@ -54,7 +54,7 @@ def measure(clean: Path, work: Path) -> dict:
 
     from mme import models
     from mme.config import PoisonConfig
-    from mme.protection import poison
+    from mme.protection import resume, workstore
     from mme.protection.methods.mem import MEM
     from mme.protection.methods.triggers import candidate_mask
 
@@ -67,13 +67,13 @@ def measure(clean: Path, work: Path) -> dict:
     torch.manual_seed(0)
     model, tok = models.create_model(cfg.model, None, torch.device("cpu"))
     size = models.image_size(model)
-    store_dir = poison.work_dir(cfg)
+    store_dir = resume.work_dir(cfg)
     store_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    store = poison.load_pairs(cfg, store_dir, tok, size)
+    store = workstore.load_pairs(cfg, store_dir, tok, size)
     t_load = time.perf_counter() - t0
     allowed = candidate_mask(tok, model.token_embedding.num_embeddings)
-    poison.init_state(store, cfg, allowed)
+    workstore.init_state(store, cfg, allowed)
     mem = MEM(model, store, cfg, torch.device("cpu"), allowed)
     t0 = time.perf_counter()
     mem.run_round(0)

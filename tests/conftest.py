@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mme import cpuisa, shards
+from mme import shards
+from mme.env import prepare_process_env
 
 # Nothing in the tests may reach the network (weights, tokenizers, telemetry).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# in-process poisonings run the default poison.cpu_isa: its pins must precede torch's import
-cpuisa.pin("avx2")
+# in-process poisonings run the default poison.cpu_isa: its pins must precede torch's import;
 # tests and their subprocesses share 2 cores in CI: OpenMP threads spin briefly, then sleep
-cpuisa.short_openmp_spin()
+prepare_process_env("avx2")
 
 COLOURS = {
     "red": (220, 30, 30),

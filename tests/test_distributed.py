@@ -220,7 +220,8 @@ class Killed(Exception):
 
 
 def test_resume_refuses_a_checkpoint_of_another_number_of_processes(clean, tmp_path, monkeypatch):
-    from mme.protection.poison import CKPT, poison, work_dir
+    from mme.protection.poison import poison
+    from mme.protection.resume import CKPT, work_dir
 
     monkeypatch.setenv("MME_TRACKING", "off")
     kw = dict(rounds=2, surrogate_steps=1, batch_size=8, pgd_steps=1, trigger_rounds=0)
@@ -246,7 +247,7 @@ def test_resume_refuses_a_checkpoint_of_another_number_of_processes(clean, tmp_p
 def test_load_decodes_the_same_pixels_with_any_number_of_processes(tmp_path, workers):
     import numpy as np
 
-    from mme.protection.poison import PixelDecoder
+    from mme.protection.pools import PixelDecoder
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (150, 40, 40, 3), dtype=np.uint8)

@@ -26,7 +26,8 @@ from mme import cli, fsio, imageops, limits, shards
 from mme.config import ConfigError, DataConfig, PoisonConfig
 from mme.ingest.prepare import prepare
 from mme.protection.export import export
-from mme.protection.poison import CKPT, poison, work_dir
+from mme.protection.poison import poison
+from mme.protection.resume import CKPT, work_dir
 
 FAST = dict(
     model="mme-tiny-vit",

@@ -429,7 +429,7 @@ def test_compile_flag_wraps_the_image_tower(monkeypatch):
     x = torch.rand(2, 3, 64, 64)
     assert torch.allclose(
         mem.encode_image(x),
-        F.normalize(model.encode_image((x - mem.mean) / mem.std), dim=-1),
+        F.normalize(model.encode_image((x - mem.runtime.mean) / mem.runtime.std), dim=-1),
         atol=1e-6,
     )
 
@@ -438,7 +438,7 @@ def test_trigger_places_are_drawn_once_and_fit_the_context(tokenizer):
     """trigger_position random: one word per image, within every caption of it, and the trigger
     still before the end token even in a caption longer than the context."""
     from mme.config import PoisonConfig
-    from mme.protection.poison import TriggerPlaces
+    from mme.protection.workstore import TriggerPlaces
 
     caps = [
         ["a dog on the grass", "a brown dog runs across a green field"],

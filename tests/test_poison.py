@@ -339,7 +339,7 @@ def test_poison_is_tracked_in_mlflow(clean, tmp_path, monkeypatch):
 def test_parallel_png_encoding_is_byte_identical(tmp_path, n):
     """write_outputs' process pool gives the same bytes, in the same order, as one process."""
     from mme.protection.methods.store import PairStore
-    from mme.protection.poison import protected_pngs
+    from mme.protection.pools import protected_pngs
 
     clean, noise = PairStore.open_arrays(tmp_path, n, 16, np.dtype(np.int8))
     rng = np.random.default_rng(n)

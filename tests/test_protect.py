@@ -136,3 +136,25 @@ def test_never_writes_into_or_deletes_a_foreign_private_folder(photos, tmp_path,
         assert cli.main([*argv, *TINY]) == 2
         assert "not made by mme protect" in capsys.readouterr().err
     assert (mine / "letter.txt").read_text() == "keep me"
+
+
+def test_protect_checks_every_image_once(tmp_path, monkeypatch):
+    """Issue 22: `mme protect` verified the set twice (poison's own check before its manifest,
+    then its verify stage): one check now, its report kept as verify.json."""
+    from PIL import Image
+
+    from mme.protection import verify as verify_module
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, rgb in enumerate([(220, 30, 30), (30, 180, 40), (30, 60, 220), (9, 9, 9)] * 2):
+        Image.new("RGB", (40 + i, 36), rgb).save(photos / f"p{i}.png")
+        (photos / f"p{i}.txt").write_text(f"picture {i}\na plain square number {i}\n")
+    calls = []
+    real = verify_module.verify
+    monkeypatch.setattr(verify_module, "verify", lambda *a, **k: calls.append(a) or real(*a, **k))
+    cfg = ProtectConfig(input=photos, output=tmp_path / "pub", poison=TINY_POISON)
+    result = protect(cfg)
+    assert result.verified and result.images == 8 and len(calls) == 1
+    report = json.loads((result.private / "verify.json").read_text())
+    assert report["ok"] is True and report["n_checked"] == 8

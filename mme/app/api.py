@@ -7,16 +7,14 @@ Each takes a typed config (or its fields as keyword arguments) and returns a pyd
     result = mme.protect("photos/", "publish/", poison={"device": "cpu"})
     print(result.summary())
 
-The four names are also the stage modules (``mme.poison`` is ``mme/protection/poison.py``), so
-each of those modules is made callable: ``mme.poison(cfg)`` calls :func:`poison` here, while
-``from mme.protection.poison import poison`` and ``mme poison`` keep working. Nothing heavy is
-imported until a function runs: ``import mme`` loads neither torch nor open_clip.
+``mme.poison`` is :func:`poison` here (``mme/__init__.py`` re-exports the four lazily); each wraps
+its stage's own function (``from mme.protection.poison import poison``, the same code as
+``mme poison``) with a typed config and result. Nothing heavy is imported until a function runs:
+``import mme`` loads neither torch nor open_clip. No stage imports this module.
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,6 @@ from pydantic import BaseModel, ConfigDict
 
 from mme.config import DataConfig, EvaluateConfig, PoisonConfig
 from mme.manifest import Manifest
-
-NAMES = ("protect", "prepare", "poison", "evaluate")
 
 
 class RetrievalMetrics(BaseModel):
@@ -104,23 +100,11 @@ def protect(
 ) -> Any:
     """Protect a folder / CSV / shard folder into a publishable folder (``mme protect``).
 
-    ``config`` is a :class:`mme.app.protect.ProtectConfig` (``fields`` replace its values,
-    e.g. ``poison={"rounds": 2}``); returns a :class:`mme.app.protect.ProtectResult`.
+    ``config`` is a :class:`mme.app.settings.ProtectConfig` (``fields`` replace its values,
+    e.g. ``poison={"rounds": 2}``); returns a :class:`mme.app.settings.ProtectResult`.
     """
-    from mme.app.protect import ProtectConfig
     from mme.app.protect import protect as run
+    from mme.app.settings import ProtectConfig
 
     cfg = _config(ProtectConfig, config, {**fields, "input": input, "output": output})
     return run(cfg, resume=resume)
-
-
-class _CallableModule(types.ModuleType):
-    """A stage module that is also its API function: ``mme.poison(...)``."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return globals()[self.__name__.rpartition(".")[2]](*args, **kwargs)
-
-
-def make_callable(module_name: str) -> None:
-    """Make ``sys.modules[module_name]`` (one of :data:`NAMES`) call its API function."""
-    sys.modules[module_name].__class__ = _CallableModule

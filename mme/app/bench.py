@@ -123,7 +123,7 @@ def poison_phases(cfg: BenchConfig, model: Any, tok: Any, root: Path, device: to
     """load, surrogate, PGD, HotFlip and write + verify through the real poisoning code."""
     from mme import models
     from mme.config import PoisonConfig
-    from mme.protection import poison
+    from mme.protection import workstore
     from mme.protection.methods.mem import MEM
     from mme.protection.methods.triggers import candidate_mask
 
@@ -140,11 +140,11 @@ def poison_phases(cfg: BenchConfig, model: Any, tok: Any, root: Path, device: to
     work.mkdir()
     res: dict[str, dict[str, Any]] = {}
     store: list[Any] = []
-    sec = timed(lambda: store.append(poison.load_pairs(pcfg, work, tok, size)), device)
+    sec = timed(lambda: store.append(workstore.load_pairs(pcfg, work, tok, size)), device)
     res["load"] = {"value": n / sec, "unit": "img/s", "img_per_s": n / sec}
     pairs = store[0]
     allowed = candidate_mask(tok, model.token_embedding.num_embeddings)
-    poison.init_state(pairs, pcfg, allowed)
+    workstore.init_state(pairs, pcfg, allowed)
     mem = MEM(model, pairs, pcfg, device, allowed)
     want = set(cfg.phases)
     if want & {"surrogate", "pgd", "hotflip"}:
@@ -172,12 +172,12 @@ def write_and_verify(pcfg, store, tok, mem) -> None:  # noqa: ANN001
     """What ``mme poison`` does after the last round: write the set, its manifest, verify it."""
     from mme import fsio
     from mme.manifest import read_manifest
-    from mme.protection import poison
+    from mme.protection import outputs
 
-    records, n_captions = poison.write_outputs(pcfg, store, tok)
+    records, n_captions = outputs.write_outputs(pcfg, store, tok)
     clean_manifest = read_manifest(pcfg.clean)
-    manifest = poison.output_manifest(pcfg, clean_manifest, store, records, n_captions, mem)
-    manifest["verify"] = poison.verify_outputs(pcfg, manifest)  # verified, then written last
+    manifest = outputs.output_manifest(pcfg, clean_manifest, store, records, n_captions, mem)
+    manifest["verify"] = outputs.verify_outputs(pcfg, manifest)  # verified, then written last
     fsio.write_json(Path(pcfg.out) / "manifest.json", manifest)
 
 

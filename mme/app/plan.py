@@ -14,13 +14,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from mme.app.protect import ProtectConfig, data_config, input_kind, poison_config
+from mme.app.settings import ProtectConfig, data_config, input_kind, poison_config
 from mme.config import PoisonConfig
 
 PNG_BYTES_PER_PIXEL = 3.0  # noisy photos barely compress: assume raw RGB size per PNG
 
 
-class Plan(BaseModel):
+class ProtectPlan(BaseModel):
+    """What ``mme protect`` would do, its time estimate and disk need (``--dry-run``)."""
+
     input: Path
     kind: str
     images: int
@@ -124,7 +126,7 @@ def time_one_pass(pcfg: PoisonConfig) -> tuple[float, int, str]:
     return best / b, size, str(device)
 
 
-def plan(cfg: ProtectConfig) -> Plan:
+def plan(cfg: ProtectConfig) -> ProtectPlan:
     kind = input_kind(cfg.input)
     pcfg = poison_config(cfg)
     n, input_bytes = count_images(cfg)
@@ -134,7 +136,7 @@ def plan(cfg: ProtectConfig) -> Plan:
     # clean copy ~ input; work memmaps: clean u8 + 2 noise buffers; protected shards + export
     # (PNG ~ raw); noise.npy
     disk = input_bytes + 3 * px + int(2 * PNG_BYTES_PER_PIXEL / 3 * px) + px
-    return Plan(
+    return ProtectPlan(
         input=cfg.input,
         kind=kind,
         images=n,

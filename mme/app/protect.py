@@ -20,29 +20,27 @@ estimate and the disk needed, and does nothing else.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from mme.app.api import make_callable
-from mme.config import (
-    PHOTO_PROFILE,
-    ConfigError,
-    DataConfig,
-    PoisonConfig,
-    add_section_arguments,
-    params_file,
+from mme.app.settings import (
+    FIXED,
+    ProtectConfig,
+    ProtectResult,
+    data_config,
+    poison_config,
+    settings_hash,
 )
+from mme.config import PHOTO_PROFILE, ConfigError, PoisonConfig, add_section_arguments, params_file
 
 STAGES = ("prepare", "poison", "verify", "export")
 STATE = "protect.json"
+VERIFY_REPORT = "verify.json"
 PRIVATE_README = """KEEP THIS FOLDER PRIVATE. Do not publish, upload or share it.
 
 clean/      your original images and captions as shards
@@ -54,130 +52,6 @@ protect.json  the run state (mme protect --resume continues from it)
 
 Publish only the output folder that `mme protect` printed.
 """
-# poison fields a user of `protect` does not set: the work area decides them
-_FIXED = ("clean", "out", "private")
-
-
-class ProtectConfig(BaseModel):
-    """Settings of :func:`protect`. ``poison`` keys replace :data:`~mme.config.PHOTO_PROFILE`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    input: Path = Field(description="image folder, caption CSV, or shard folder")
-    output: Path = Field(description="the publishable folder to write")
-    private: Path | None = Field(None, description="private work area (default OUTPUT.private)")
-    poison: dict[str, Any] = Field(default_factory=dict, description="poison: section overrides")
-    image_column: str = "images"
-    caption_column: str = "caption"
-    max_side: int | None = Field(None, ge=16, description="resize inputs first (short side)")
-    force: bool = Field(False, description="replace a non-empty OUTPUT / start over")
-
-    @property
-    def private_dir(self) -> Path:
-        return self.private or self.output.with_name(self.output.name + ".private")
-
-
-class ProtectResult(BaseModel):
-    """What :func:`protect` did: the one-screen summary as data."""
-
-    output: Path
-    private: Path
-    images: int
-    captions: int
-    protected: int
-    skipped: dict[str, int]
-    method: str
-    epsilon: float
-    working_size: int
-    max_linf: int
-    psnr_mean: float | None
-    ssim_mean: float | None
-    verified: bool
-    seconds: float
-
-    def summary(self) -> str:
-        """The closing screen of ``mme protect``."""
-        skipped = ", ".join(f"{k} {v}" for k, v in self.skipped.items()) or "none"
-        q = (
-            f"PSNR {self.psnr_mean:.1f} dB, SSIM {self.ssim_mean:.3f} (means)"
-            if self.psnr_mean is not None and self.ssim_mean is not None
-            else "PSNR/SSIM n/a"
-        )
-        trig = ", each starting with its image's trigger words" if self.method == "mem" else ""
-        return "\n".join(
-            [
-                f"mme protect: done in {self.seconds:.0f} s -- verified: "
-                + ("yes" if self.verified else "NO"),
-                f"  images     {self.images} in, {self.protected} protected, skipped: {skipped}",
-                f"  captions   {self.captions}{trig}",
-                f"  noise      {self.method}, epsilon {self.epsilon:g}/255 (max seen "
-                f"{self.max_linf}), {self.working_size}x{self.working_size} px; {q}",
-                f"  PUBLISH    {self.output}/  (images, captions, metadata.jsonl, README.txt)",
-                f"  PRIVATE    {self.private}/  (originals, noise.npy, triggers.json: never "
-                "publish; see its README.txt)",
-            ]
-        )
-
-
-# ------------------------------------------------------------------------------- planning
-
-
-def input_kind(path: Path) -> Literal["csv", "folder", "webdataset", "hf"]:
-    """What INPUT is; a one-line error naming the accepted kinds otherwise."""
-    path = Path(path)
-    if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
-        return "csv"
-    hf_marks = ("state.json", "dataset_dict.json")
-    if path.suffix == ".parquet" or any((path / m).is_file() for m in hf_marks):
-        return "hf"
-    if path.is_dir():
-        if any(path.glob("*.tar")):
-            return "webdataset"
-        return "hf" if any(path.glob("*.parquet")) else "folder"
-    if path.is_file() and path.suffix == ".tar":
-        return "webdataset"
-    raise ConfigError(
-        f"input {str(path)!r} is neither a folder nor a .csv/.tar file: give a folder of images "
-        "with same-named .txt captions, a caption CSV, or a folder of shards"
-    )
-
-
-def data_config(cfg: ProtectConfig) -> DataConfig:
-    kind = input_kind(cfg.input)
-    clean = cfg.private_dir / "clean"
-    common = {"out": clean, "source": kind, "test_fraction": 0.0, "max_side": cfg.max_side}
-    if kind == "hf":
-        cols = {"image_column": cfg.image_column, "caption_column": cfg.caption_column}
-        return DataConfig(**common, input=cfg.input, **cols)
-    if kind == "csv":
-        delimiter = "\t" if cfg.input.suffix.lower() == ".tsv" else ","
-        return DataConfig(
-            **common,
-            csv=cfg.input,
-            image_column=cfg.image_column,
-            caption_column=cfg.caption_column,
-            delimiter=delimiter,
-        )
-    return DataConfig(**common, input=cfg.input)
-
-
-def poison_config(cfg: ProtectConfig) -> PoisonConfig:
-    bad = sorted(set(cfg.poison) & set(_FIXED))
-    if bad:
-        raise ConfigError(f"protect sets {', '.join(bad)} itself: leave them out")
-    values = {**PHOTO_PROFILE, **cfg.poison}
-    private = cfg.private_dir
-    return PoisonConfig(
-        **values, clean=private / "clean", out=private / "protected", private=private / "noise"
-    )
-
-
-def settings_hash(cfg: ProtectConfig) -> str:
-    """What the result depends on: a resumed run must match it."""
-    keep = cfg.model_dump(mode="json", exclude={"force", "output", "private"})
-    keep["poison"] = poison_config(cfg).model_dump(mode="json", exclude={"device", "compile"})
-    keep["input"] = str(Path(cfg.input).resolve())
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
 def check_paths(cfg: ProtectConfig, resume: bool) -> None:
@@ -250,23 +124,32 @@ def _stage_prepare(cfg: ProtectConfig) -> dict[str, Any]:
 
 
 def _stage_poison(cfg: ProtectConfig, resume: bool) -> dict[str, Any]:
+    from mme import fsio
     from mme.protection.poison import poison
 
-    manifest = poison(poison_config(cfg), resume=resume)
+    def keep_report(report: Any) -> None:  # poison verifies its output once: keep that report
+        fsio.write_json(cfg.private_dir / VERIFY_REPORT, report.to_dict())
+
+    manifest = poison(poison_config(cfg), resume=resume, on_verified=keep_report)
     return {"protected": manifest["n_protected"], "working_size": manifest["working_size"]}
 
 
 def _stage_verify(cfg: ProtectConfig) -> dict[str, Any]:
-    from mme import fsio
-    from mme.protection.verify import verify
-
+    """The check ``poison`` ran on every protected image before it wrote the manifest (its
+    report, ``verify.json``); checked here again only for a run resumed from an older mme that
+    kept no report."""
     private = cfg.private_dir
-    report = verify(private / "clean", private / "protected", private=private / "noise")
-    fsio.write_json(private / "verify.json", report.to_dict())
-    if not report.ok:
-        print(report.table(), file=sys.stderr)
-        raise RuntimeError(f"verification failed: see {private / 'verify.json'}")
-    d = report.to_dict()
+    path = private / VERIFY_REPORT
+    if path.is_file():
+        d = json.loads(path.read_text())
+    else:
+        from mme import fsio
+        from mme.protection.verify import verify
+
+        d = verify(private / "clean", private / "protected", private=private / "noise").to_dict()
+        fsio.write_json(path, d)
+    if not d["ok"]:
+        raise RuntimeError(f"verification failed: see {path}")
     return {k: d[k] for k in ("ok", "max_linf", "psnr", "ssim", "n_checked")}
 
 
@@ -371,19 +254,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="use this file's poison: section (default: none; ./params.yaml is not read)",
     )
-    add_section_arguments(parser, "poison", skip=_FIXED, defaults=PHOTO_PROFILE)
+    add_section_arguments(parser, "poison", skip=FIXED, defaults=PHOTO_PROFILE)
 
 
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:
     from mme.config import read_params
 
     names = PoisonConfig.model_fields
-    # protect's own --private (its work area) is not poison.private: _FIXED keys are its own
+    # protect's own --private (its work area) is not poison.private: FIXED keys are its own
     given = vars(args).items()
-    overrides = {k: v for k, v in given if k in names and k not in _FIXED and v is not None}
+    overrides = {k: v for k, v in given if k in names and k not in FIXED and v is not None}
     # a params file only when named: protect's defaults are the photo profile, not the repo's
     base = dict(read_params(args.params).get("poison") or {}) if args.params else {}
-    base = {k: v for k, v in base.items() if k not in _FIXED}
+    base = {k: v for k, v in base.items() if k not in FIXED}
     return ProtectConfig(
         input=args.input,
         output=args.output,
@@ -428,6 +311,3 @@ def run(args: argparse.Namespace) -> int:
     result = protect(cfg, resume=args.resume)
     print(result.summary())
     return 0 if result.verified else 1
-
-
-make_callable(__name__)  # `mme.protect(...)` is the API function of mme/app/api.py

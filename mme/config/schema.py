@@ -6,23 +6,14 @@ work starts, with a message naming the key, the bad value and what is allowed.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mme import paths
-
-DEFAULT_PARAMS = paths.PARAMS
+from mme.config.profiles import VICTIM_PROFILES
+from mme.config.specs import parse_spec
 
 
 class ConfigError(ValueError):
@@ -87,53 +78,6 @@ class DataConfig(Section):
         if keys and all(getattr(self, k) is None for k in keys):
             raise ValueError(f"source={self.source!r} needs one of: {', '.join(keys)}")
         return self
-
-
-# Victim training profiles. ``fast``: the embedded synthetic default, a tiny model trained from
-# scratch on CPU in minutes. ``paper``: the MEM paper's clean-CLIP training (its released code:
-# RN50 from scratch, 32 epochs, batch 128, AdamW lr 5e-4, wd 0.2, cosine with 10k warm-up steps).
-VICTIM_PROFILES: dict[str, dict[str, Any]] = {
-    "fast": {
-        "model": "mme-tiny-vit",
-        "epochs": 4,
-        "batch_size": 128,
-        "lr": 1e-3,
-        "wd": 0.1,
-        "warmup": 50,
-    },
-    "paper": {
-        "model": "RN50",
-        "epochs": 32,
-        "batch_size": 128,
-        "lr": 5e-4,
-        "wd": 0.2,
-        "warmup": 10000,
-    },
-}
-
-
-# Defaults meant for real photos: ``mme protect`` and any ``poison`` run without a params.yaml.
-# Per-step settings are the MEM paper's (RN50 surrogate at 224 px, eps 8/255, alpha 1/255, S = 8
-# PGD steps, k = 3 trigger tokens, C = 16 HotFlip candidates). The schedule (T = 5 rounds of
-# M = 60 surrogate steps at lr 1e-3, triggers in the first H = 3 rounds) is the one measured in
-# README "Results" -- on the 64 px synthetic set with the tiny surrogate, where it kept the victim
-# at 16 % of the clean rsum/chance; the paper's 20 x 200 at lr 1e-4 is ~13x the compute. Not yet
-# tuned by a measurement on real photos with RN50 (that needs a GPU run): treat as a starting
-# point, and check with `mme train` + `mme evaluate` on your own data.
-PHOTO_PROFILE: dict[str, Any] = {
-    "model": "RN50",
-    "epsilon": 8,
-    "step_size": 1,
-    "pgd_steps": 8,
-    "rounds": 5,
-    "surrogate_steps": 60,
-    "surrogate_lr": 1e-3,
-    "trigger_rounds": 3,
-    "trigger_len": 3,
-    "candidates": 16,
-}
-# What a run without a params file uses, per section (the model defaults for the rest).
-STANDALONE_PARAMS: dict[str, dict[str, Any]] = {"poison": PHOTO_PROFILE}
 
 
 class PoisonConfig(Section):
@@ -241,7 +185,7 @@ class PoisonConfig(Section):
 
 class AttackConfig(Section):
     """``attack:`` section — ``mme attack``: a transformed copy of a protected set, what a data
-    user might do to it before training (specs: :mod:`mme.countermeasures.transforms`). The DVC
+    user might do to it before training (specs: :mod:`mme.config.specs`). The DVC
     pipeline runs one per entry of params.yaml's ``attacks`` (name -> spec)."""
 
     transform: str = Field(
@@ -257,8 +201,6 @@ class AttackConfig(Section):
     @field_validator("transform")
     @classmethod
     def _known_transform(cls, value: str) -> str:
-        from mme.countermeasures.transforms import parse_spec
-
         return str(parse_spec(value))
 
 
@@ -360,206 +302,8 @@ SECTIONS: dict[str, type[Section]] = {
     "reevaluate": ReevaluateConfig,
 }
 
-
-def format_validation_error(section: str, err: ValidationError) -> str:
-    """One line per problem: ``section.key = value: what is allowed``."""
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in (section, *e["loc"]))
-        value = e.get("input")
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            allowed = ", ".join(sorted(SECTIONS[section].model_fields))
-            msg = f"unknown key (allowed: {allowed})"
-        lines.append(f"{key} = {value!r}: {msg}")
-    if len(lines) == 1:  # the common case: one line, as every other user error
-        return f"invalid configuration: {lines[0]}"
-    return "invalid configuration:\n  " + "\n  ".join(lines)
-
-
-NO_PARAMS = "none"  # ``--params none``: no file, the built-in defaults
-
-
-def read_params(path: Path | None = DEFAULT_PARAMS) -> dict[str, Any]:
-    """The sections of ``path``; the built-in :data:`STANDALONE_PARAMS` when there is no file.
-
-    ``None`` or a missing *default* ``params.yaml`` (a run outside the repo) means no file; a
-    missing file that was named explicitly is an error, never silently read as empty.
-    """
-    if path is None or str(path) == NO_PARAMS:
-        return STANDALONE_PARAMS
-    path = Path(path)
-    if not path.exists():
-        if path == DEFAULT_PARAMS:
-            _note_standalone()
-            return STANDALONE_PARAMS
-        raise ConfigError(
-            f"params file {path} not found: fix the path, or pass --params {NO_PARAMS} "
-            "for the built-in defaults"
-        )
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return raw
-
-
-def default_shards(params: Path | None) -> Path:
-    """The clean shards a command works on by default: ``data.out`` of ``params``, else
-    :data:`mme.paths.CLEAN`."""
-    data = (read_params(params).get("data") or {}) if params else {}
-    return Path(data.get("out") or paths.CLEAN)
-
-
-_noted: list[bool] = []
-
-
-def _note_standalone() -> None:
-    """Say once per process that the built-in defaults are in use (not silently)."""
-    if not _noted:
-        _noted.append(True)
-        print(
-            f"mme: no {DEFAULT_PARAMS} here: using the built-in defaults "
-            "(poison: the photo profile, mme.config.PHOTO_PROFILE)",
-            file=sys.stderr,
-        )
-
-
-def load_section(
-    section: str, params_path: Path | None = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None
-):
-    """The ``section`` model from ``params.yaml`` plus CLI ``overrides`` (None values ignored)."""
-    if section not in SECTIONS:
-        raise ConfigError(f"unknown section {section!r} (allowed: {', '.join(SECTIONS)})")
-    values = dict(read_params(params_path).get(section) or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return SECTIONS[section](**values)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(section, err)) from None
-
-
-def reevaluation_victims(params_path: Path | None = DEFAULT_PARAMS) -> list[VictimConfig]:
-    """The ``reevaluate.victims`` of ``params_path``, each merged over its ``victim:`` section."""
-    raw = read_params(params_path)
-    base = dict(raw.get("victim") or {})
-    entries = load_section("reevaluate", params_path).victims
-    out = []
-    for i, entry in enumerate(entries):
-        try:
-            out.append(VictimConfig(**{**base, **entry}))
-        except ValidationError as err:
-            raise ConfigError(
-                format_validation_error("victim", err).replace(
-                    "victim.", f"reevaluate.victims[{i}]."
-                )
-            ) from None
-    return out
-
-
-def params_file(value: str) -> Path | None:
-    """argparse type of ``--params``: a path, or ``none`` for no file (built-in defaults)."""
-    return None if value == NO_PARAMS else Path(value)
-
-
-def add_params_argument(parser: Any, what: str = "settings") -> None:
-    """``--params FILE`` (once per parser)."""
-    if not any(a.dest == "params" for a in parser._actions):
-        parser.add_argument(
-            "--params",
-            type=params_file,
-            default=DEFAULT_PARAMS,
-            metavar="FILE",
-            help=f"params file with the {what} (default: {DEFAULT_PARAMS}; when it is absent, "
-            f"or with '{NO_PARAMS}': the built-in defaults)",
-        )
-
-
-def show_default(value: Any) -> str:
-    """A default as a user would type it: ``data/x`` not ``PosixPath('data/x')``."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, Path):
-        return value.as_posix()
-    return str(value)
-
-
-def _metavar(annotation: Any) -> tuple[str | None, list[str] | None]:
-    """``(metavar, choices)`` for a field type: Literal -> its choices, else a type word."""
-    from typing import get_args, get_origin
-
-    if get_origin(annotation) is Literal:
-        return None, [str(a) for a in get_args(annotation)]
-    types = set(get_args(annotation)) or {annotation}
-    for kind, word in ((Path, "PATH"), (float, "X"), (int, "N")):
-        if kind in types:
-            return word, None
-    return "TEXT", None
-
-
-def _help_defaults(section: str) -> tuple[dict[str, Any], str]:
-    """The values a run here would start from, for ``--help``: ./params.yaml's section if there
-    is one, else the built-in defaults (a broken file is left to the run to report)."""
-    if not DEFAULT_PARAMS.exists():
-        return STANDALONE_PARAMS.get(section, {}), f"built-in (no {DEFAULT_PARAMS} here)"
-    try:
-        raw = yaml.safe_load(DEFAULT_PARAMS.read_text()) or {}
-        return dict(raw.get(section) or {}), f"./{DEFAULT_PARAMS}, else built-in"
-    except (yaml.YAMLError, AttributeError, OSError):
-        return {}, "built-in"
-
-
-def add_section_arguments(
-    parser: Any,
-    section: str,
-    skip: tuple[str, ...] = (),
-    defaults: dict[str, Any] | None = None,
-) -> None:
-    """Add ``--params`` and one ``--field-name`` flag per field of ``section``'s model.
-
-    Values are parsed by pydantic (not argparse) so a bad flag fails with the same message as a
-    bad ``params.yaml`` value. Booleans get ``--flag/--no-flag``; a Literal field lists its
-    choices; every flag shows its description and default (``defaults`` replace the model's).
-    """
-    import argparse
-
-    add_params_argument(parser, f"{section}: section")
-    shown, origin = _help_defaults(section) if defaults is None else (defaults, "built-in")
-    group = parser.add_argument_group(
-        f"{section} settings", f"defaults shown: {origin}; a flag replaces its value"
-    )
-    for name, field in SECTIONS[section].model_fields.items():
-        if name in skip:
-            continue
-        flag = "--" + name.replace("_", "-")
-        default = field.default if field.default_factory is None else field.default_factory()
-        default = shown.get(name, default)
-        help_text = (
-            f"{field.description or name.replace('_', ' ')} (default: {show_default(default)})"
-        )
-        help_text = help_text.replace("%", "%%")
-        if field.annotation is bool:
-            group.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-            continue
-        metavar, choices = _metavar(field.annotation)
-        if choices:  # shown, but checked by pydantic: the same message as in params.yaml
-            metavar = "{" + ",".join(choices) + "}"
-        group.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
-
-
-def section_from_args(section: str, args: Any):
-    """The ``section`` model from ``args.params`` with every given flag of that section applied."""
-    names = SECTIONS[section].model_fields
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    return load_section(section, args.params, overrides)
-
-
 # `mme bench` (mme/app/bench.py): its flags, kept here so `mme bench --help` needs no torch
+# (not a params.yaml section: flags only)
 PHASES = ("ceiling", "surrogate", "pgd", "hotflip", "load", "write_verify", "victim")
 
 

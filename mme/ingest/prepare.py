@@ -25,7 +25,6 @@ from typing import Any
 from tqdm import tqdm
 
 from mme import __version__, fsio
-from mme.app.api import make_callable
 from mme.config import ConfigError, DataConfig, add_section_arguments, section_from_args
 from mme.manifest import write_manifest
 from mme.shards import Sample, ShardWriter, sha256_bytes
@@ -237,6 +236,3 @@ def run(args: argparse.Namespace) -> int:
         print("mme prepare: --strict: input had problems (listed above)", file=sys.stderr)
         return 1
     return 0
-
-
-make_callable(__name__)  # `mme.prepare(...)` is the API function of mme/app/api.py

@@ -407,11 +407,6 @@ def _apply(res: _PairResult, report: VerifyReport) -> None:
     report.n_checked += 1
 
 
-def _check_pair(c: Sample, p: Sample, ctx: _Context, report: VerifyReport) -> None:
-    """All per-pair checks; violations go to ``report``, quality numbers to its summaries."""
-    _apply(_examine(c, p, ctx), report)
-
-
 _WORKER_CTX: list[_Context] = []  # the context of a worker process, built once by _init_worker
 
 

@@ -1,1 +1,1 @@
-"""Victim: what a model trainer does with a published set: transform it, train a CLIP, evaluate."""
+"""Victim: what a model trainer does with a published set: train a CLIP, evaluate it."""

@@ -22,7 +22,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from mme import arguments, models, paths, shards
-from mme.app.api import make_callable
 from mme.config import ConfigError, EvaluateConfig, default_shards, section_from_args
 from mme.track import plots, tracking
 from mme.victim import retrieval
@@ -214,6 +213,3 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     print(f"mme evaluate: wrote {out}", file=sys.stderr)
     return 0
-
-
-make_callable(__name__)  # `mme.evaluate(...)` is the API function of mme/app/api.py

@@ -1,1 +1,1 @@
-"""Protection algorithms: one unit per file (pgd, hotflip, triggers, augment, store, mem)."""
+"""Protection methods: one unit per file (pgd, hotflip, triggers, augment, store, mem)."""

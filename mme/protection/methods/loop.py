@@ -1,0 +1,106 @@
+"""What every step of a protection round shares: the surrogate, the store, the random streams,
+the device, the process group. Each step (``surrogate.py``, ``trigger_step.py``,
+``noise_step.py``) is a function of a :class:`Loop`; a method (``mem.py``) orders them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+
+from mme import distributed
+from mme.config import PoisonConfig
+from mme.protection.methods.augment import eot
+from mme.protection.methods.optim import adamw
+from mme.protection.methods.rng import generators, load_rng_state, rng_state
+from mme.protection.methods.runtime import Runtime
+from mme.protection.methods.store import PairStore
+
+
+def split_batches(order: torch.Tensor, batch_size: int, min_last: int = 2) -> list[torch.Tensor]:
+    """Cut ``order`` into batches; a last batch under ``min_last`` joins the previous one.
+
+    Why: ClipLoss of a single pair is 0 (its only candidate is itself), so that image's
+    noise, trigger and surrogate step would never move. Under torchrun a surrogate batch is
+    split over the ranks, so it needs a row for each (``min_last`` = world size).
+    """
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < min_last:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+class Loop:
+    """The state of one protection run (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        store: PairStore,
+        cfg: PoisonConfig,
+        device: torch.device,
+        allowed: torch.Tensor | None = None,
+        world: distributed.World | None = None,
+    ) -> None:
+        self.model, self.store, self.cfg, self.device = model, store, cfg, torch.device(device)
+        self.world = world or distributed.World()
+        self.allowed = allowed  # (V,) bool trigger vocabulary, see triggers.candidate_mask
+        self.history: list[dict[str, float]] = []  # per-round stats, saved in checkpoints
+        self.eps, self.alpha = cfg.epsilon / 255.0, cfg.step_size / 255.0
+        self.with_trigger = cfg.method == "mem"
+        self.loss = open_clip.ClipLoss()
+        self.opt = adamw(model, cfg.surrogate_lr, cfg.surrogate_wd)
+        self.gen, self.aug_gen = generators(cfg.seed, self.world)  # all data sampling: gen
+        self.ddp: torch.nn.Module | None = None  # the DDP-wrapped towers, made on first use
+        self.runtime = Runtime(model, cfg, self.device)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> (B, D) unit features (:class:`Runtime`)."""
+        return self.runtime.encode_image(x)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """A random draw of the ``cfg.eot`` transformations when ``cfg.augment``, else identity."""
+        if not self.cfg.augment:
+            return x
+        c = self.cfg
+        return eot(x, self.aug_gen, c.eot, c.eot_interpolation, c.eot_resize, c.eot_jpeg_quality)
+
+    def clip_loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        return self.loss(img, txt, self.runtime.scale())
+
+    def batches(self, protected_only: bool) -> list[torch.Tensor]:
+        """A fresh random order of image indices, cut into batches."""
+        self.runtime.cache_store(self.store)
+        pool = torch.nonzero(self.store.protect).flatten() if protected_only else None
+        pool = torch.arange(self.store.n) if pool is None else pool
+        order = pool[torch.randperm(len(pool), generator=self.gen)]
+        min_last = max(2, self.world.size) if not protected_only else 2
+        return split_batches(order, self.cfg.batch_size, min_last)
+
+    def mine(self, i: int) -> bool:
+        """Whether batch ``i`` of a HotFlip/PGD pass is this rank's (all of them for one)."""
+        return i % self.world.size == self.world.rank
+
+    def mean_abs_noise(self) -> float:
+        """Mean |δ| in pixel units over protected images (streamed, constant memory)."""
+        buf = self.store.noise[self.store.current]
+        rows = torch.nonzero(self.store.protect).flatten().numpy()
+        mine = rows[self.world.rank :: self.world.size]  # each rank reads its share
+        total = 0.0
+        for chunk in np.array_split(mine, max(1, len(mine) // 256)):
+            total += float(np.abs(buf[chunk].astype(np.int16)).sum(dtype=np.float64))
+        total, _ = distributed.sum_scalars(self.world, total, 0)
+        return total / max(len(rows) * int(np.prod(buf.shape[1:])), 1)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps; under torchrun a collective (every rank's EOT generator)."""
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
+        return state | rng_state(self.gen, self.aug_gen, self.world)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        load_rng_state(state, self.gen, self.aug_gen, self.world)
