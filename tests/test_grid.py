@@ -15,12 +15,18 @@ from mme.protection.grid import (
     TEXT_WIDTH,
     _font,
     amplify_noise,
-    load_examples,
     make_grid,
     save_grid,
     wrap_text,
 )
-from mme.shards import Sample, encode_png, write_json_atomic, write_shards
+from mme.shards import (
+    Sample,
+    encode_png,
+    iter_samples,
+    load_manifest,
+    write_json_atomic,
+    write_shards,
+)
 
 EPS = 8
 
@@ -109,6 +115,39 @@ def test_save_grid_writes_png_atomically(tmp_path: Path):
         assert im.format == "PNG"
         assert im.size == make_grid(clean, prot, ["a", "b"], EPS, title="mem, eps=8/255").size
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]
+
+
+def load_examples(
+    clean: Path, protected: Path, n: int = 8
+) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    """The first ``n`` protected train samples with their clean partners, ready for the grid
+    (a helper of this test, moved out of mme.protection.grid).
+
+    Returns ``(clean (n,3,S,S) u8, protected (n,3,S,S) u8, first protected caption of each,
+    {"method", "epsilon"})``. The clean train split is streamed until every partner is found.
+    """
+    manifest = load_manifest(protected)
+    size, cfg = int(manifest["working_size"]), manifest.get("config", {})
+    prot, captions, ids = [], [], []
+    for s in iter_samples(protected, "train"):
+        if len(ids) == n:
+            break
+        prot.append(s.image().transpose(2, 0, 1))
+        captions.append(s.captions[0] if s.captions else "")
+        ids.append(s.id)
+    if not ids:
+        raise ValueError(f"no protected train samples in {protected}")
+    found: dict[str, np.ndarray] = {}
+    for s in iter_samples(clean, "train"):
+        if s.id in ids:
+            found[s.id] = to_working_resolution(s.image_bytes, size)
+            if len(found) == len(ids):
+                break
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ValueError(f"clean set {clean} lacks protected ids {missing[:5]}")
+    info = {"method": cfg.get("method"), "epsilon": cfg.get("epsilon")}
+    return np.stack([found[i] for i in ids]), np.stack(prot), captions, info
 
 
 def test_load_examples(tmp_path: Path):

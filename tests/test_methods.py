@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import open_clip
 import pytest
 import torch
@@ -15,7 +17,6 @@ from mme.protection.methods.triggers import (
     gather_trigger,
     insert_trigger,
     protected_caption,
-    round_trips,
     token_offsets,
     trigger_text,
     word_mask,
@@ -64,6 +65,11 @@ def test_insert_trigger_matches_tokenizer(tokenizer, k):
     expected = tokenizer([text])
     got = insert_trigger(tokenizer([caption]), ids[None], tokenizer.eot_token_id)
     assert torch.equal(got, expected)
+
+
+def round_trips(tokenizer: Any, ids: list[int]) -> bool:
+    """(test helper) True when the trigger's text tokenizes back to exactly ``ids``."""
+    return tokenizer.encode(trigger_text(tokenizer, ids)) == list(ids)
 
 
 def test_insert_trigger_truncates_like_tokenizer(tokenizer):
@@ -302,7 +308,7 @@ def test_greedy_flip_compares_against_the_current_negatives(seed):
 )
 def test_split_batches_never_leaves_a_single_pair(n, batch, sizes):
     """Regression: ClipLoss of a batch of one is 0, so that image's noise never moved."""
-    from mme.protection.methods.mem import split_batches
+    from mme.protection.methods.loop import split_batches
 
     got = split_batches(torch.arange(n), batch)
     assert [len(b) for b in got] == sizes
@@ -313,7 +319,7 @@ def test_surrogate_adamw_does_not_decay_gains_biases_or_temperature():
     """Regression: AdamW decayed every parameter; CLIP decays weight matrices only (wd 0.2)."""
     from mme import models
     from mme.config import PoisonConfig
-    from mme.protection.methods.mem import decay_groups
+    from mme.protection.methods.optim import decay_groups
 
     model, _ = models.create_model("mme-tiny-vit", None, torch.device("cpu"))
     groups = decay_groups(model, PoisonConfig().surrogate_wd)

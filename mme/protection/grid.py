@@ -16,8 +16,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mme import fsio
-from mme.imageops import to_working_resolution
-from mme.shards import iter_samples, load_manifest
 
 PAD = 8  # pixels between cells
 FONT_SIZE = 14
@@ -146,35 +144,3 @@ def save_grid(
     with fsio.atomic_open(path) as f:
         make_grid(clean, protected, captions, epsilon, scale, title).save(f, format="PNG")
     return path
-
-
-def load_examples(
-    clean: Path, protected: Path, n: int = 8
-) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
-    """The first ``n`` protected train samples with their clean partners, ready for the grid.
-
-    Returns ``(clean (n,3,S,S) u8, protected (n,3,S,S) u8, first protected caption of each,
-    {"method", "epsilon"})``. The clean train split is streamed until every partner is found.
-    """
-    manifest = load_manifest(protected)
-    size, cfg = int(manifest["working_size"]), manifest.get("config", {})
-    prot, captions, ids = [], [], []
-    for s in iter_samples(protected, "train"):
-        if len(ids) == n:
-            break
-        prot.append(s.image().transpose(2, 0, 1))
-        captions.append(s.captions[0] if s.captions else "")
-        ids.append(s.id)
-    if not ids:
-        raise ValueError(f"no protected train samples in {protected}")
-    found: dict[str, np.ndarray] = {}
-    for s in iter_samples(clean, "train"):
-        if s.id in ids:
-            found[s.id] = to_working_resolution(s.image_bytes, size)
-            if len(found) == len(ids):
-                break
-    missing = [i for i in ids if i not in found]
-    if missing:
-        raise ValueError(f"clean set {clean} lacks protected ids {missing[:5]}")
-    info = {"method": cfg.get("method"), "epsilon": cfg.get("epsilon")}
-    return np.stack([found[i] for i in ids]), np.stack(prot), captions, info

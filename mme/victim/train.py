@@ -202,39 +202,55 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
                 f"epochs, device {device}, {world.size} process(es)",
                 file=sys.stderr,
             )
-        run = (
-            tracking.start_run(
-                tracking.experiment_name(),
-                f"train-{run_dir.name}",
-                train_params(cfg, prov),
-                tags={"stage": "train", "run_dir": str(run_dir)},
-            )
-            if world.main
-            else nullcontext()
-        )
-        with run:
-            t0 = time.time()
-            view = one_caption_per_draw(cfg.seed) if cfg.view == "images" else nullcontext()
-            with cpu_threads(cfg.threads), seeded_sample_shuffle(cfg.seed), view:
-                with distributed.joined_group():
-                    run_trainer(argv)
-            wall = time.time() - t0
-            distributed.barrier(world)  # every rank is done with the data and the checkpoints
-            if world.main:
-                record = {
-                    "model": cfg.model,
-                    "victim": cfg.model_dump(mode="json", exclude={"nproc"}),
-                    "train_shards": str(shards),
-                    "n_images": n_images,
-                    "n_pairs": n_pairs,
-                    **prov,
-                }
-                finalize_checkpoint(run_dir, cfg.epochs, record)
-                _record_outputs(run_dir, cfg, record, wall, str(device), argv)
+        counts = {"n_images": n_images, "n_pairs": n_pairs}
+        _tracked_training(cfg, shards, run_dir, argv, world, device, prov | counts)
     finally:
         if world.main and not cfg.keep_pairs:
             shutil.rmtree(run_dir / "pairs", ignore_errors=True)
     return run_dir / "checkpoint.pt"
+
+
+def _tracked_training(
+    cfg: VictimConfig,
+    shards: Path,
+    run_dir: Path,
+    argv: list[str],
+    world: distributed.World,
+    device: torch.device,
+    facts: dict[str, Any],
+) -> None:
+    """The trainer inside an MLflow ``train`` run (rank 0), then the finished checkpoint and the
+    run's records; ``facts``: the data provenance plus ``n_images`` and ``n_pairs``."""
+    counts = {k: facts[k] for k in ("n_images", "n_pairs")}
+    prov = {k: v for k, v in facts.items() if k not in counts}
+    run = (
+        tracking.start_run(
+            tracking.experiment_name(),
+            f"train-{run_dir.name}",
+            train_params(cfg, prov),
+            tags={"stage": "train", "run_dir": str(run_dir)},
+        )
+        if world.main
+        else nullcontext()
+    )
+    with run:
+        t0 = time.time()
+        view = one_caption_per_draw(cfg.seed) if cfg.view == "images" else nullcontext()
+        with cpu_threads(cfg.threads), seeded_sample_shuffle(cfg.seed), view:
+            with distributed.joined_group():
+                run_trainer(argv)
+        wall = time.time() - t0
+        distributed.barrier(world)  # every rank is done with the data and the checkpoints
+        if world.main:
+            record = {
+                "model": cfg.model,
+                "victim": cfg.model_dump(mode="json", exclude={"nproc"}),
+                "train_shards": str(shards),
+                **counts,
+                **prov,
+            }
+            finalize_checkpoint(run_dir, cfg.epochs, record)
+            _record_outputs(run_dir, cfg, record, wall, str(device), argv)
 
 
 def training_data(

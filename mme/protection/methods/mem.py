@@ -29,13 +29,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from mme.protection.methods.loop import Loop, split_batches
+from mme.protection.methods.loop import Loop
 from mme.protection.methods.noise_step import update_noise
-from mme.protection.methods.optim import decay_groups
 from mme.protection.methods.surrogate import surrogate_steps, train_surrogate
 from mme.protection.methods.trigger_step import update_triggers
-
-__all__ = ["MEM", "RoundHook", "decay_groups", "split_batches"]
 
 RoundHook = Callable[[int, dict[str, float]], None]
 

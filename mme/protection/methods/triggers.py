@@ -127,8 +127,3 @@ def token_offsets(tokenizer: Any, caption: str) -> list[int]:
     starts = word_starts(caption)
     cuts = starts + [len(caption)]
     return [1 + len(tokenizer.encode(caption[:c])) if c else 1 for c in cuts]
-
-
-def round_trips(tokenizer: Any, ids: list[int]) -> bool:
-    """True when the trigger's text tokenizes back to exactly ``ids``."""
-    return tokenizer.encode(trigger_text(tokenizer, ids)) == list(ids)
