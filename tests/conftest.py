@@ -18,6 +18,20 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # tests and their subprocesses share 2 cores in CI: OpenMP threads spin briefly, then sleep
 prepare_process_env("avx2")
 
+# The smallest poisoning that still runs every step of MEM (tiny surrogate, 2 rounds of one
+# surrogate and one PGD step, 2 HotFlip candidates): seconds on a CPU.
+TINY_POISON = dict(
+    model="mme-tiny-vit",
+    rounds=2,
+    surrogate_steps=1,
+    batch_size=8,
+    trigger_rounds=1,
+    candidates=2,
+    pgd_steps=1,
+    device="cpu",
+    grid_samples=2,
+)
+
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 180, 40),
@@ -92,3 +106,47 @@ def no_stray_outputs_in_the_repo():
     yield
     created = [str(p.relative_to(repo)) for p in watched if p.exists() and not before[p]]
     assert not created, f"tests wrote into the repository: {created}"
+
+
+@pytest.fixture(scope="session")
+def tiny_poison() -> dict:
+    """:data:`TINY_POISON` (a fresh copy): ``PoisonConfig(clean=..., out=..., private=...,
+    **tiny_poison)``; a test changes what it is about (``tiny_poison | {"rounds": 1}``)."""
+    return dict(TINY_POISON)
+
+
+@pytest.fixture(scope="session")
+def orchestrated():
+    """Factory of the Prefect/MLflow test environment: ``with orchestrated(root) as root:`` runs
+    a Prefect test server with PREFECT_HOME under ``root``, a temporary MLflow store
+    (``MME_TRACKING`` on, no parent run inherited) and ``root`` as the working directory."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def environment(root: Path, timeout: int = 120):
+        from prefect.settings import (
+            PREFECT_HOME,
+            PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+            PREFECT_SERVER_ANALYTICS_ENABLED,
+            temporary_settings,
+        )
+        from prefect.testing.utilities import prefect_test_harness
+
+        from mme.track import tracking
+
+        settings = {
+            PREFECT_HOME: root / "prefect",
+            PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / "prefect" / "storage",
+            PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        }
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+            mp.setenv("MME_TRACKING", "on")
+            mp.setenv("OMP_NUM_THREADS", "1")
+            for key in ("MME_PARENT_RUN", "DVC_EXP_NAME", tracking.PARENT_ID_ENV):
+                mp.delenv(key, raising=False)
+            mp.chdir(root)
+            with temporary_settings(updates=settings), prefect_test_harness(timeout):
+                yield root
+
+    return environment

@@ -188,11 +188,11 @@ def test_the_work_folder_may_not_be_inside_the_public_folder(clean, tmp_path):
 def test_surrogate_steps_as_a_fraction_of_an_epoch(epochs, n, batch, want):
     from types import SimpleNamespace
 
-    from mme.protection.methods.mem import MEM
+    from mme.protection.methods.surrogate import surrogate_steps
 
     cfg = SimpleNamespace(surrogate_epochs=epochs, surrogate_steps=7, batch_size=batch)
-    mem = SimpleNamespace(cfg=cfg, store=SimpleNamespace(n=n))
-    assert MEM.surrogate_steps(mem) == want
+    loop = SimpleNamespace(cfg=cfg, store=SimpleNamespace(n=n))
+    assert surrogate_steps(loop) == want
 
 
 def test_torchrun_train_with_two_processes_has_one_writer(tmp_path):

@@ -116,7 +116,7 @@ def test_config_parses_flags_and_rejects_ranges() -> None:
             load_section("poison", None, bad)
 
 
-def test_poison_with_every_eot_transformation(tmp_path, monkeypatch) -> None:
+def test_poison_with_every_eot_transformation(tmp_path, monkeypatch, tiny_poison) -> None:
     """One tiny MEM round through resize + JPEG + bicubic crop: runs, stays in budget."""
     from mme.ingest.prepare import prepare
     from mme.protection.poison import poison
@@ -128,17 +128,9 @@ def test_poison_with_every_eot_transformation(tmp_path, monkeypatch) -> None:
         clean=clean,
         out=tmp_path / "mem",
         private=tmp_path / "private",
-        model="mme-tiny-vit",
-        rounds=1,
-        surrogate_steps=1,
-        batch_size=8,
-        trigger_rounds=1,
-        candidates=2,
-        pgd_steps=2,
-        device="cpu",
-        grid_samples=2,
         eot=["resize", "jpeg", "crop"],
         eot_interpolation="bicubic",
+        **tiny_poison | {"rounds": 1, "pgd_steps": 2},
     )
     manifest = poison(cfg)
     assert manifest["verify"]["ok"] and 0 < manifest["verify"]["max_linf"] <= 8

@@ -11,14 +11,6 @@ import yaml
 
 pytest.importorskip("prefect")
 
-from prefect.settings import (  # noqa: E402
-    PREFECT_HOME,
-    PREFECT_RESULTS_LOCAL_STORAGE_PATH,
-    PREFECT_SERVER_ANALYTICS_ENABLED,
-    temporary_settings,
-)
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-
 from mme.config import DataConfig, EvaluateConfig, PoisonConfig, VictimConfig  # noqa: E402
 from mme.track import tracking  # noqa: E402
 
@@ -28,22 +20,10 @@ TINY_VICTIM = dict(model="mme-tiny-vit", epochs=1, batch_size=8, warmup=1, devic
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory):
+def env(tmp_path_factory: pytest.TempPathFactory, orchestrated):
     """A Prefect test server + PREFECT_HOME and an MLflow store, all temporary; cwd = root."""
-    root = tmp_path_factory.mktemp("flows")
-    settings = {
-        PREFECT_HOME: root / "prefect",
-        PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / "prefect" / "storage",
-        PREFECT_SERVER_ANALYTICS_ENABLED: False,
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("MME_TRACKING", "on")
-        mp.delenv("MME_PARENT_RUN", raising=False)
-        mp.delenv("DVC_EXP_NAME", raising=False)
-        mp.chdir(root)
-        with temporary_settings(updates=settings), prefect_test_harness(120):
-            yield root
+    with orchestrated(tmp_path_factory.mktemp("flows")) as root:
+        yield root
 
 
 def _pipeline_args(root: Path) -> dict:

@@ -15,13 +15,6 @@ import yaml
 pytest.importorskip("prefect")
 
 from prefect import flow  # noqa: E402
-from prefect.settings import (  # noqa: E402
-    PREFECT_HOME,
-    PREFECT_RESULTS_LOCAL_STORAGE_PATH,
-    PREFECT_SERVER_ANALYTICS_ENABLED,
-    temporary_settings,
-)
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows import tasks, torchrun  # noqa: E402
 from mme.config import DataConfig, PoisonConfig, VictimConfig  # noqa: E402
@@ -33,27 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory):
+def env(tmp_path_factory: pytest.TempPathFactory, orchestrated):
     """A Prefect test server, an MLflow store and a 16-image clean set; cwd = root."""
-    root = tmp_path_factory.mktemp("flows-torchrun")
-    settings = {
-        PREFECT_HOME: root / "prefect",
-        PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / "prefect" / "storage",
-        PREFECT_SERVER_ANALYTICS_ENABLED: False,
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("MME_TRACKING", "on")
-        mp.setenv("OMP_NUM_THREADS", "1")
-        for key in ("MME_PARENT_RUN", "DVC_EXP_NAME", tracking.PARENT_ID_ENV):
-            mp.delenv(key, raising=False)
-        mp.chdir(root)
+    with orchestrated(tmp_path_factory.mktemp("flows-torchrun")) as root:
         # 4 shards: webdataset hands each rank whole shards
         prepare(
             DataConfig(source="synthetic", out=root / "clean", n_train=16, n_test=4, shard_size=4)
         )
-        with temporary_settings(updates=settings), prefect_test_harness(120):
-            yield root
+        yield root
 
 
 @flow(name="two-processes")

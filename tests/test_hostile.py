@@ -29,17 +29,6 @@ from mme.protection.export import export
 from mme.protection.poison import poison
 from mme.protection.resume import CKPT, work_dir
 
-FAST = dict(
-    model="mme-tiny-vit",
-    rounds=2,
-    surrogate_steps=1,
-    batch_size=8,
-    trigger_rounds=1,
-    candidates=2,
-    pgd_steps=1,
-    device="cpu",
-    grid_samples=2,
-)
 PUBLIC_MEMBERS = {"png", "json", "txt"}  # all a protected sample may hold
 PUBLIC_META = {
     "id",
@@ -65,8 +54,10 @@ def clean(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def protected(clean) -> PoisonConfig:
-    cfg = PoisonConfig(clean=clean, out=clean.parent / "pub", private=clean.parent / "priv", **FAST)
+def protected(clean, tiny_poison) -> PoisonConfig:
+    cfg = PoisonConfig(
+        clean=clean, out=clean.parent / "pub", private=clean.parent / "priv", **tiny_poison
+    )
     poison(cfg)
     return cfg
 
@@ -117,7 +108,7 @@ def test_published_set_gives_back_no_clean_image(clean, protected):
 
 
 @pytest.fixture(scope="module")
-def protected_random(clean) -> PoisonConfig:
+def protected_random(clean, tiny_poison) -> PoisonConfig:
     """Triggers at random word positions on half of the images: the layouts with most to hide."""
     root = clean.parent / "random"
     cfg = PoisonConfig(
@@ -126,7 +117,7 @@ def protected_random(clean) -> PoisonConfig:
         private=root / "priv",
         trigger_position="random",
         protect_fraction=0.5,
-        **FAST,
+        **tiny_poison,
     )
     poison(cfg)
     return cfg
@@ -227,10 +218,10 @@ def test_path_like_name_never_resolves_outside_destination(tmp_path, key):
         fsio.resolve_under(tmp_path, f"{key}.png" if key else key)
 
 
-def test_planted_checkpoint_runs_no_code_on_resume(clean, tmp_path):
+def test_planted_checkpoint_runs_no_code_on_resume(clean, tmp_path, tiny_poison):
     """`--resume` used to unpickle <work>/checkpoint.pt: a planted one ran code."""
     marker = tmp_path / "pwned"
-    cfg = PoisonConfig(clean=clean, out=tmp_path / "out", private=tmp_path / "priv", **FAST)
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "out", private=tmp_path / "priv", **tiny_poison)
 
     class Payload:
         def __reduce__(self):
@@ -328,11 +319,11 @@ def test_prepare_onto_a_folder_it_did_not_make_is_refused(tmp_path):
 # ------------------------------------------------------------------- wrong results that look right
 
 
-def test_resume_onto_a_remade_clean_set_is_refused(tmp_path):
+def test_resume_onto_a_remade_clean_set_is_refused(tmp_path, tiny_poison):
     """The clean set was re-made at the same path; --resume mixed old state into new data."""
     clean = tmp_path / "clean"
     prepare(DataConfig(source="synthetic", out=clean, n_train=16, n_test=4, image_size=64))
-    cfg = PoisonConfig(clean=clean, out=tmp_path / "out", private=tmp_path / "priv", **FAST)
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "out", private=tmp_path / "priv", **tiny_poison)
 
     class Killed(Exception):
         pass
@@ -371,7 +362,7 @@ def test_second_writer_in_another_process_is_refused(tmp_path):
     assert done.stdout.strip() == "got it"
 
 
-def test_set_failing_verification_has_no_manifest(clean, tmp_path, monkeypatch):
+def test_set_failing_verification_has_no_manifest(clean, tmp_path, monkeypatch, tiny_poison):
     """The manifest was written before verify ran: a failed set still looked complete."""
     from mme.protection import verify as verify_module
 
@@ -383,14 +374,14 @@ def test_set_failing_verification_has_no_manifest(clean, tmp_path, monkeypatch):
         return report
 
     monkeypatch.setattr(verify_module, "verify", failing)
-    cfg = PoisonConfig(clean=clean, out=tmp_path / "out", private=tmp_path / "priv", **FAST)
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "out", private=tmp_path / "priv", **tiny_poison)
     with pytest.raises(RuntimeError, match="failed verification"):
         poison(cfg)
     assert not (cfg.out / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("where", ["inside_clean", "private_is_out", "out_inside_private"])
-def test_poison_output_overlapping_an_input_is_refused(clean, tmp_path, where):
+def test_poison_output_overlapping_an_input_is_refused(clean, tmp_path, where, tiny_poison):
     out, priv = {
         "inside_clean": (clean / "pub", tmp_path / "priv"),
         "private_is_out": (tmp_path / "same", tmp_path / "same"),
@@ -398,16 +389,16 @@ def test_poison_output_overlapping_an_input_is_refused(clean, tmp_path, where):
     }[where]
     before = files_under(clean)
     with pytest.raises(ConfigError, match="poison"):
-        poison(PoisonConfig(clean=clean, out=out, private=priv, **FAST))
+        poison(PoisonConfig(clean=clean, out=out, private=priv, **tiny_poison))
     assert files_under(clean) == before and not out.exists()
 
 
-def test_poison_onto_a_folder_it_did_not_make_is_refused(clean, tmp_path):
+def test_poison_onto_a_folder_it_did_not_make_is_refused(clean, tmp_path, tiny_poison):
     out = tmp_path / "photos"
     out.mkdir()
     (out / "train-000000.tar").write_bytes(b"my own archive")
     with pytest.raises(ConfigError, match="not made by `mme poison`"):
-        poison(PoisonConfig(clean=clean, out=out, private=tmp_path / "priv", **FAST))
+        poison(PoisonConfig(clean=clean, out=out, private=tmp_path / "priv", **tiny_poison))
     assert (out / "train-000000.tar").read_bytes() == b"my own archive"
 
 
@@ -654,8 +645,8 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
-def test_checkpoint_holds_tensors_and_plain_data_only(clean, tmp_path):
-    cfg = PoisonConfig(clean=clean, out=tmp_path / "out", private=tmp_path / "priv", **FAST)
+def test_checkpoint_holds_tensors_and_plain_data_only(clean, tmp_path, tiny_poison):
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "out", private=tmp_path / "priv", **tiny_poison)
 
     def stop(r, stats):
         raise KeyboardInterrupt
@@ -716,7 +707,9 @@ def test_planted_prefect_result_runs_no_code(tmp_path):
     assert not marker.exists()
 
 
-def test_rerun_over_old_layout_removes_private_files_from_public_folder(clean, tmp_path):
+def test_rerun_over_old_layout_removes_private_files_from_public_folder(
+    clean, tmp_path, tiny_poison
+):
     """An output made before the split held noise.npy and grid.png beside the shards: a new run
     over it must not leave them in the folder that gets published."""
     out = tmp_path / "out"
@@ -724,7 +717,7 @@ def test_rerun_over_old_layout_removes_private_files_from_public_folder(clean, t
     shards.write_json_atomic(out / "manifest.json", {"created_by": "mme poison"})
     for name in ("noise.npy", "triggers.json", "grid.png"):
         (out / name).write_bytes(b"old private data")
-    poison(PoisonConfig(clean=clean, out=out, private=tmp_path / "priv", **FAST))
+    poison(PoisonConfig(clean=clean, out=out, private=tmp_path / "priv", **tiny_poison))
     assert {p.name for p in out.iterdir()} == {fsio.OWNER, "manifest.json", "train-000000.tar"}
 
 

@@ -57,7 +57,7 @@ def test_write_keeps_the_bytes_of_the_dict(tmp_path):
     assert read_manifest(tmp_path).images("train") == 1 and read_manifest(tmp_path).images("x") == 0
 
 
-def test_a_baseline_writes_a_single_trigger_len(tmp_path, monkeypatch):
+def test_a_baseline_writes_a_single_trigger_len(tmp_path, monkeypatch, tiny_poison):
     from mme.ingest.prepare import prepare
     from mme.protection.poison import poison
 
@@ -68,9 +68,7 @@ def test_a_baseline_writes_a_single_trigger_len(tmp_path, monkeypatch):
         clean=clean,
         out=tmp_path / "r",
         private=tmp_path / "p",
-        method="random",
-        model="mme-tiny-vit",
-        device="cpu",
+        **tiny_poison | {"method": "random"},
     )
     poison(cfg)
     raw = json.loads((tmp_path / "r" / "manifest.json").read_text())

@@ -20,17 +20,11 @@ from mme.config import ConfigError, DataConfig, PoisonConfig
 from mme.ingest.prepare import prepare
 from mme.protection.poison import poison
 
-FAST = dict(
-    model="mme-tiny-vit",
-    rounds=2,
-    surrogate_steps=2,
-    batch_size=8,
-    trigger_rounds=1,
-    candidates=2,
-    pgd_steps=2,
-    device="cpu",
-    grid_samples=2,
-)
+
+@pytest.fixture(scope="module")
+def fast(tiny_poison: dict) -> dict:
+    """This file's runs: the shared tiny settings with 2 surrogate and 2 PGD steps a round."""
+    return tiny_poison | {"surrogate_steps": 2, "pgd_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +43,8 @@ def tar_bytes(folder: Path) -> list[bytes]:
     return [p.read_bytes() for p in shards.shard_paths(folder, "train")]
 
 
-def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
-    cfg = PoisonConfig(clean=clean, out=tmp_path / "mem", private=tmp_path / "priv", **FAST)
+def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path, fast):
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "mem", private=tmp_path / "priv", **fast)
     manifest = poison(cfg)
     out, private = cfg.out, cfg.private
     assert {p.name for p in out.iterdir()} == {".mme-owner", "manifest.json", "train-000000.tar"}
@@ -84,7 +78,7 @@ def test_mem_outputs_are_within_budget_and_carry_triggers(clean, tmp_path):
     assert "trigger_word" not in json.loads((private / "triggers.json").read_text())
 
 
-def test_random_trigger_positions_verify_and_survive_strip_trigger(clean, tmp_path):
+def test_random_trigger_positions_verify_and_survive_strip_trigger(clean, tmp_path, fast):
     """Issue 11: `strip-trigger` removed every MEM trigger (always the first words). At a
     random word position per image (natural words from the captions) most triggers stay."""
     from mme.config import AttackConfig
@@ -97,7 +91,7 @@ def test_random_trigger_positions_verify_and_survive_strip_trigger(clean, tmp_pa
         private=tmp_path / "priv",
         trigger_position="random",
         trigger_vocab="words",
-        **FAST,
+        **fast,
     )
     manifest = poison(cfg)
     assert manifest["verify"]["ok"]
@@ -138,19 +132,19 @@ def test_random_trigger_positions_verify_and_survive_strip_trigger(clean, tmp_pa
     assert sum(kept) > 0.5 * len(kept)
 
 
-def test_a_last_batch_of_one_image_still_gets_noise(clean, tmp_path):
+def test_a_last_batch_of_one_image_still_gets_noise(clean, tmp_path, fast):
     """Regression: 16 images in batches of 5 left one image alone; its ClipLoss was 0, so after
     one round its noise was still all zero."""
-    fast = FAST | {"rounds": 1, "batch_size": 5}
+    fast = fast | {"rounds": 1, "batch_size": 5}
     poison(PoisonConfig(clean=clean, out=tmp_path / "mem", private=tmp_path / "p", **fast))
     noise = np.load(tmp_path / "p" / "noise.npy")
     assert (np.abs(noise).reshape(len(noise), -1).max(axis=1) > 0).all()
 
 
 @pytest.mark.parametrize("method", ["random", "em", "errmax"])
-def test_baselines_have_no_trigger_and_respect_budget(clean, tmp_path, method):
+def test_baselines_have_no_trigger_and_respect_budget(clean, tmp_path, method, fast):
     cfg = PoisonConfig(
-        clean=clean, out=tmp_path / method, private=tmp_path / "p", method=method, epsilon=4, **FAST
+        clean=clean, out=tmp_path / method, private=tmp_path / "p", method=method, epsilon=4, **fast
     )
     poison(cfg)
     noise = np.load(cfg.private / "noise.npy")
@@ -160,9 +154,9 @@ def test_baselines_have_no_trigger_and_respect_budget(clean, tmp_path, method):
         assert s.captions == clean_caps[s.id] and not set(shards.PRIVATE_META) & set(s.meta)
 
 
-def test_partial_protection_leaves_the_rest_untouched(clean, tmp_path):
+def test_partial_protection_leaves_the_rest_untouched(clean, tmp_path, fast):
     cfg = PoisonConfig(
-        clean=clean, out=tmp_path / "half", private=tmp_path / "p", protect_fraction=0.5, **FAST
+        clean=clean, out=tmp_path / "half", private=tmp_path / "p", protect_fraction=0.5, **fast
     )
     manifest = poison(cfg)
     assert manifest["n_protected"] == 8
@@ -180,8 +174,8 @@ class Killed(Exception):
     pass
 
 
-def test_killed_and_resumed_run_gives_identical_shards(clean, tmp_path):
-    kw = {**FAST, "rounds": 3, "trigger_rounds": 2}
+def test_killed_and_resumed_run_gives_identical_shards(clean, tmp_path, fast):
+    kw = {**fast, "rounds": 3, "trigger_rounds": 2}
     full = PoisonConfig(clean=clean, out=tmp_path / "full", private=tmp_path / "pf", **kw)
     poison(full)
 
@@ -205,14 +199,14 @@ def test_killed_and_resumed_run_gives_identical_shards(clean, tmp_path):
     assert "seconds" not in json.dumps(manifests[0])
 
 
-def test_protected_bytes_do_not_depend_on_the_thread_count(clean, tmp_path):
+def test_protected_bytes_do_not_depend_on_the_thread_count(clean, tmp_path, fast):
     """Issue 14: two machines (or OMP_NUM_THREADS) with other thread counts gave other bytes:
     CPU kernels split reductions per thread. The loop runs at ``poison.threads`` regardless."""
     cfg = PoisonConfig(
         clean=clean,
         out=tmp_path / "mem",
         private=tmp_path / "private",
-        **{**FAST, "surrogate_steps": 4},
+        **{**fast, "surrogate_steps": 4},
     )
     before = torch.get_num_threads()
     outputs = []
@@ -301,25 +295,25 @@ def test_bad_params_fail_before_work(clean, tmp_path, capsys, flags, needle):
     assert not (tmp_path / "x").exists()
 
 
-def test_empty_or_missing_dataset_fails_clearly(tmp_path):
+def test_empty_or_missing_dataset_fails_clearly(tmp_path, fast):
     with pytest.raises(ConfigError, match="not found"):
-        poison(PoisonConfig(clean=tmp_path / "nothing", out=tmp_path / "o", **FAST))
+        poison(PoisonConfig(clean=tmp_path / "nothing", out=tmp_path / "o", **fast))
     assert not (tmp_path / "o").exists()
     empty = tmp_path / "empty"
     shards.write_json_atomic(
         empty / "manifest.json", {"splits": {"train": {"images": 0}, "test": {"images": 0}}}
     )
     with pytest.raises(ConfigError, match="no images"):
-        poison(PoisonConfig(clean=empty, out=tmp_path / "o", **FAST))
+        poison(PoisonConfig(clean=empty, out=tmp_path / "o", **fast))
 
 
-def test_poison_is_tracked_in_mlflow(clean, tmp_path, monkeypatch):
+def test_poison_is_tracked_in_mlflow(clean, tmp_path, monkeypatch, fast):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MME_TRACKING", "on")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cfg = PoisonConfig(clean=clean, out=tmp_path / "tracked", private=tmp_path / "p", **FAST)
+    cfg = PoisonConfig(clean=clean, out=tmp_path / "tracked", private=tmp_path / "p", **fast)
     poison(cfg)
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
@@ -353,8 +347,8 @@ def test_parallel_png_encoding_is_byte_identical(tmp_path, n):
     )
 
 
-def test_protected_set_does_not_depend_on_write_workers(clean, tmp_path):
-    fast = FAST | {"rounds": 1, "method": "random"}
+def test_protected_set_does_not_depend_on_write_workers(clean, tmp_path, fast):
+    fast = fast | {"rounds": 1, "method": "random"}
     a = poison(
         PoisonConfig(
             clean=clean, out=tmp_path / "a", private=tmp_path / "pa", write_workers=1, **fast
