@@ -1,9 +1,10 @@
 """Command line: ``mme SUBCOMMAND`` / ``python -m mme SUBCOMMAND``.
 
-Each subcommand lives in its stage module, which provides ``add_arguments(parser)`` and
-``run(args) -> int``. Flags of the stages that need torch are declared in :mod:`mme.arguments`,
-and a module is imported only when its subcommand runs, so ``--help`` and every parse error
-answer without loading torch (``mme poison --help`` well under a second).
+Each subcommand lives in its module (a stage's, or the app's), which provides
+``add_arguments(parser)`` and ``run(args) -> int``. Flags of the stages that need torch are
+declared in :mod:`mme.arguments`, and a module is imported only when its subcommand runs, so
+``--help`` and every parse error answer without loading torch (``mme poison --help`` well under
+a second).
 
 Every user error is one line ``mme COMMAND: what is wrong: how to fix it`` and exit code 2.
 """

@@ -1,4 +1,5 @@
-"""The Python API: light import, callable stage modules, typed results, the docs example runs."""
+"""The Python API: light import, the API functions (no callable modules), typed results, the docs
+example runs."""
 
 from __future__ import annotations
 
@@ -31,10 +32,19 @@ def test_import_mme_is_light():
     assert out.stdout.strip() == "[]", out.stderr
 
 
-def test_stage_modules_are_the_api_functions(tmp_path):
+def test_api_names_are_functions_that_wrap_the_stages(tmp_path):
+    """Issue 22: ``mme.poison`` was the stage module made callable, so every stage imported the
+    API module back. The four names are now mme.app.api's functions."""
+    import types
+
+    from mme.app import api
     from mme.ingest.prepare import (
         prepare as stage_function,  # the module's own function still works
     )
+
+    for name in ("protect", "prepare", "poison", "evaluate"):
+        assert isinstance(getattr(mme, name), types.FunctionType)
+        assert getattr(mme, name) is getattr(api, name)
 
     manifest = mme.prepare(
         source="synthetic", out=tmp_path / "c", n_train=3, n_test=1, image_size=32
