@@ -87,6 +87,23 @@ def read_regular(path: Path | str, max_bytes: int) -> bytes:
     hanging the open; the type and size are checked on the open descriptor, and reading stops at
     ``max_bytes + 1`` so a file that grows (or lies about its size, as /proc files do) is bounded.
     """
+    with _open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        if st.st_size > max_bytes:
+            raise TooLarge(errno.EFBIG, f"{st.st_size} bytes > cap {max_bytes}", str(path))
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLarge(errno.EFBIG, f"more than the cap of {max_bytes} bytes", str(path))
+    return data
+
+
+def read_head(path: Path | str, n: int) -> bytes:
+    """The first ``n`` bytes of ``path`` if it is a plain file (not a symlink, FIFO, device)."""
+    with _open_regular(path) as f:
+        return f.read(n)
+
+
+def _open_regular(path: Path | str) -> IO[bytes]:
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
@@ -94,16 +111,11 @@ def read_regular(path: Path | str, max_bytes: int) -> bytes:
         if err.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
             raise NotRegularFile(errno.ELOOP, "is a symlink (not followed)", str(path)) from None
         raise
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFile(errno.EINVAL, "is not a regular file", str(path))
-        if st.st_size > max_bytes:
-            raise TooLarge(errno.EFBIG, f"{st.st_size} bytes > cap {max_bytes}", str(path))
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise TooLarge(errno.EFBIG, f"more than the cap of {max_bytes} bytes", str(path))
-    return data
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise NotRegularFile(errno.EINVAL, "is not a regular file", str(path))
+    return f
 
 
 # ------------------------------------------------------------------------------ output paths

@@ -17,6 +17,7 @@ CORE = (
     "mme.config",
     "mme.paths",
     "mme.fsio",
+    "mme.guard",  # the one output guard (ownership, ties, overlap, locks)
     "mme.limits",
     "mme.shards",
     "mme.manifest",
