@@ -80,6 +80,10 @@ class TooLarge(OSError):
     """A file over the byte cap of its kind."""
 
 
+class OutsideRoot(OSError):
+    """A path that input data names outside its source's root (mme.ingest.sources.guard)."""
+
+
 def read_regular(path: Path | str, max_bytes: int) -> bytes:
     """The bytes of ``path`` if it is a plain file (not a symlink) of at most ``max_bytes``.
 
@@ -157,49 +161,7 @@ def check_disjoint(
 
 # ------------------------------------------------------------------------- folder ownership
 
-OWNER = ".mme-owner"  # names the mme command that made a folder; see claim()
-
-
-def claim(folder: Path | str, command: str) -> None:
-    """Make sure ``folder`` may be (re)written by ``command``, and mark it as its own.
-
-    Allowed: an absent or empty folder, one whose marker names ``command``, or (outputs made
-    before markers existed) one whose ``manifest.json`` says ``created_by: command``. Anything
-    else (a home folder, another command's output) raises :class:`UnsafePath` and is not touched.
-    """
-    folder = Path(folder)
-    require_owned(folder, command)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / OWNER
-    if not marker.is_file():
-        write_text(marker, command + "\n")
-
-
-def require_owned(folder: Path | str, command: str) -> None:
-    """Raise :class:`UnsafePath` unless ``folder`` may be replaced by ``command``."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UnsafePath(f"{folder} exists and is not a folder")
-    if not owned_by(folder, command):
-        raise UnsafePath(
-            f"{folder} is not empty and was not made by `{command}`: refusing to overwrite it"
-            " (choose another folder, or remove it yourself)"
-        )
-
-
-def owned_by(folder: Path, command: str) -> bool:
-    """True when ``folder`` is absent, empty or made by ``command`` (see :func:`claim`)."""
-    if not folder.is_dir() or not any(folder.iterdir()):
-        return not folder.exists() or folder.is_dir()
-    marker, manifest = folder / OWNER, folder / "manifest.json"
-    if marker.is_file() and not marker.is_symlink():
-        return marker.read_text(errors="replace").strip() == command
-    if manifest.is_file() and not manifest.is_symlink():
-        try:
-            return json.loads(manifest.read_bytes()[: 1 << 24]).get("created_by") == command
-        except (ValueError, AttributeError):
-            return False
-    return False
+OWNER = ".mme-owner"  # the marker naming the mme command (and run) that made a folder: mme.guard
 
 
 # ---------------------------------------------------------------------------------- locking

@@ -159,7 +159,9 @@ def check(
         try:
             fsio.check_disjoint(out.path, {**inputs, **others}, out.flag)
         except fsio.UnsafePath as err:
-            raise OutputRefused(f"{err}: outputs never overlap an input or each other") from None
+            raise OutputRefused(
+                f"{err}: outputs must differ from the inputs and each other (none overlaps one)"
+            ) from None
         if isinstance(out, File):
             _check_file(command, out)
         else:
@@ -187,10 +189,14 @@ def _check_folder(command: str, out: Folder, force: bool) -> None:
     if owner is None:
         return  # absent or empty: a fresh output
     if owner.command != command or owner.role != out.role:
-        made = f"made by `{owner.command}` ({owner.role})" if owner.command else "not made by mme"
+        made = f"`{owner.command}` made it as its {owner.role} folder" if owner.command else ""
+        noun = command.split()[-1]  # say why --force does not help either
+        force_note = f"; --force replaces only an earlier {noun}, this is not one"
+        force_note = force_note if out.needs_force else ""
         raise OutputRefused(
-            f"{out.flag} {path} is not empty and {made}, not by `{command}` ({out.role}): "
-            "refusing to touch it (choose another folder, or remove it yourself)"
+            f"{out.flag} {path} is not empty and was not made by `{command}` as its "
+            f"{out.role} folder ({made or 'no mme command made it'}): refusing to touch it "
+            f"(choose another folder, or remove it yourself){force_note}"
         )
     _check_tie(out, owner)
     if out.needs_force and not force:

@@ -21,3 +21,9 @@ PREFECT_RUNS = Path("runs/prefect")  # the served Prefect pipeline's outputs, ne
 def victim_run(shard_dir: Path | str) -> Path:
     """``mme train``'s run folder for ``shard_dir`` (and ``mme evaluate``'s checkpoint's)."""
     return RUNS / f"victim-{Path(shard_dir).name}"
+
+
+def private_for(public: Path | str) -> Path:
+    """``mme poison``'s default private folder for the public folder ``public``:
+    ``data/private/<its name>`` (``data/protected/mem`` -> ``data/private/mem``)."""
+    return PRIVATE.parent / Path(public).name

@@ -50,7 +50,7 @@ def test_folder_of_another_command_is_refused_untouched(tmp_path):
     with claim("mme prepare", [Folder(out)], {}):
         (out / "train-000000.tar").write_bytes(b"clean")
     before = files_of(out)
-    with pytest.raises(OutputRefused, match="made by `mme prepare`"):
+    with pytest.raises(OutputRefused, match="`mme prepare` made it"):
         with claim("mme attack", [Folder(out)], {}):
             pytest.fail("must not get here")
     assert files_of(out) == before
@@ -106,7 +106,7 @@ def test_user_folder_without_marker_is_refused(tmp_path):
     home.mkdir()
     (home / "thesis.tex").write_text("years of work")
     for force in (False, True):
-        with pytest.raises(OutputRefused, match="not made by mme"):
+        with pytest.raises(OutputRefused, match="no mme command made it"):
             with claim("mme export", [Folder(home, needs_force=True)], {}, force=force):
                 pass
     assert (home / "thesis.tex").read_text() == "years of work"

@@ -26,7 +26,7 @@ from mme import cli, fsio, imageops, limits, shards
 from mme.config import ConfigError, DataConfig, PoisonConfig
 from mme.ingest.prepare import prepare
 from mme.protection.export import export
-from mme.protection.poison import poison
+from mme.protection.poison import claim_outputs, poison
 from mme.protection.resume import CKPT, work_dir
 
 PUBLIC_MEMBERS = {"png", "json", "txt"}  # all a protected sample may hold
@@ -227,7 +227,8 @@ def test_planted_checkpoint_runs_no_code_on_resume(clean, tmp_path, tiny_poison)
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    fsio.claim(cfg.private, "mme poison")  # a killed run's folder, with a planted checkpoint
+    with claim_outputs(cfg):  # a killed run's folders, with a planted checkpoint
+        pass
     work = work_dir(cfg)
     work.mkdir(parents=True)
     (work / CKPT).write_bytes(pickle.dumps({"config_hash": Payload()}, protocol=2))
@@ -686,14 +687,13 @@ def test_flow_entry_point_outside_make_phones_no_home():
 
 def test_planted_prefect_result_runs_no_code(tmp_path):
     """Cached task results are read back from disk: they must be JSON, not pickles."""
-    from prefect.serializers import JSONSerializer, Serializer
-
     from flows import tasks
+    from flows.results import PlainJSON, PlainRecordsOnly
 
     for task in (tasks.prepare_task, tasks.poison_task, tasks.train_task, tasks.evaluate_task):
-        ser = task.result_serializer
-        assert isinstance(Serializer(type=ser) if isinstance(ser, str) else ser, JSONSerializer)
-    ser = JSONSerializer()
+        assert isinstance(task.result_serializer, PlainJSON)  # plain JSON types and paths only
+        assert isinstance(task.cache_policy, PlainRecordsOnly)  # only such records are read
+    ser = PlainJSON()
     assert ser.loads(ser.dumps(Path("a/b"))) == Path("a/b")
     assert ser.loads(ser.dumps({"i2t_r1": 1.5})) == {"i2t_r1": 1.5}
     marker = tmp_path / "pwned"

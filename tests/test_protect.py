@@ -134,7 +134,7 @@ def test_never_writes_into_or_deletes_a_foreign_private_folder(photos, tmp_path,
     for extra in ([], ["--force"]):
         argv = ["protect", str(photos), str(tmp_path / "pub"), "--private", str(mine), *extra]
         assert cli.main([*argv, *TINY]) == 2
-        assert "not made by mme protect" in capsys.readouterr().err
+        assert "not made by `mme protect`" in capsys.readouterr().err
     assert (mine / "letter.txt").read_text() == "keep me"
 
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mme import fsio, guard
 from mme.app.settings import (
     FIXED,
     ProtectConfig,
@@ -38,6 +39,7 @@ from mme.app.settings import (
 )
 from mme.config import PHOTO_PROFILE, ConfigError, PoisonConfig, add_section_arguments, params_file
 
+OWNER = "mme protect"
 STAGES = ("prepare", "poison", "verify", "export")
 STATE = "protect.json"
 VERIFY_REPORT = "verify.json"
@@ -54,31 +56,24 @@ Publish only the output folder that `mme protect` printed.
 """
 
 
+def folders(cfg: ProtectConfig) -> tuple[guard.Folder, guard.Folder]:
+    """OUTPUT (an earlier ``mme protect`` output, replaced with --force) and the private area
+    (made by ``mme protect`` for this OUTPUT), for :mod:`mme.guard`."""
+    published = guard.Folder(Path(cfg.output), "out", "OUTPUT", needs_force=True)
+    private = guard.Folder(cfg.private_dir, "private", "--private", tied_to=Path(cfg.output))
+    return published, private
+
+
 def check_paths(cfg: ProtectConfig, resume: bool) -> None:
     """Before any work: INPUT, OUTPUT and the private area must not overlap or clash."""
-    inp, out, priv = (Path(p).resolve() for p in (cfg.input, cfg.output, cfg.private_dir))
-    for a, b, what in ((out, inp, "OUTPUT"), (priv, inp, "the private area"), (priv, out, "")):
-        if a == b or b in a.parents or (what and a in b.parents):
-            raise ConfigError(
-                f"{what or 'the private area'} ({a}) overlaps {b}: choose folders apart"
-            )
     state = cfg.private_dir / STATE
     if state.exists() and not (cfg.force or resume):
         raise ConfigError(
             f"{cfg.private_dir} holds an earlier run: pass --resume to continue it "
             "or --force to start over"
         )
-    foreign = cfg.private_dir.is_dir() and any(cfg.private_dir.iterdir()) and not state.exists()
-    if foreign:  # never write into (or, with --force, delete) a folder we did not make
-        raise ConfigError(
-            f"private area {cfg.private_dir} is not empty and was not made by mme protect: "
-            "empty it or pass another --private"
-        )
-    occupied = cfg.output.exists() and any(Path(cfg.output).iterdir())
-    if occupied and not (cfg.force or resume):
-        raise ConfigError(
-            f"output {cfg.output} exists and is not empty: pass --force to replace it"
-        )
+    # never write into (or, with --force, delete) a folder we did not make
+    guard.check(OWNER, folders(cfg), {"INPUT": cfg.input}, force=cfg.force or resume)
 
 
 # ---------------------------------------------------------------------------------- state
@@ -95,14 +90,16 @@ def _read_state(cfg: ProtectConfig, resume: bool) -> dict[str, Any]:
                 "or pass --force to start over"
             )
         return state
-    if cfg.force and cfg.private_dir.exists():
-        shutil.rmtree(cfg.private_dir)
+    if cfg.force and cfg.private_dir.exists():  # checked: made by mme protect for OUTPUT
+        for entry in cfg.private_dir.iterdir():  # all but its marker
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.name != fsio.OWNER:
+                entry.unlink()
     return {"settings": want, "done": [], "results": {}}
 
 
 def _save_state(cfg: ProtectConfig, state: dict[str, Any]) -> None:
-    from mme import fsio
-
     fsio.write_json(cfg.private_dir / STATE, state)
 
 
@@ -124,7 +121,6 @@ def _stage_prepare(cfg: ProtectConfig) -> dict[str, Any]:
 
 
 def _stage_poison(cfg: ProtectConfig, resume: bool) -> dict[str, Any]:
-    from mme import fsio
     from mme.protection.poison import poison
 
     def keep_report(report: Any) -> None:  # poison verifies its output once: keep that report
@@ -143,7 +139,6 @@ def _stage_verify(cfg: ProtectConfig) -> dict[str, Any]:
     if path.is_file():
         d = json.loads(path.read_text())
     else:
-        from mme import fsio
         from mme.protection.verify import verify
 
         d = verify(private / "clean", private / "protected", private=private / "noise").to_dict()
@@ -156,7 +151,7 @@ def _stage_verify(cfg: ProtectConfig) -> dict[str, Any]:
 def _stage_export(cfg: ProtectConfig) -> dict[str, Any]:
     from mme.protection.export import export
 
-    result = export(cfg.private_dir / "protected", cfg.output, "folder", force=True)
+    result = export(cfg.private_dir / "protected", cfg.output, "folder", True, command=OWNER)
     return {"captions": sum(c["captions"] or 0 for c in result["splits"].values())}
 
 
@@ -175,9 +170,15 @@ def protect(cfg: ProtectConfig, resume: bool = False) -> ProtectResult:
     t0 = time.perf_counter()
     check_paths(cfg, resume)
     data_config(cfg), poison_config(cfg)  # validate every setting before any work
+    private, inputs = folders(cfg)[1], {"INPUT": cfg.input}
+    settings = settings_hash(cfg)
+    with guard.claim(OWNER, [private], inputs, force=cfg.force or resume, settings=settings):
+        return _run_stages(cfg, resume, t0)
+
+
+def _run_stages(cfg: ProtectConfig, resume: bool, t0: float) -> ProtectResult:
     state = _read_state(cfg, resume)
-    cfg.private_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.private_dir / "README.txt").write_text(PRIVATE_README, encoding="utf-8")
+    fsio.write_text(cfg.private_dir / "README.txt", PRIVATE_README)
     runners = {
         "prepare": lambda: _stage_prepare(cfg),
         "poison": lambda: _stage_poison(cfg, resume),

@@ -49,6 +49,9 @@ class DataConfig(Section):
     )
     delimiter: str = Field(",", description="csv: field delimiter")
     image_root: Path | None = Field(None, description="csv: folder the image paths are under")
+    allow_absolute_paths: bool = Field(
+        False, description="csv: read absolute image paths outside image_root as they are"
+    )
     # folder / webdataset sources
     input: Path | None = Field(
         None, description="folder/webdataset: the input folder; hf: save_to_disk folder/parquet"
@@ -88,7 +91,11 @@ class PoisonConfig(Section):
     )
     clean: Path = Field(paths.CLEAN, description="clean shards from prepare")
     out: Path = Field(paths.PROTECTED, description="PUBLIC: protected shards + manifest only")
-    private: Path = Field(paths.PRIVATE, description="PRIVATE: noise, triggers, grid, work files")
+    private: Path | None = Field(
+        None,
+        description="PRIVATE: noise, triggers, grid, work files (default: data/private/<name"
+        " of out>, tied to out)",
+    )
     model: str = Field("mme-tiny-vit", description="surrogate open_clip config (paper: RN50)")
     pretrained: Path | None = Field(
         None,
@@ -140,6 +147,12 @@ class PoisonConfig(Section):
     )
     protect_fraction: float = Field(1.0, gt=0, le=1, description="share of images protected")
     seed: int = Field(0, description="seed of the surrogate, triggers and subset")
+    noise_seed: int | None = Field(
+        None,
+        ge=0,
+        description="random baseline: seed of its noise (default: drawn from the OS; kept in "
+        "the private triggers.json only)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available")
     compile: bool = Field(False, description="torch.compile the image tower")
     threads: int = Field(
@@ -171,6 +184,14 @@ class PoisonConfig(Section):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _private_of_out(self) -> PoisonConfig:
+        # the default private folder follows out: a second run with another out never shares
+        # (and overwrites) the first one's noise (mme.guard refuses a private folder of another)
+        if self.private is None:
+            object.__setattr__(self, "private", paths.private_for(self.out))
+        return self
 
     @model_validator(mode="after")
     def _eot_ranges(self) -> PoisonConfig:

@@ -13,16 +13,19 @@ The input is never modified.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from mme import __version__, fsio, paths, shards
+from mme import __version__, fsio, guard, paths, shards
 from mme.config import AttackConfig, ConfigError, add_section_arguments, section_from_args
 from mme.countermeasures import transforms
 
+OWNER = "mme attack"
 CARRIED_KEYS = (
     "method",
     "epsilon",
@@ -50,8 +53,6 @@ def check_inputs(cfg: AttackConfig) -> dict[str, Any]:
     bad = [s for s in splits if not shards.KEY_RE.match(str(s))]
     if bad:  # split names become file names: nothing that could leave the folder
         raise ConfigError(f"attack.protected = {str(cfg.protected)!r}: bad split names {bad}")
-    if output_dir(cfg).resolve() == Path(cfg.protected).resolve():
-        raise ConfigError("attack.out must differ from attack.protected (the input is kept)")
     return manifest
 
 
@@ -83,23 +84,60 @@ def attack_sample(spec: transforms.AttackSpec, sample: shards.Sample, seed: int)
 def attack_split(
     cfg: AttackConfig, spec: transforms.AttackSpec, split: str, out: Path, n: int | None
 ) -> dict[str, Any]:
-    """Transform one split into ``out``; returns ``{"images", "captions", "shards"}``."""
+    """Transform one split into ``out``; returns ``{"images", "captions", "shards",
+    "skipped_counts"}``: a sample that cannot be attacked (an image that is not one, or a bomb;
+    an id seen before) is left out and counted, never a crash."""
     writer = shards.ShardWriter(out, split, cfg.shard_size)
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
     it = shards.iter_samples(cfg.protected, split)
     for sample in tqdm(it, total=n, desc=f"{spec} {split}", unit="img", file=sys.stderr):
-        writer.write(attack_sample(spec, sample, cfg.seed))
+        if sample.id in seen:  # two samples with one key would collide in the training data
+            skipped["duplicate_id"] += 1
+            continue
+        seen.add(sample.id)
+        try:
+            writer.write(attack_sample(spec, sample, cfg.seed))
+        except shards.BadImage:
+            skipped["unreadable_image"] += 1
     records = writer.close()
-    return {"images": writer.n_samples, "captions": writer.n_captions, "shards": records}
+    return {
+        "images": writer.n_samples,
+        "captions": writer.n_captions,
+        "shards": records,
+        "skipped_counts": dict(sorted(skipped.items())),
+    }
 
 
 def attack(cfg: AttackConfig) -> dict[str, Any]:
-    """Write the attacked copy of ``cfg.protected``; returns its manifest."""
+    """Write the attacked copy of ``cfg.protected``; returns its manifest. The output folder
+    goes through :mod:`mme.guard`: an earlier ``mme attack`` output is replaced, anything else
+    (a clean set, a protected set, a user's folder) is refused untouched."""
     source = check_inputs(cfg)
     spec = transforms.parse_spec(cfg.transform)
-    out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    # while shards are being replaced no manifest may describe the folder
-    (out / "manifest.json").unlink(missing_ok=True)
+    out = guard.Folder(output_dir(cfg), flag="attack.out", staged=True)
+    inputs = {"attack.protected": cfg.protected}
+    with guard.claim(OWNER, [out], inputs, settings=cfg.model_dump(mode="json")) as claim:
+        stage = fsio.staging_dir(out.path)  # built beside it: a failed run keeps the old one
+        try:
+            claim.mark(stage, out)
+            manifest = _attack(cfg, spec, source, stage)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        fsio.replace_dir(stage, out.path)
+    counts = ", ".join(f"{s} {v['images']}" for s, v in manifest["splits"].items())
+    skips = sum(sum(v["skipped_counts"].values()) for v in manifest["splits"].values())
+    print(
+        f"mme attack: {spec}: {cfg.protected} -> {out.path} ({counts} images; {skips} skipped)",
+        file=sys.stderr,
+    )
+    return manifest
+
+
+def _attack(
+    cfg: AttackConfig, spec: transforms.AttackSpec, source: dict[str, Any], out: Path
+) -> dict[str, Any]:
     splits = {}
     for split, info in source["splits"].items():
         if not shards.shard_paths(cfg.protected, split):
@@ -108,8 +146,6 @@ def attack(cfg: AttackConfig) -> dict[str, Any]:
         splits[split] = attack_split(cfg, spec, split, out, n if isinstance(n, int) else None)
     manifest = output_manifest(cfg, spec, source, splits)
     fsio.write_json(out / "manifest.json", manifest)
-    counts = ", ".join(f"{s} {v['images']}" for s, v in splits.items())
-    print(f"mme attack: {spec}: {cfg.protected} -> {out} ({counts} images)", file=sys.stderr)
     return manifest
 
 
@@ -141,5 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = section_from_args("attack", args)
-    attack(cfg)
+    try:
+        attack(cfg)
+    except shards.BadShard as err:  # a crafted or broken shard: one line, nothing half-written
+        raise ConfigError(f"attack.protected = {str(cfg.protected)!r}: {err}") from None
     return 0

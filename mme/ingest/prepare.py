@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mme import __version__, fsio
+from mme import __version__, fsio, guard
 from mme.config import ConfigError, DataConfig, add_section_arguments, section_from_args
 from mme.manifest import write_manifest
 from mme.shards import Sample, ShardWriter, sha256_bytes
@@ -55,6 +55,7 @@ def _raw_items(cfg: DataConfig) -> Iterator[Any]:
             caption_column=cfg.caption_column,
             delimiter=cfg.delimiter,
             image_root=cfg.image_root,
+            allow_absolute=cfg.allow_absolute_paths,
         )
         if cfg.csv is not None:
             yield from sources.iter_csv(cfg.csv, **csv_kw)
@@ -163,25 +164,22 @@ def input_paths(cfg: DataConfig) -> dict[str, Path | None]:
 def prepare(cfg: DataConfig) -> dict[str, Any]:
     """Write ``cfg.out/{train,test}-*.tar`` and ``cfg.out/manifest.json``; return the manifest."""
     check_inputs(cfg)
-    try:
-        fsio.check_disjoint(cfg.out, input_paths(cfg), "data.out")
-        with fsio.locked(cfg.out):
-            fsio.require_owned(cfg.out, OWNER)
-            stage = fsio.staging_dir(Path(cfg.out))
-            try:
-                manifest = _prepare_into(cfg, stage)
-            except BaseException:
-                shutil.rmtree(stage, ignore_errors=True)
-                raise
-            fsio.replace_dir(stage, Path(cfg.out))
-    except (fsio.UnsafePath, fsio.FolderBusy) as err:
-        raise ConfigError(str(err)) from None
+    out = guard.Folder(Path(cfg.out), flag="data.out", staged=True)
+    settings = cfg.model_dump(mode="json")
+    with guard.claim(OWNER, [out], input_paths(cfg), settings=settings) as claim:
+        stage = fsio.staging_dir(Path(cfg.out))
+        try:
+            claim.mark(stage, out)
+            manifest = _prepare_into(cfg, stage)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        fsio.replace_dir(stage, Path(cfg.out))
     return manifest
 
 
 def _prepare_into(cfg: DataConfig, out: Path) -> dict[str, Any]:
     """The whole dataset into the fresh folder ``out`` (the staging folder of ``cfg.out``)."""
-    fsio.write_text(out / fsio.OWNER, OWNER + "\n")
     skipped: list[dict] = []
     writers = {s: ShardWriter(out, s, cfg.shard_size) for s in SPLITS}
     stream = (
@@ -196,7 +194,8 @@ def _prepare_into(cfg: DataConfig, out: Path) -> dict[str, Any]:
     manifest = {
         "created_by": "mme prepare",
         "version": __version__,
-        "config": cfg.model_dump(mode="json"),
+        # a flag added later, at its default: left out, so the same input keeps its version
+        "config": cfg.model_dump(mode="json", exclude=_later_defaults(cfg)),
         "splits": splits,
         "skipped": skipped,
         "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
@@ -205,6 +204,10 @@ def _prepare_into(cfg: DataConfig, out: Path) -> dict[str, Any]:
         raise SystemExit(f"mme prepare: no usable images in the input ({summary(manifest)})")
     write_manifest(out, manifest)
     return manifest
+
+
+def _later_defaults(cfg: DataConfig) -> set[str]:
+    return set() if cfg.allow_absolute_paths else {"allow_absolute_paths"}
 
 
 def summary(manifest: dict[str, Any]) -> str:

@@ -39,9 +39,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mme import __version__, fsio
+from mme import __version__, fsio, guard
 from mme.manifest import Manifest
-from mme.shards import PRIVATE_META, iter_samples, load_manifest, public_meta, shard_paths
+from mme.shards import (
+    PRIVATE_META,
+    iter_samples,
+    load_manifest,
+    names_local_path,
+    public_meta,
+    shard_paths,
+)
 
 FORMATS = ("folder", "webdataset")
 OWNER = "mme export"
@@ -53,14 +60,16 @@ def export(
     fmt: str = "folder",
     force: bool = False,
     native: dict[str, Path | None] | None = None,
+    command: str = OWNER,
 ) -> dict[str, Any]:
     """Export the protected set in ``protected`` to ``out`` in format ``fmt`` (see module doc).
 
     Returns ``{"format", "out", "splits": {split: {"images", "captions"}}}``. Raises
-    FileNotFoundError for a missing set / manifest / shards, FileExistsError when ``out`` exists,
-    is not empty and ``force`` is false, and ValueError for an unknown ``fmt``, an ``out`` that
-    overlaps the input or was not made by ``mme export``, a bad sample id, or a busy ``out``.
-    ``native`` (``{"clean": DIR|None, "private": DIR}``, None: off) exports native-size images.
+    FileNotFoundError for a missing set / manifest / shards, ValueError for an unknown ``fmt``
+    or a bad sample id, and :class:`mme.guard.OutputRefused` (a ValueError) for an ``out`` that
+    overlaps an input, was not made by ``command`` (``mme protect`` exports as itself), is busy,
+    or holds an earlier export and ``force`` is false. ``native`` (``{"clean": DIR|None,
+    "private": DIR}``, None: off) exports native-size images.
     """
     protected, out = Path(protected), Path(out)
     if fmt not in FORMATS:
@@ -73,12 +82,10 @@ def export(
     splits = [s for s in manifest.get("splits", {}) if shard_paths(protected, s)]
     if not splits:
         raise FileNotFoundError(f"{protected} has no shards of the splits in its manifest")
-    fsio.check_disjoint(out, {"input": protected})
-    with fsio.locked(out):
-        if _occupied(out) and not force:
-            raise FileExistsError(f"{out} exists and is not empty: pass --force to replace it")
-        if not fsio.owned_by(out, OWNER):  # --force replaces only an earlier export
-            raise ValueError(f"--force replaces only an earlier export; {out} is not one")
+    inputs = {"input": protected, **{f"--{k}": v for k, v in (native or {}).items()}}
+    folder = guard.Folder(out, needs_force=True, staged=True)
+    settings = {"format": fmt, "native": native is not None}
+    with guard.claim(command, [folder], inputs, force=force, settings=settings) as claim:
         partial = fsio.staging_dir(out)
         try:
             if fmt == "folder":
@@ -86,16 +93,12 @@ def export(
             else:
                 counts = _write_webdataset(protected, partial, splits, manifest)
             _write_readme(partial / "README.txt", manifest, fmt, counts, native is not None)
-            fsio.write_text(partial / fsio.OWNER, OWNER + "\n")
+            claim.mark(partial, folder)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
         fsio.replace_dir(partial, out)
     return {"format": fmt, "out": str(out), "splits": counts}
-
-
-def _occupied(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 def _write_folder(
@@ -145,6 +148,7 @@ def _write_webdataset(
     for split in splits:
         for s in iter_samples(protected, split):
             leaked = sorted(k for k in PRIVATE_META if k in s.meta)
+            leaked += ["source (a local path)"] if names_local_path(s.meta) else []
             if leaked:  # shards are copied byte for byte: an old set's meta cannot be cleaned
                 raise ValueError(
                     f"{protected}: sample {s.id} names {leaked} in its public metadata (a set"
@@ -166,10 +170,13 @@ def _write_webdataset(
     return counts
 
 
+PRIVATE_CONFIG = ("seed", "noise_seed", "clean", "out", "private", "work")
+
+
 def public_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The poison config without ``seed`` (older manifests carry it): with it, the protected
-    subset and the trigger positions can be recomputed."""
-    return {k: v for k, v in config.items() if k != "seed"}
+    """The poison config without what older manifests carried: ``seed`` (with it, the protected
+    subset and the trigger positions can be recomputed) and local paths."""
+    return {k: v for k, v in config.items() if k not in PRIVATE_CONFIG}
 
 
 def _write_readme(
@@ -223,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         native = {"clean": args.clean, "private": args.private} if args.native else None
         result = export(args.protected, args.out, args.format, args.force, native)
-    except (FileNotFoundError, FileExistsError, ValueError, fsio.FolderBusy) as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f"mme export: {err}", file=sys.stderr)
         return 2
     total = sum(c["images"] or 0 for c in result["splits"].values())

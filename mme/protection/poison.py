@@ -19,16 +19,18 @@ disjoint from each other and from the clean input, which is never modified.
 from __future__ import annotations
 
 import argparse
+import secrets
 import shutil
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from mme import arguments, cpuisa, distributed, fsio, models, shards
+from mme import arguments, cpuisa, distributed, fsio, guard, models, shards
 from mme.config import ConfigError, PoisonConfig, section_from_args
 from mme.manifest import Manifest, read_manifest, write_manifest
 from mme.protection.methods.mem import MEM, RoundHook
@@ -40,7 +42,13 @@ from mme.protection.outputs import (
     verify_outputs,
     write_outputs,
 )
-from mme.protection.resume import prepare_work, resume_from, save_checkpoint, work_dir
+from mme.protection.resume import (
+    config_hash,
+    prepare_work,
+    resume_from,
+    save_checkpoint,
+    work_dir,
+)
 from mme.protection.workstore import (
     check_disk,
     init_state,
@@ -64,16 +72,29 @@ def check_inputs(cfg: PoisonConfig) -> Manifest:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: {err}") from None
     if manifest.images("train") == 0:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: the train split has no images")
-    try:  # inputs are never modified, and public and private files never mix
-        fsio.check_disjoint(cfg.out, {"clean input": cfg.clean}, "poison.out")
-        fsio.check_disjoint(cfg.private, {"clean input": cfg.clean}, "poison.private")
-        fsio.check_disjoint(cfg.out, {"private folder": cfg.private}, "poison.out")
-        if cfg.work is not None:  # the store holds clean pixels: never inside the public folder
-            others = {"clean input": cfg.clean, "public folder": cfg.out}
+    guard.check(OWNER, outputs(cfg), {"clean input": cfg.clean})  # every rank, before any work
+    if cfg.work is not None:  # the store holds clean pixels: never inside the public folder
+        others = {"clean input": cfg.clean, "public folder": cfg.out}
+        try:
             fsio.check_disjoint(cfg.work, others, "poison.work")
-    except fsio.UnsafePath as err:
-        raise ConfigError(str(err)) from None
+        except fsio.UnsafePath as err:
+            raise guard.OutputRefused(str(err)) from None
     return manifest
+
+
+def outputs(cfg: PoisonConfig) -> list[guard.Folder]:
+    """The run's two folders for :mod:`mme.guard`: the public one and the private one, tied
+    to it (a run with another public folder may not overwrite its noise)."""
+    public = guard.Folder(Path(cfg.out), "public", "poison.out")
+    private = guard.Folder(Path(cfg.private), "private", "poison.private", tied_to=Path(cfg.out))
+    return [public, private]
+
+
+def claim_outputs(cfg: PoisonConfig) -> AbstractContextManager[guard.Claim]:
+    """Lock and mark both folders; the marker's run is the result's hash (same settings and
+    clean input: the same marker, so DVC sees the same folder)."""
+    settings = {"config": config_hash(cfg), "clean": shards.manifest_sha256(cfg.clean)}
+    return guard.claim(OWNER, outputs(cfg), {"clean input": cfg.clean}, settings=settings)
 
 
 # The loop runs with exactly ``poison.threads`` torch threads: CPU kernels split reductions by
@@ -125,15 +146,10 @@ def poison(
     distributed.note_nproc(world, cfg.nproc, "poison.nproc")
     if not world.main:  # rank 0 holds the locks and writes every output (mme/distributed.py)
         return _poison(cfg, clean_manifest, resume, (on_round, on_verified), world)
-    try:
-        with fsio.locked(cfg.out), fsio.locked(cfg.private):
-            fsio.claim(cfg.out, OWNER)
-            fsio.claim(cfg.private, OWNER)
-            for name in PRIVATE_FILES:  # the old layout kept them here: never again
-                (Path(cfg.out) / name).unlink(missing_ok=True)
-            return _poison(cfg, clean_manifest, resume, (on_round, on_verified), world)
-    except (fsio.FolderBusy, fsio.UnsafePath) as err:
-        raise ConfigError(str(err)) from None
+    with claim_outputs(cfg):
+        for name in PRIVATE_FILES:  # the old layout kept them here: never again
+            (Path(cfg.out) / name).unlink(missing_ok=True)
+        return _poison(cfg, clean_manifest, resume, (on_round, on_verified), world)
 
 
 def _poison(
@@ -145,6 +161,8 @@ def _poison(
 ) -> dict:
     t0 = time.perf_counter()
     on_round = hooks[0]
+    if cfg.method == "random" and cfg.noise_seed is None:  # never a default: see workstore
+        cfg = cfg.model_copy(update={"noise_seed": secrets.randbits(63)})
     work = prepare_work(cfg, resume, world)
     torch.manual_seed(cfg.seed)  # surrogate init: same seed, same model on every rank
     device = distributed.device_for(world, models.resolve_device(cfg.device))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mme import fsio, paths, shards
+from mme import fsio, guard, paths, shards
 from mme.config import ReportConfig, VictimConfig, add_params_argument, load_section
 from mme.track import plots, tracking
 
@@ -261,6 +261,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = {"experiment": args.experiment, "datasets": args.dataset, "out": args.out}
     cfg: ReportConfig = load_section("report", args.params, overrides)
+    with guard.claim("mme report", *_outputs(args, cfg.out)):
+        return _report(args, cfg)
+
+
+def _outputs(args: argparse.Namespace, out: Path | None) -> tuple[list, dict[str, Path | None]]:
+    """What ``mme report`` writes and reads, for :mod:`mme.guard`: the table and the page
+    replace only a table and a page, the recall folder only an earlier one."""
+    outputs = [
+        guard.File(out, guard.text_starting_with("| "), "--out") if out else None,
+        guard.File(args.html, guard.text_starting_with("<!doctype html"), "--html")
+        if args.html
+        else None,
+        guard.Folder(args.recall_dir, "recall", "--recall-dir") if args.recall_dir else None,
+    ]
+    inputs = {f"--metrics {p}": p for p in args.metrics or []}
+    return outputs, {**inputs, "--grid": args.grid}
+
+
+def _report(args: argparse.Namespace, cfg: ReportConfig) -> int:
     if args.metrics:
         rows = rows_from_metrics(args.metrics)
     else:

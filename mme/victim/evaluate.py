@@ -21,11 +21,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mme import arguments, models, paths, shards
+from mme import arguments, guard, models, paths, shards
 from mme.config import ConfigError, EvaluateConfig, default_shards, section_from_args
 from mme.track import plots, tracking
 from mme.victim import retrieval
 
+OWNER = "mme evaluate"
+METRICS_FILE = guard.json_object_with("rsum", "rsum_over_chance")  # what --out may replace
 PROVENANCE_KEYS = (
     "method",
     "epsilon",
@@ -166,19 +168,24 @@ def evaluate_and_log(
     out: Path | None = None,
 ) -> dict[str, float]:
     """:func:`evaluate_checkpoint` inside an MLflow ``evaluate`` run (params: the victim, its
-    training data and the test data); writes ``out`` (metrics JSON) when given."""
-    record = checkpoint_record(checkpoint)
-    name = resolve_model_name(model, record)
-    params = eval_params(record, name, checkpoint, shard_dir, split)
-    run_name = f"evaluate-{Path(checkpoint).parent.name}"
-    with tracking.start_run(tracking.experiment_name(), run_name, params, {"stage": "evaluate"}):
-        metrics = evaluate_checkpoint(cfg, checkpoint, name, shard_dir, split)
-        tracking.log_metrics(metrics)
-        if out is not None:
-            shards.write_json_atomic(out, metrics)
-            tracking.log_artifact(out)
-        if tracking.enabled():
-            _log_recall_picture(metrics, Path(checkpoint).parent.name)
+    training data and the test data); writes ``out`` (metrics JSON) when given: a new file or
+    an earlier metrics file, never an input or another file (:mod:`mme.guard`)."""
+    outputs = [guard.File(Path(out), METRICS_FILE)] if out is not None else []
+    inputs = {"checkpoint": checkpoint, "test shards": shard_dir}
+    with guard.claim(OWNER, outputs, inputs):
+        record = checkpoint_record(checkpoint)
+        name = resolve_model_name(model, record)
+        params = eval_params(record, name, checkpoint, shard_dir, split)
+        run_name = f"evaluate-{Path(checkpoint).parent.name}"
+        stage = {"stage": "evaluate"}
+        with tracking.start_run(tracking.experiment_name(), run_name, params, stage):
+            metrics = evaluate_checkpoint(cfg, checkpoint, name, shard_dir, split)
+            tracking.log_metrics(metrics)
+            if out is not None:
+                shards.write_json_atomic(out, metrics)
+                tracking.log_artifact(out)
+            if tracking.enabled():
+                _log_recall_picture(metrics, Path(checkpoint).parent.name)
     return metrics
 
 
@@ -201,14 +208,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"checkpoint {checkpoint} not found: run `mme train` first")
     if not shards.shard_paths(shard_dir, args.split):
         raise ConfigError(f"no {args.split}-*.tar shards in {shard_dir}")
-    record = checkpoint_record(checkpoint)
+    out = args.out or checkpoint.parent / "metrics.json"
+    inputs = {"checkpoint": checkpoint, "test shards": shard_dir}
+    guard.check(OWNER, [guard.File(out, METRICS_FILE)], inputs)  # before loading anything
+    try:
+        record = checkpoint_record(checkpoint)
+    except Exception as err:  # weights_only refusals, truncated files: not a checkpoint of ours
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"checkpoint {checkpoint} cannot be loaded safely: {why}") from None
     try:
         name = resolve_model_name(args.model, record)
         models.check_model_name(name)
         models.resolve_device(cfg.device)
     except (ValueError, RuntimeError) as err:
         raise ConfigError(str(err)) from None
-    out = args.out or checkpoint.parent / "metrics.json"
     metrics = evaluate_and_log(cfg, checkpoint, shard_dir, args.split, name, out)
     print(format_table(metrics))
     print(f"mme evaluate: wrote {out}", file=sys.stderr)

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from mme import arguments, distributed, fsio, models, paths, shards
+from mme import arguments, distributed, fsio, guard, models, paths, shards
 from mme.config import ConfigError, VictimConfig, default_shards, section_from_args
 from mme.track import plots, tracking
 from mme.victim.open_clip_adapter import (
@@ -57,6 +57,7 @@ from mme.victim.open_clip_adapter import (
 )
 
 PAIRS_SHARD_SIZE = 1000
+OWNER = "mme train"
 
 
 def iter_pairs(shard_dir: Path, split: str) -> Iterator[shards.Sample]:
@@ -166,12 +167,19 @@ def train_params(cfg: VictimConfig, prov: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_folder(run_dir: Path) -> guard.Folder:
+    """``mme train``'s run folder for :mod:`mme.guard`: ours only (a marker, or nothing but
+    the files an earlier ``mme train`` wrote), so re-running replaces only what it made."""
+    return guard.Folder(Path(run_dir), "run", "--run-dir")
+
+
 def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
     """Train ``cfg.model`` on the ``train`` split of ``shards``; return ``run_dir/checkpoint.pt``.
 
     Seeded end to end (initialisation, shard and sample order, augmentation): on one device
     and thread count the same inputs give the same loss curve. Re-running into the same
-    ``run_dir`` replaces its outputs.
+    ``run_dir`` replaces its outputs; a ``run_dir`` another command (or a user) made is refused
+    (:mod:`mme.guard`).
 
     Under ``torchrun`` open_clip_train runs DDP on every rank; rank 0 alone prepares the data
     view, finalizes the checkpoint and logs (MLflow); the other ranks wait at barriers.
@@ -179,11 +187,22 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
     shards, run_dir = Path(shards), Path(run_dir)
     models.check_model_name(cfg.model)
     device = models.resolve_device(cfg.device)  # fail before any work if cuda is missing
+    inputs = {"training shards": shards, "victim.pretrained": cfg.pretrained}
+    guard.check(OWNER, [run_folder(run_dir)], inputs)  # every rank, before any work
     world = distributed.init(device)
     distributed.note_nproc(world, cfg.nproc, "victim.nproc")
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _clean_run_dir(run_dir)
+    settings = cfg.model_dump(mode="json", exclude={"nproc"})
+    claim = guard.claim(OWNER, [run_folder(run_dir)], inputs, settings=settings)
+    with claim if world.main else nullcontext():  # rank 0 holds the lock and writes
+        if world.main:
+            _clean_run_dir(run_dir)
+        _train(cfg, shards, run_dir, world, device)
+    return run_dir / "checkpoint.pt"
+
+
+def _train(
+    cfg: VictimConfig, shards: Path, run_dir: Path, world: distributed.World, device: torch.device
+) -> None:
     prov = data_provenance(shards)
     try:
         view = training_data(cfg, shards, run_dir, device, world.size) if world.main else None
@@ -207,7 +226,6 @@ def train_victim(cfg: VictimConfig, shards: Path, run_dir: Path) -> Path:
     finally:
         if world.main and not cfg.keep_pairs:
             shutil.rmtree(run_dir / "pairs", ignore_errors=True)
-    return run_dir / "checkpoint.pt"
 
 
 def _tracked_training(
