@@ -11,3 +11,4 @@ MAX_CAPTION_FILE_BYTES = 1 << 20  # one folder-source .txt (all captions of an i
 MAX_CAPTION_CHARS = 2000  # one caption, after whitespace is normalised
 MAX_CSV_FIELD = 1 << 20  # one CSV cell (Python's default, 128 KiB, breaks on long cells)
 MAX_MEMBER_NAME = 1024  # one tar member name
+MAX_PIXELS = 89_478_485  # one decoded image of a shard (PIL's own decompression-bomb limit)

@@ -30,7 +30,7 @@ import stat
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -45,8 +45,18 @@ PRIVATE_META = ("trigger_text", "trigger_ids", "trigger_word", "protected", "cle
 
 
 def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    """``meta`` without the keys of :data:`PRIVATE_META`."""
-    return {k: v for k, v in meta.items() if k not in PRIVATE_META}
+    """``meta`` without the keys of :data:`PRIVATE_META`, and ``source`` as a name, not a
+    local path (sets made before that rule recorded the clean folder's path)."""
+    public = {k: v for k, v in meta.items() if k not in PRIVATE_META}
+    if isinstance(public.get("source"), str):
+        public["source"] = PurePath(public["source"].replace("\\", "/")).name
+    return public
+
+
+def names_local_path(meta: dict[str, Any]) -> bool:
+    """True when ``meta["source"]`` is a path rather than a name (see :func:`public_meta`)."""
+    source = meta.get("source")
+    return isinstance(source, str) and ("/" in source or "\\" in source)
 
 
 IMAGE_EXTS = ("png", "jpg")
@@ -63,9 +73,23 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def image(self) -> np.ndarray:
-        """Decoded image, (H, W, 3) uint8."""
-        with Image.open(io.BytesIO(self.image_bytes)) as im:
-            return np.asarray(im.convert("RGB"))
+        """Decoded image, (H, W, 3) uint8; :class:`BadImage` for bytes that are not an image,
+        or one declaring more than :data:`mme.limits.MAX_PIXELS` pixels (checked before any
+        pixel is decoded)."""
+        try:
+            with Image.open(io.BytesIO(self.image_bytes)) as im:
+                w, h = im.size
+                if w * h > limits.MAX_PIXELS:
+                    raise BadImage(f"sample {self.id}: {w}x{h} pixels > {limits.MAX_PIXELS}")
+                return np.asarray(im.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
+            if isinstance(err, BadImage):
+                raise
+            raise BadImage(f"sample {self.id}: not a decodable image ({err})") from None
+
+
+class BadImage(ValueError):
+    """A sample whose image bytes cannot be decoded, or declare too many pixels."""
 
 
 def safe_key(text: str) -> str:
@@ -123,7 +147,9 @@ def write_tar_atomic(path: Path, members: Iterable[tuple[str, bytes]]) -> str:
     """Write a deterministic tar at ``path`` via a temporary name; return its sha256."""
     path = Path(path)
     with fsio.atomic_open(path) as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        # PAX: names over USTAR's 100 bytes get an extended header (long file names); shorter
+        # ones are written exactly as USTAR wrote them, so existing shards keep their bytes
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -275,8 +301,8 @@ def _to_sample(key: str, members: dict[str, bytes], path: Path) -> Sample:
     try:
         captions = members["txt"].decode("utf-8").split("\n")
         meta = json.loads(members["json"]) if "json" in members else {}
-    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError alike
-        raise BadShard(f"{path}: sample {key}: {err}") from None
+    except (ValueError, RecursionError) as err:  # bad UTF-8, bad JSON, JSON nested too deep
+        raise BadShard(f"{path}: sample {key}: {str(err)[:200]}") from None
     if not isinstance(meta, dict):
         raise BadShard(f"{path}: sample {key}: metadata is not a JSON object")
     return Sample(id=key, image_bytes=members[ext], image_ext=ext, captions=captions, meta=meta)
@@ -296,7 +322,7 @@ def load_manifest(shard_dir: Path) -> dict[str, Any]:
         raw = f.read(limits.MAX_FILE_BYTES + 1)
     try:
         manifest = json.loads(raw) if len(raw) <= limits.MAX_FILE_BYTES else None
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deep
         raise BadShard(f"{path}: not valid JSON ({err})") from None
     if not isinstance(manifest, dict):
         raise BadShard(f"{path}: not a JSON object of at most {limits.MAX_FILE_BYTES} bytes")

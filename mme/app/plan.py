@@ -83,10 +83,10 @@ def count_images(cfg: ProtectConfig) -> tuple[int, int]:
             )
         )
         paths = [Path(dcfg.csv).parent / i.source for i in items]
-        return len(items), sum(p.stat().st_size for p in paths if p.is_file())
+        return len(items), sum(_size(p) for p in paths)
     if dcfg.source == "folder":
         items = list(sources.iter_folder(dcfg.input))
-        return len(items), sum(Path(i.source).stat().st_size for i in items)
+        return len(items), sum(_size(Path(i.source)) for i in items)
     if dcfg.source == "hf":
         cols = dict(image_column=dcfg.image_column, caption_column=dcfg.caption_column)
         n = sum(1 for _ in sources.iter_hf(dcfg.input, **cols))
@@ -95,6 +95,15 @@ def count_images(cfg: ProtectConfig) -> tuple[int, int]:
     tars = [dcfg.input] if Path(dcfg.input).is_file() else sorted(Path(dcfg.input).glob("*.tar"))
     n = sum(1 for _ in sources.iter_webdataset(dcfg.input))
     return n, sum(t.stat().st_size for t in tars)
+
+
+def _size(path: Path) -> int:
+    """Bytes of ``path``; 0 for what prepare will skip (gone, a FIFO, a name that is not UTF-8
+    and so printed escaped in ``source``)."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
 
 
 def passes(pcfg: PoisonConfig, n: int) -> int:

@@ -26,7 +26,8 @@ from mme.shards import encode_png, sha256_bytes
 REASONS = (
     "missing_file",  # the image file / member does not exist
     "unreadable_file",  # it exists but cannot be read (permissions, I/O error)
-    "not_regular_file",  # a symlink, FIFO, device or folder where a file was expected
+    "not_regular_file",  # a link leaving the input root, a FIFO, device or folder
+    "outside_root",  # a path the data names outside the input root (CSV: ../x, /abs/x)
     "too_large",  # the file / member (or its caption file) is over its byte cap (mme.limits)
     "invalid_name",  # the file name / CSV image cell is not valid UTF-8
     "unreadable_image",  # not an image of an allowed format, or corrupt
@@ -76,6 +77,8 @@ def load_bytes(load: Callable[[], bytes], source: str) -> bytes:
     """Call a ``RawItem.load``, turning file errors into ``Skip``."""
     try:
         return load()
+    except fsio.OutsideRoot as err:
+        raise Skip("outside_root", f"{source}: {err.strerror}") from None
     except fsio.NotRegularFile as err:
         raise Skip("not_regular_file", f"{source}: {err.strerror}") from None
     except fsio.TooLarge as err:

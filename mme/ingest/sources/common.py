@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mme import fsio, limits
 from mme.ingest.hygiene import Skip
+from mme.ingest.sources.guard import InputGuard
 from mme.shards import safe_key, sha256_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -57,12 +58,17 @@ def _unique_ids(names: Sequence[str], variants: Callable[[str], list[str]]) -> l
     return ids
 
 
+MAX_KEY = 200  # characters of an id: <id>.png must stay a valid file name (255 bytes)
+
+
 def _key(text: str) -> str:
-    """``safe_key``, or a hash-based key for names with no ASCII letter or digit (e.g. CJK)."""
+    """``safe_key``, or a hash-based key for names with no ASCII letter or digit (e.g. CJK);
+    a longer one is cut and made unique by a hash of the whole name."""
     try:
-        return safe_key(text)
+        key = safe_key(text)
     except ValueError:
         return f"id_{_hash(text)[:16]}"
+    return key if len(key) <= MAX_KEY else f"{key[: MAX_KEY - 17]}_{_hash(text)[:16]}"
 
 
 def _hash(text: str) -> str:
@@ -115,8 +121,10 @@ def _raiser(kind: type[OSError], why: str, name: str) -> Callable[[], bytes]:
     return load
 
 
-def _bytes_loader(data: bytes | None, source: str) -> Callable[[], bytes]:
+def _bytes_loader(data: bytes | OSError | None, source: str) -> Callable[[], bytes]:
     def load() -> bytes:
+        if isinstance(data, OSError):  # the file that held the row was refused
+            raise data
         if not isinstance(data, bytes | bytearray):
             raise FileNotFoundError(errno.ENOENT, "row has no image bytes", source)
         return bytes(data)
@@ -124,21 +132,25 @@ def _bytes_loader(data: bytes | None, source: str) -> Callable[[], bytes]:
     return load
 
 
-def _file_loader(name: str, candidates: list[Path], root: Path | None) -> Callable[[], bytes]:
-    """Read the first candidate that exists: a plain file under the byte cap, and, for one
-    under ``root``, still under ``root`` once every symlinked folder on its way is resolved."""
+def _file_loader(
+    name: str, candidates: list[Path], guard: InputGuard, absolute: Path | None = None
+) -> Callable[[], bytes]:
+    """Read the first candidate that exists, through ``guard`` (resolved inside the source's
+    root, a regular file under the byte cap); ``absolute``: the candidate the data names as an
+    absolute path (read only when the guard allows absolute paths)."""
 
     def load() -> bytes:
+        outside: OSError | None = None
         for candidate in candidates:
             try:
-                if root is not None and candidate.is_relative_to(root):
-                    if not candidate.resolve().is_relative_to(root.resolve()):
-                        raise fsio.NotRegularFile(
-                            errno.ELOOP, "leaves the input root", str(candidate)
-                        )
-                return fsio.read_regular(candidate, limits.MAX_FILE_BYTES)
+                named = absolute is not None and candidate == absolute
+                return guard.read(candidate, limits.MAX_FILE_BYTES, named_absolute=named)
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            except fsio.OutsideRoot as err:  # another candidate may still be inside
+                outside = err if candidate.exists() else outside
+        if outside is not None:
+            raise outside
         tried = ", ".join(printable(str(c)) for c in candidates)
         raise FileNotFoundError(errno.ENOENT, f"image not found (tried {tried})", printable(name))
 

@@ -17,6 +17,7 @@ from mme.ingest.sources.common import (
     _unique_ids,
     printable,
 )
+from mme.ingest.sources.guard import InputGuard
 
 # --------------------------------------------------------------------------------------- csv
 
@@ -29,27 +30,33 @@ def iter_csv(
     delimiter: str = ",",
     image_root: Path | str | None = None,
     split: str | None = None,
+    allow_absolute: bool = False,
 ) -> Iterator[RawItem]:
     """Images of a caption CSV (one row per caption), all captions of an image together.
 
     Rows are grouped by the image cell in first-seen order, whether or not they are adjacent.
-    Relative image paths are resolved against ``image_root`` (default: the CSV's folder); paths that
-    do not exist there, and absolute paths that do not exist, are looked up under ``image_root`` by
-    their ever shorter suffixes (``/data/flickr/Images/x.jpg`` -> ``root/data/flickr/Images/x.jpg``,
-    ..., ``root/Images/x.jpg``, ``root/x.jpg``), so split files written on another machine work.
+    Relative image paths are resolved against ``image_root`` (default: the CSV's folder) and
+    must stay under it (:mod:`mme.ingest.sources.guard`); paths that do not exist there, and
+    absolute paths, are looked up under ``image_root`` by their ever shorter suffixes
+    (``/data/flickr/Images/x.jpg`` -> ``root/data/flickr/Images/x.jpg``, ..., ``root/Images/
+    x.jpg``, ``root/x.jpg``), so split files written on another machine work. An absolute path
+    itself is read only with ``allow_absolute`` (else the item is skipped as ``outside_root``).
     """
     path = Path(path)
     # Read and validate now, not on the first next(): a bad column fails before any work starts.
     groups = _read_csv_groups(path, image_column, caption_column, delimiter)
     root = Path(image_root) if image_root is not None else path.parent
-    return _csv_items(groups, root, split)
+    return _csv_items(groups, InputGuard.at(root, allow_absolute), split)
 
 
-def _csv_items(groups: dict[str, list[bytes]], root: Path, split: str | None) -> Iterator[RawItem]:
+def _csv_items(
+    groups: dict[str, list[bytes]], guard: InputGuard, split: str | None
+) -> Iterator[RawItem]:
     cells = list(groups)
     ids = _unique_ids(cells, _csv_id_variants)
     for cell, item_id in zip(cells, ids, strict=True):
-        load = _file_loader(cell, _path_candidates(cell, root), root)
+        candidates, absolute = _path_candidates(cell, guard.root)
+        load = _file_loader(cell, candidates, guard, absolute)
         if not _is_utf8(cell):
             load = _skipper("invalid_name", "the image cell is not valid UTF-8")
         yield RawItem(
@@ -120,8 +127,11 @@ def _split_path(cell: str) -> tuple[bool, tuple[str, ...]]:
     return bool(pure.anchor), tuple(parts)
 
 
-def _path_candidates(cell: str, root: Path) -> list[Path]:
+def _path_candidates(cell: str, root: Path) -> tuple[list[Path], Path | None]:
+    """Where the image of ``cell`` may be, in order, and the one that is the absolute path the
+    cell names (None for a relative cell)."""
     is_abs, parts = _split_path(cell)
     first = [Path(cell)] if is_abs else [root.joinpath(*parts)]
     suffixes = [root.joinpath(*parts[i:]) for i in range(0 if is_abs else 1, len(parts))]
-    return list(dict.fromkeys(first + suffixes))  # dedupe, keep order
+    # dedupe, keep order; without allow_absolute the absolute path itself is passed over
+    return list(dict.fromkeys(first + suffixes)), Path(cell) if is_abs else None

@@ -21,6 +21,7 @@ from mme.ingest.sources.common import (
     _unique_ids,
     printable,
 )
+from mme.ingest.sources.guard import InputGuard
 
 # ------------------------------------------------------------------------------------ folder
 
@@ -48,16 +49,17 @@ def iter_folder(root: Path | str) -> Iterator[RawItem]:
 
 
 def _folder_items(root: Path, rels: list[str], has_split: bool) -> Iterator[RawItem]:
+    guard = InputGuard.at(root)  # links are followed only to files inside root or a DVC cache
     ids = _unique_ids(rels, lambda rel: [posixpath.splitext(rel)[0], rel])
     for rel, item_id in zip(rels, ids, strict=True):
         path = root / rel
-        load, captions = _file_loader(str(path), [path], None), ()
+        load, captions = _file_loader(str(path), [path], guard), ()
         if not _is_utf8(rel):
             load = _skipper("invalid_name", "the file name is not valid UTF-8")
         else:
             try:
-                captions = _read_caption_lines(path.with_suffix(".txt"))
-            except (fsio.NotRegularFile, fsio.TooLarge) as err:  # counted via the image's load
+                captions = _read_caption_lines(guard, path.with_suffix(".txt"))
+            except (fsio.NotRegularFile, fsio.TooLarge, fsio.OutsideRoot) as err:  # counted
                 load = _raiser(type(err), f"caption file {err.strerror}", err.filename)
         yield RawItem(
             id=item_id,
@@ -80,10 +82,10 @@ def _list_images(root: Path) -> list[str]:
     return sorted(found, key=lambda rel: rel.split("/"))
 
 
-def _read_caption_lines(path: Path) -> tuple[bytes, ...]:
-    """Lines of a caption file; () when there is none. A symlinked, special or oversized file
-    raises (NotRegularFile / TooLarge): its content must never reach a shard."""
+def _read_caption_lines(guard: InputGuard, path: Path) -> tuple[bytes, ...]:
+    """Lines of a caption file; () when there is none. A link out of the root, a special or
+    oversized file raises (NotRegularFile / TooLarge): its content must never reach a shard."""
     try:
-        return tuple(fsio.read_regular(path, limits.MAX_CAPTION_FILE_BYTES).splitlines())
+        return tuple(guard.read(path, limits.MAX_CAPTION_FILE_BYTES).splitlines())
     except FileNotFoundError:
         return ()

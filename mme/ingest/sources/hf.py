@@ -9,12 +9,14 @@ import posixpath
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from mme import fsio
 from mme.ingest.sources.common import (
     SPLITS,
     RawItem,
     _bytes_loader,
     _unique_ids,
 )
+from mme.ingest.sources.guard import InputGuard
 
 # -------------------------------------------------------------------------- hugging face
 
@@ -41,7 +43,8 @@ def iter_hf(
     parts = _hf_parts(Path(path))
     if not parts:
         raise FileNotFoundError(errno.ENOENT, "no save_to_disk folder or parquet files", str(path))
-    return _hf_items(parts, image_column, caption_column)
+    guard = InputGuard.at(path if Path(path).is_dir() else Path(path).parent)
+    return _hf_items(parts, image_column, caption_column, guard)
 
 
 def _hf_parts(path: Path) -> list[tuple[Path, str | None]]:
@@ -52,8 +55,11 @@ def _hf_parts(path: Path) -> list[tuple[Path, str | None]]:
         subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
         return [(f, s.name if s.name in SPLITS else None) for s in subs for f, _ in _hf_parts(s)]
     if (path / "state.json").is_file():
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        names = [d["filename"] for d in state.get("_data_files", [])]
+        try:  # a plain file under a cap: a FIFO would hang, a huge one fill memory
+            state = json.loads(fsio.read_regular(path / "state.json", 1 << 20))
+            names = [d["filename"] for d in state.get("_data_files", [])]
+        except (OSError, ValueError, RecursionError, AttributeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}/state.json is not a datasets state file ({err})") from None
         for name in names:  # hostile state.json: names must stay inside the folder
             if PurePosixPath(name).name != name:
                 raise ValueError(f"{path}/state.json names a file outside the folder: {name!r}")
@@ -83,10 +89,19 @@ def _pick(names: list[str], wanted: str, usual: tuple[str, ...], what: str, file
     return found
 
 
-def _hf_rows(parts: list[tuple[Path, str | None]], image_column: str, caption_column: str):
-    """``(name, image bytes or None, captions, split, source)`` per row."""
+def _hf_rows(
+    parts: list[tuple[Path, str | None]], image_column: str, caption_column: str, guard: InputGuard
+):
+    """``(name, image bytes or None or the OSError that refused the file, captions, split,
+    source)`` per row; a file that is a link out of the input, a FIFO or a device is one row
+    (counted as skipped), never opened."""
     for file, split in parts:
-        for n_batch, batch in enumerate(_hf_batches(file)):
+        try:
+            real = guard.regular(file)
+        except OSError as err:
+            yield file.name, err, [], split, str(file)
+            continue
+        for n_batch, batch in enumerate(_hf_batches(real)):
             names = batch.schema.names
             img_col = _pick(names, image_column, HF_IMAGE_COLUMNS, "image", file)
             cap_col = _pick(names, caption_column, HF_CAPTION_COLUMNS, "caption", file)
@@ -103,12 +118,12 @@ def _hf_rows(parts: list[tuple[Path, str | None]], image_column: str, caption_co
 
 
 def _hf_items(
-    parts: list[tuple[Path, str | None]], image_column: str, caption_column: str
+    parts: list[tuple[Path, str | None]], image_column: str, caption_column: str, guard: InputGuard
 ) -> Iterator[RawItem]:
     # Two passes so memory stays one batch: the ids need every name first (collisions).
-    names = [r[0] for r in _hf_rows(parts, image_column, caption_column)]
+    names = [r[0] for r in _hf_rows(parts, image_column, caption_column, guard)]
     ids = _unique_ids(names, lambda n: [posixpath.splitext(PurePosixPath(n).name)[0], n])
-    rows = _hf_rows(parts, image_column, caption_column)
+    rows = _hf_rows(parts, image_column, caption_column, guard)
     for (_, data, caps, split, source), item_id in zip(rows, ids, strict=True):
         yield RawItem(
             id=item_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import posixpath
 import tarfile
 from collections.abc import Iterator
@@ -22,9 +23,11 @@ from mme.ingest.sources.common import (
     _key,
     _missing_loader,
     _numbered,
+    _raiser,
     _skipper,
     printable,
 )
+from mme.ingest.sources.guard import InputGuard
 from mme.shards import open_tar
 
 # ------------------------------------------------------------------------------- webdataset
@@ -38,16 +41,37 @@ def iter_webdataset(path_or_pattern: Path | str) -> Iterator[RawItem]:
     from the ``caption`` field of the ``json`` member. The split is ``train`` / ``test`` when the
     shard's file name starts with it, else None.
     """
-    return _wds_items(_expand_shards(path_or_pattern))  # missing shards fail at call time
+    shards = _expand_shards(path_or_pattern)  # missing shards fail at call time
+    text = str(path_or_pattern)
+    # the root: the folder given, else the one folder that holds every shard of the pattern
+    parents = [s.parent for s in shards]
+    root = Path(text) if Path(text).is_dir() else Path(os.path.commonpath(parents))
+    return _wds_items(shards, InputGuard.at(root))
 
 
-def _wds_items(shards: list[Path]) -> Iterator[RawItem]:
+def _wds_items(shards: list[Path], guard: InputGuard) -> Iterator[RawItem]:
     seen: set[str] = set()
     for shard in shards:
         split = next((s for s in SPLITS if shard.name.startswith(s)), None)
-        for key, members in _tar_samples(shard):
-            item_id = _unique_streaming_id(key, shard, seen)
-            yield _wds_item(item_id, key, shard, members, split)
+        try:  # a link out of the input, a FIFO, a device: one counted skip, never opened
+            real = guard.regular(shard)
+        except OSError as err:
+            yield _broken_shard(shard, err, seen, split)
+            continue
+        try:
+            for key, members in _tar_samples(real):
+                item_id = _unique_streaming_id(key, shard, seen)
+                yield _wds_item(item_id, key, shard, members, split)
+        except (tarfile.TarError, EOFError, OSError) as err:  # truncated, or sizes that lie
+            yield _broken_shard(shard, err, seen, split)  # the rest of it: one counted skip
+
+
+def _broken_shard(shard: Path, err: Exception, seen: set[str], split: str | None) -> RawItem:
+    """The unreadable (rest of a) shard as one item whose load raises: counted by hygiene."""
+    why = f"shard unreadable from here on: {err}"
+    kind = type(err) if isinstance(err, OSError) else OSError
+    item_id = _unique_streaming_id(f"{shard.name}_broken", shard, seen)
+    return RawItem(item_id, printable(str(shard)), _raiser(kind, why, str(shard)), (), split)
 
 
 def _expand_shards(path_or_pattern: Path | str) -> list[Path]:
@@ -143,7 +167,7 @@ def _wds_captions(members: dict[str, tuple[str, bytes]]) -> tuple[bytes, ...]:
         return ()
     try:
         meta = json.loads(members["json"][1])
-    except ValueError:  # includes invalid UTF-8; the item then has no caption and is counted
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, or nested too deep: no caption
         return ()
     caption = meta.get("caption") if isinstance(meta, dict) else None
     if not isinstance(caption, str):
