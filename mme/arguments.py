@@ -27,7 +27,8 @@ def verify(parser: argparse.ArgumentParser) -> None:
         "--epsilon",
         type=float,
         default=None,
-        help="L-inf bound in 0-255 units (default: the manifest's)",
+        help="L-inf bound to check, 0-255 units (default: the one the run recorded in"
+        " --private's triggers.json; needed without it: a set cannot vouch for its own bound)",
     )
     parser.add_argument(
         "--private",

@@ -52,6 +52,8 @@ class Manifest(BaseModel):
     working_size: int | None = Field(None, ge=1)
     n_protected: int | None = Field(None, ge=0)
     verify: dict[str, Any] | None = None
+    # protected sets: the clean set's version (sha256 of its manifest.json), never its path
+    clean_manifest_sha256: str | None = None
     # attacked copies (mme attack): the transformation a data user applied
     attack: str | None = None
 

@@ -103,6 +103,7 @@ def test_export_native_800x600_passes_verify(corpus: Path, tmp_path: Path, monke
         assert im.size == (300, 450)
     assert "at each image's own size" in (out / "README.txt").read_text()
     verify = ["verify", "--clean", str(clean), "--protected", str(prot), "--native", str(out)]
+    verify += ["--epsilon", "8"]
     assert cli.main(verify) == 0
     report = native.verify_native(clean, out, 8)
     assert report.ok and report.n_checked == 3 and report.max_linf == 8

@@ -92,7 +92,8 @@ def write_protected(out: Path, clean: Path, records: list[dict], eps: float = EP
     }
     if all("trigger_word" in r for r in records):
         triggers["trigger_word"] = [r["trigger_word"] for r in records]
-    write_json_atomic(out / "triggers.json", {"ids": triggers.pop("id"), **triggers})
+    private = {"ids": triggers.pop("id"), **triggers, "epsilon": eps}  # as poison records it
+    write_json_atomic(out / "triggers.json", private)
     return out
 
 
@@ -312,7 +313,8 @@ def test_psnr_ssim_sane(sets, tmp_path):
         r["pixels"] = r["clean"]
     p0 = write_protected(tmp_path / "P0", clean, records)
     same = verify(clean, p0, private=p0)
-    assert same.ok and same.max_linf == 0
+    # a set whose noise was never written protects nothing: issue 20 item 6 fails it
+    assert same.max_linf == 0 and same.violations["noise"] == [r["id"] for r in records]
     assert math.isinf(same.psnr.min) and math.isinf(same.psnr.mean)
     assert same.ssim.min == pytest.approx(1.0) and same.ssim.max == pytest.approx(1.0)
     strict = json.dumps(same.to_dict(), allow_nan=False)  # the JSON report stays strict JSON
@@ -350,6 +352,9 @@ def test_missing_epsilon_is_a_config_error(sets, tmp_path, capsys):
     manifest = json.loads((prot / "manifest.json").read_text())
     del manifest["config"]["epsilon"]
     (prot / "manifest.json").write_text(json.dumps(manifest))
+    private = json.loads((prot / "triggers.json").read_text())
+    del private["epsilon"]  # and the run recorded none either
+    (prot / "triggers.json").write_text(json.dumps(private))
     assert run_verify(clean, prot) == 2
     assert "--epsilon" in capsys.readouterr().err
     assert run_verify(clean, prot, "--epsilon", str(EPS)) == 0
@@ -411,13 +416,14 @@ def test_without_private_folder_public_checks_still_run(sets, tmp_path, capsys):
     write_protected(pub, clean, records)
     for name in ("noise.npy", "triggers.json"):
         (pub / name).unlink()
-    report = verify(clean, pub)
+    report = verify(clean, pub, EPS)
     assert report.ok and not report.noise_checked and report.n_checked == len(samples)
-    assert main(["verify", "--clean", str(clean), "--protected", str(pub)]) == 0
+    argv = ["verify", "--clean", str(clean), "--protected", str(pub)]
+    assert main([*argv, "--epsilon", str(EPS)]) == 0
     assert "no private folder" in capsys.readouterr().out
     records[2]["pixels"][0, 0, 0] ^= 0xFF  # far outside the budget
     bad = write_protected(tmp_path / "bad", clean, records)
-    assert verify(clean, bad).violations["linf"] == [records[2]["id"]]
+    assert verify(clean, bad, EPS).violations["linf"] == [records[2]["id"]]
 
 
 def test_parallel_verify_gives_the_same_report(sets, tmp_path, monkeypatch):
@@ -429,8 +435,8 @@ def test_parallel_verify_gives_the_same_report(sets, tmp_path, monkeypatch):
     records[2]["captions"] = ["no trigger here"] * len(records[2]["captions"])
     prot = write_protected(tmp_path / "P", clean, records)
     monkeypatch.setattr(verify_module, "VERIFY_CHUNK", 2)  # several chunks from a tiny set
-    one = verify_module.verify(clean, prot, workers=1).to_dict()
-    many = verify_module.verify(clean, prot, workers=2).to_dict()
+    one = verify_module.verify(clean, prot, EPS, workers=1).to_dict()
+    many = verify_module.verify(clean, prot, EPS, workers=2).to_dict()
     assert not one["ok"] and one["n_checked"] == len(samples)
     assert one == many
 
@@ -443,7 +449,7 @@ def test_public_meta_naming_the_trigger_fails(sets, tmp_path):
     records[3]["leak"] = ("trigger_text", "trigger_ids", "trigger_word", "protected")
     prot = write_protected(tmp_path / "P", clean, records)
     for private in (prot, None):
-        report = verify(clean, prot, private=private)
+        report = verify(clean, prot, EPS, private=private)
         assert report.violations["meta"] == report.offending_ids == [records[3]["id"]]
 
 
@@ -467,8 +473,58 @@ def test_without_private_folder_trigger_is_read_off_the_captions(
     pub = write_protected(tmp_path / "pub", clean, records)
     for name in ("noise.npy", "triggers.json"):
         (pub / name).unlink()
-    report = verify(clean, pub)
+    report = verify(clean, pub, EPS)
     assert not report.private_checked and report.ok == (damage is None), report.table()
     if kind is not None:
         assert report.violations[kind] == report.offending_ids == [r["id"]]
     assert "not checked (needs --private)" in report.table()
+
+
+# -------------------------------------------- issue 20 item 6: a set that protects nothing
+
+
+def test_set_whose_noise_store_was_never_written_fails(sets, tmp_path):
+    """verify passed a set whose noise store was never written: every protected image equal
+    to its clean source, with or without the private folder."""
+    clean, _, records = sets
+    for r in records:
+        r["noise"][:] = 0
+        r["pixels"] = r["clean"]
+    prot = write_protected(tmp_path / "P", clean, records)
+    with_private = verify(clean, prot, private=prot)
+    assert with_private.violations["noise"] == [r["id"] for r in records]
+    for name in ("noise.npy", "triggers.json"):
+        (prot / name).unlink()
+    public_only = verify(clean, prot, EPS)  # the captions still carry their triggers
+    assert public_only.violations["noise"] == [r["id"] for r in records]
+    assert any("protects nothing" in e for e in public_only.errors) and not public_only.ok
+
+
+def test_protected_sample_without_a_trigger_fails(sets, tmp_path):
+    """verify passed a protected sample whose trigger_ids were empty."""
+    clean, samples, records = sets
+    r = records[2]
+    r.update(trigger_text="", trigger_ids=[], captions=samples[2].captions)
+    prot = write_protected(tmp_path / "P", clean, records)
+    report = verify(clean, prot, private=prot)
+    assert report.violations["trigger"] == [r["id"]] == report.offending_ids
+
+
+def test_edited_manifest_cannot_raise_its_own_bound(sets, tmp_path, capsys):
+    """verify took ε from the manifest it was checking: an edited manifest raised its own
+    bound and a set with 4x the noise passed."""
+    clean, _, records = sets
+    for r in records:
+        r["noise"] = (r["noise"].astype(np.int16) * 4).clip(-32, 32).astype(np.int8)
+        r["pixels"] = apply_noise(r["clean"], r["noise"])
+    prot = write_protected(tmp_path / "P", clean, records, eps=32)  # the set claims 32
+    recorded = json.loads((prot / "triggers.json").read_text())
+    recorded["epsilon"] = EPS  # what the run was made with (its private record)
+    (prot / "triggers.json").write_text(json.dumps(recorded))
+    report = verify(clean, prot, private=prot)
+    assert report.epsilon == EPS and not report.ok and report.violations["linf"]
+    assert any("claims epsilon 32" in e for e in report.errors)
+    argv = ["verify", "--clean", str(clean), "--protected", str(prot)]
+    assert main(argv) == 2  # no bound of its own: the set's claim alone is not enough
+    assert "--epsilon" in capsys.readouterr().err
+    assert main([*argv, "--epsilon", str(EPS)]) == 1

@@ -92,6 +92,19 @@ def _noise_rows(private: Path, size: int) -> tuple[np.ndarray, dict[str, int]]:
     return noise, {i: r for r, i in enumerate(ids)}
 
 
+def _recorded_clean(private: Path, manifest: dict[str, Any]) -> Path:
+    """The clean folder the run was made from: the private ``triggers.json`` records it (the
+    public manifest names no local path; sets made before that named it there)."""
+    try:
+        recorded = json.loads((private / "triggers.json").read_text()).get("clean")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    recorded = recorded or manifest.get("clean")
+    if not isinstance(recorded, str) or not recorded:
+        raise ValueError("native export needs the clean shards (--clean DIR)")
+    return Path(recorded)
+
+
 def _take(samples: Iterator[shards.Sample], waiting: dict[str, shards.Sample], key: str):
     """Sample ``key`` from ``samples``, buffering in ``waiting`` only those that come early (the
     two sets are normally in the same order, so nothing is buffered)."""
@@ -117,9 +130,9 @@ def native_samples(
         raise ValueError(
             f"{protected}/manifest.json lacks config.epsilon or working_size"
         ) from None
-    clean = Path(clean if clean is not None else manifest["clean"])
     if private is None:  # the public manifest does not say where the private folder is
         raise ValueError("native export needs the run's private folder (--private DIR)")
+    clean = clean if clean is not None else _recorded_clean(Path(private), manifest)
     delta, row = _noise_rows(Path(private), size)
     originals, waiting = shards.iter_samples(clean, split), {}
     for p in shards.iter_samples(protected, split):

@@ -40,7 +40,9 @@ def result_excluded(has_trigger: bool, cfg: PoisonConfig | None = None) -> set[s
     """Config keys the output manifest leaves out (see :func:`output_manifest`)."""
     # work, nproc: where the store lives and how many processes ran do not change the bytes
     # seed: with it, the protected subset and the trigger positions can be recomputed
-    keys = {"private", "write_workers", "work", "nproc", "seed"}
+    # clean, out, private: local paths (the public manifest names none, docs/threat-model.md)
+    # noise_seed: the random baseline's noise would be regenerated from it
+    keys = {"clean", "out", "private", "write_workers", "work", "nproc", "seed", "noise_seed"}
     keys |= at_later_defaults(cfg) if cfg is not None else set(LATER_DEFAULTS)
     return keys | (set() if has_trigger else {"trigger_len", *LATER_DEFAULTS})
 
@@ -69,7 +71,7 @@ def write_outputs(
         size = store.clean.shape[-1]
         meta = {
             "id": s.id,
-            "source": str(cfg.clean),
+            "source": Path(cfg.clean).name,  # the clean set's name, never a local path
             "sha256": shards.sha256_bytes(png),
             "width": size,
             "height": size,
@@ -91,6 +93,11 @@ def write_outputs(
         "trigger_ids": store.triggers.tolist() if cfg.method == "mem" else [],
         "trigger_text": texts if cfg.method == "mem" else [],
         "seed": cfg.seed,  # left out of the public manifest (see result_excluded)
+        # what mme verify checks against: the set under test cannot vouch for its own bounds
+        "epsilon": cfg.epsilon,
+        "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
+        "clean": str(cfg.clean),  # where the originals are: a local path, private
+        **({"noise_seed": cfg.noise_seed} if cfg.method == "random" else {}),
     }
     if cfg.method == "mem" and store.trigger_word is not None:
         trig_json["trigger_word"] = store.trigger_word.tolist()  # word position in each caption
@@ -156,10 +163,11 @@ def output_manifest(
         "epsilon": cfg.epsilon,
         "trigger_len": cfg.trigger_len if cfg.method == "mem" else 0,
         **({"trigger_position": cfg.trigger_position} if random_places(cfg) else {}),
-        # private: a local path, not data; write_workers: does not change the bytes; a baseline
+        # no local path, no seed; write_workers: does not change the bytes; a baseline
         # has no trigger: its config must not name a second trigger_len
         "config": cfg.model_dump(mode="json", exclude=result_excluded(has_trigger, cfg)),
-        "clean": str(cfg.clean),
+        # the clean set's version, not its path: whoever holds it can find and check it
+        "clean_manifest_sha256": shards.manifest_sha256(cfg.clean),
         "clean_splits": {k: v.images for k, v in clean_manifest.splits.items()},
         "working_size": int(store.clean.shape[-1]),
         "n_protected": int(store.protect.sum()),
@@ -178,7 +186,12 @@ def verify_outputs(
     from mme.protection.verify import verify
 
     report = verify(
-        cfg.clean, cfg.out, private=cfg.private, manifest=manifest, workers=cfg.write_workers
+        cfg.clean,
+        cfg.out,
+        cfg.epsilon,
+        private=cfg.private,
+        manifest=manifest,
+        workers=cfg.write_workers,
     )
     if on_verified is not None:
         on_verified(report)

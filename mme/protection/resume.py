@@ -29,6 +29,7 @@ CKPT = "checkpoint.pt"
 NOT_IN_RESULT = {"device", "compile", "grid_samples", "shard_size", "write_workers"} | {
     "nproc",  # the resume check compares the world size itself
     "work",
+    "noise_seed",  # the random baseline's: it has no rounds, so nothing to resume
 }
 
 

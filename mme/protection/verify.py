@@ -40,6 +40,7 @@ in-order pair of sets needs O(1) memory and an out-of-order one still verifies.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import deque
@@ -172,8 +173,9 @@ def verify(
     ``workers`` processes check the pairs (0: one per core, 1: this process); the report is
     the same either way.
 
-    ``epsilon`` (0–255 units) overrides the manifest's ``config.epsilon``. ``private`` is the
-    run's private folder (noise.npy, triggers.json) for the noise and trigger-table checks.
+    ``epsilon`` (0–255 units) is the bound to check; without it, the one the run recorded in
+    ``private/triggers.json`` (:func:`bound`). ``private`` is the run's private folder
+    (noise.npy, triggers.json) for the noise and trigger-table checks.
     ``manifest`` stands in for ``protected/manifest.json`` (``mme poison`` verifies before it
     writes one). Raises
     FileNotFoundError for a missing folder / manifest / shards and ConfigError when ε or the
@@ -184,10 +186,8 @@ def verify(
     _require(clean, "clean")
     manifest = _require(protected, "protected", manifest)
     cfg = manifest.get("config", {})
-    eps = epsilon if epsilon is not None else cfg.get("epsilon")
-    if eps is None:
-        raise ConfigError(f"{protected}/manifest.json has no config.epsilon: pass --epsilon")
     errors: list[str] = []
+    eps = bound(epsilon, Path(private) if private else None, cfg.get("epsilon"), errors)
     ctx = build_context(Path(private) if private else None, manifest, float(eps), errors)
     report = VerifyReport(
         clean=str(clean),
@@ -211,7 +211,32 @@ def verify(
         apply_result(res, report)
     if expected is not None and expected != report.n_protected:
         report.errors.append(f"manifest lists {expected} images, shards hold {report.n_protected}")
+    if report.n_checked and not report.n_with_noise:
+        report.errors.append("no image differs from its clean source: the set protects nothing")
     return report
+
+
+def bound(epsilon: float | None, private: Path | None, claimed: Any, errors: list[str]) -> float:
+    """The ε to check: ``--epsilon``, else the one the run recorded in its private
+    ``triggers.json``; never the set's own claim alone (an edited manifest would raise its own
+    bound). A claim that differs from the run's record is an error of the set. (A private folder
+    of a run made before ε was recorded there: the claim, checked against ``noise.npy``.)"""
+    recorded = None
+    if private is not None:
+        try:
+            record = json.loads((private / "triggers.json").read_bytes()[: 1 << 26])
+            recorded = record.get("epsilon", claimed)
+        except (OSError, ValueError, AttributeError, RecursionError):
+            recorded = claimed  # reported as a malformed triggers.json by the checks
+    if recorded is not None and claimed is not None and float(claimed) != float(recorded):
+        errors.append(f"manifest claims epsilon {claimed}, the run recorded {recorded}")
+    eps = epsilon if epsilon is not None else recorded
+    if not isinstance(eps, int | float) or isinstance(eps, bool):
+        raise ConfigError(
+            f"pass --epsilon E, the L-inf bound to check (or --private with the run's"
+            f" triggers.json): the set's own manifest (epsilon {claimed}) cannot vouch for itself"
+        )
+    return float(eps)
 
 
 add_arguments = arguments.verify  # flags live where --help needs no torch

@@ -212,7 +212,24 @@ def examine(c: Sample, p: Sample, ctx: Context) -> PairResult:
             res.psnr, res.ssim = psnr(clean, prot), ssim(clean, prot)
     trigger = expected_trigger(c, p, ctx)
     problems += check_trigger(p, trigger, ctx) + check_captions(c, p, trigger, ctx)
+    problems += check_protects(res, flag, trigger, ctx)
     return res
+
+
+def check_protects(
+    res: PairResult, flag: bool | None, trigger: Trigger, ctx: Context
+) -> list[tuple[str, str]]:
+    """A protected sample must protect: its image differs from the clean one (a noise store
+    never written gives back the clean images) and, for a method with a trigger, its captions
+    carry one of the configured length. Protected: ``triggers.json`` says so, or without it the
+    image differs or its captions carry a trigger."""
+    protected = flag is True or (flag is None and (bool(res.linf) or bool(trigger.text)))
+    problems = []
+    if protected and res.linf == 0:
+        problems.append(("noise", "protected image equals its clean source: no noise"))
+    if protected and ctx.trigger_len and not trigger.ids:
+        problems.append(("trigger", f"protected sample carries no trigger ({ctx.trigger_len} ids)"))
+    return problems
 
 
 def apply_result(res: PairResult, report: VerifyReport) -> None:
@@ -239,6 +256,19 @@ def trigger_table(t: dict[str, Any], protect: dict[str, bool]) -> dict[str, tupl
     return {i: (text, list(ids)) if protect[i] else ("", []) for i, text, ids in rows}
 
 
+def _recorded_length(t: dict[str, Any], ctx: Context, errors: list[str]) -> None:
+    """The trigger length the run recorded privately is the one to check (the public manifest
+    could be edited); a manifest that says otherwise is an error."""
+    recorded = t.get("trigger_len")
+    if recorded is None:  # runs before it was recorded: none for a method without triggers
+        if t.get("trigger_ids") == []:
+            ctx.trigger_len = 0
+        return
+    if recorded != ctx.trigger_len:
+        errors.append(f"manifest says trigger_len {ctx.trigger_len}, the run recorded {recorded}")
+    ctx.trigger_len = int(recorded)
+
+
 def build_context(
     private: Path | None, manifest: dict[str, Any], eps: float, errors: list[str]
 ) -> Context:
@@ -261,12 +291,13 @@ def build_context(
         return ctx
     try:
         t = json.loads(tpath.read_text())
+        _recorded_length(t, ctx, errors)
         ctx.protect = dict(zip(t["ids"], t.get("protected") or [True] * len(t["ids"]), strict=True))
         ctx.triggers = trigger_table(t, ctx.protect)
         if "trigger_word" in t:
             ctx.words = dict(zip(t["ids"], t["trigger_word"], strict=True))
-    except (KeyError, TypeError, ValueError) as err:
-        errors.append(f"triggers.json is malformed: {err!r}")
+    except (KeyError, TypeError, ValueError, RecursionError) as err:
+        errors.append(f"triggers.json is malformed: {str(err)[:200]!r}")
         return ctx
     if not npath.exists():
         errors.append(f"private folder {private} has no noise.npy")

@@ -170,6 +170,9 @@ def init_state(
     store.protect = torch.zeros(store.n, dtype=torch.bool)
     store.protect[chosen] = True
     if cfg.method == "random" and world.main:  # uniform integer noise in [-ε, ε], in [0, 255]
+        # its own seed, from the OS unless given (poison draws it): a public or default seed
+        # would let anyone regenerate the noise and subtract it
+        gen = torch.Generator().manual_seed(_noise_seed(cfg))
         e = int(cfg.epsilon)
         for rows in torch.nonzero(store.protect).flatten().split(1024):
             r = rows.numpy()
@@ -179,6 +182,12 @@ def init_state(
     if world.active:
         store.noise[0].flush()
         distributed.barrier(world)
+
+
+def _noise_seed(cfg: PoisonConfig) -> int:
+    if cfg.noise_seed is None:
+        raise ValueError("the random baseline needs poison.noise_seed (mme poison draws one)")
+    return cfg.noise_seed
 
 
 def store_bytes(cfg: PoisonConfig, n: int, size: int, context: int, n_captions: int) -> dict:
