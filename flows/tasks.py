@@ -29,6 +29,7 @@ from prefect.logging.handlers import APILogHandler
 from pydantic import BaseModel
 
 from flows import torchrun
+from flows.results import PlainJSON, PlainRecordsOnly
 from mme import models, paths, shards
 from mme.config import (
     ConfigError,
@@ -112,11 +113,14 @@ def _evaluate_key(_ctx: Any, p: dict[str, Any]) -> str:
 
 def _cached(key_fn: Any) -> dict[str, Any]:
     return {
-        "cache_policy": CacheKeyFnPolicy(cache_key_fn=key_fn) + TASK_SOURCE,
+        "cache_policy": PlainRecordsOnly(
+            policy=CacheKeyFnPolicy(cache_key_fn=key_fn) + TASK_SOURCE
+        ),
         "persist_result": True,
-        # JSON, not Prefect's default pickle: a result file planted in the storage folder is
-        # data (a path, a dict of floats), never code that runs when the cache is read
-        "result_serializer": "json",
+        # plain JSON, not Prefect's default pickle nor its JSON (which imports the module a
+        # value names), and only records written that way are read back: a result file planted
+        # in the storage folder is data (a path, a dict of floats), never code (flows/results.py)
+        "result_serializer": PlainJSON(),
     }
 
 
@@ -255,7 +259,9 @@ def plan_task(
     if protected is None and rev is None:
         cfg = cfg.model_copy(update={"protected": _latest_protected(params, dvc_protected)})
     if clean is None and rev is None and Path(cfg.protected) != Path(dvc_protected):
-        clean = _clean_of(cfg.protected)  # not the params.yaml pair: the set it was made from
+        clean = _clean_of(
+            cfg.protected, params
+        )  # not the params.yaml pair: the one it was made from
     if clean is not None:
         cfg = cfg.model_copy(update={"clean": Path(clean)})
     return Plan(
@@ -280,13 +286,24 @@ def _latest_protected(params: Path, dvc_default: Path) -> Path:
     return chosen
 
 
-def _clean_of(protected: Path) -> Path | None:
-    """The clean folder a protected set was made from (``mme poison`` records it)."""
+def _clean_of(protected: Path, params: Path) -> Path | None:
+    """The clean folder a protected set was made from: of the DVC and the Prefect pipeline's
+    clean sets, the one whose version the set records (``clean_manifest_sha256``: the public
+    manifest names no local path); sets made before that named the folder (``clean``)."""
     try:
-        recorded = shards.load_manifest(protected).get("clean")
+        manifest = shards.load_manifest(protected)
     except (FileNotFoundError, ValueError):
         return None
-    return Path(recorded) if recorded else None
+    version = manifest.get("clean_manifest_sha256")
+    if version is None:
+        recorded = manifest.get("clean")
+        return Path(recorded) if isinstance(recorded, str) and recorded else None
+    candidates = [load_section("data", params).out]
+    try:
+        candidates.append(prefect_outputs(params)[0].out)
+    except ConfigError:
+        pass
+    return next((c for c in candidates if shards.manifest_sha256(c) == version), None)
 
 
 @task(name="check-inputs")
