@@ -47,7 +47,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "attack": (
         "mme.victim.attack",
-        "write a transformed copy of a protected set (JPEG, resize, ...)",
+        "write a transformed copy of a protected set (JPEG, resize, trigger detection, ...)",
         "mme.victim.attack",
     ),
     "train": (

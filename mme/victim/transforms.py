@@ -12,7 +12,16 @@ Each attack is named by a spec ``NAME`` or ``NAME:ARG`` (:func:`parse_spec`):
 ``iss[:Q]``               Image Shortcut Squeezing: grayscale, then JPEG quality Q (default 10)
 ``strip-trigger[:K]``     drop the first K words (default 3) of every caption
 ``shuffle-words``         shuffle the words of every caption (seeded per image and caption)
+``detect-trigger[:K]``    drop the K-word window repeated at one word index in every caption of
+                          an image (published files only; K: the manifest's trigger_len, else 3)
+``detect-ngram[:K]``      per caption, drop the K words whose removal makes it most likely under
+                          a bigram model of the other images' captions (published files only)
+``oracle-strip``          NEEDS THE PRIVATE FILES: drop the exact trigger (triggers.json), the
+                          upper bound of any text-side removal
 ========================  ======================================================================
+
+The last three need the whole split (:mod:`mme.victim.detect`, :mod:`mme.victim.oracle`):
+``mme attack`` fits and applies them; :func:`attack_captions` refuses them.
 
 Image functions take and return ``(H, W, 3)`` uint8 arrays, or return the encoded bytes when the
 attack *is* an encoding (JPEG). Everything is deterministic: the same input gives the same bytes.
@@ -40,8 +49,14 @@ SPECS: dict[str, tuple[type | None, float | None, float | None, float | None]] =
     "iss": (int, 10, 1, 100),
     "strip-trigger": (int, 3, 1, 64),
     "shuffle-words": (None, None, None, None),
+    "detect-trigger": (int, None, 1, 16),
+    "detect-ngram": (int, None, 1, 16),
+    "oracle-strip": (None, None, None, None),
 }
-TEXT_ATTACKS = ("strip-trigger", "shuffle-words")
+# K is optional without a fixed default: the protected set's public trigger_len (mme attack)
+K_FROM_MANIFEST = ("detect-trigger", "detect-ngram")
+WHOLE_SPLIT = (*K_FROM_MANIFEST, "oracle-strip")  # need corpus statistics or the private files
+TEXT_ATTACKS = ("strip-trigger", "shuffle-words", *WHOLE_SPLIT)
 SPEC_RE = re.compile(r"^([a-z0-9-]+)(?::([0-9]+(?:\.[0-9]+)?))?$")
 # img2dataset's documented defaults (README "API" and img2dataset/resizer.py, rom1504/img2dataset)
 I2D_SIZE, I2D_QUALITY, I2D_BORDER = 256, 95, (255, 255, 255)
@@ -77,6 +92,8 @@ def parse_spec(spec: str) -> AttackSpec:
             raise ValueError(f"attack {name!r} takes no argument (got {raw!r})")
         return AttackSpec(name)
     if raw is None:
+        if name in K_FROM_MANIFEST:
+            return AttackSpec(name)
         if default is None:
             raise ValueError(f"attack {name!r} needs an argument: {_usage(name)}")
         return AttackSpec(name, kind(default))
@@ -93,7 +110,8 @@ def _usage(name: str) -> str:
     if kind is None:
         return name
     arg = "Q" if name in ("jpeg", "iss") else {"resize": "S", "blur": "SIGMA"}.get(name, "K")
-    return f"{name}[:{arg}]" if default is not None else f"{name}:{arg}"
+    optional = default is not None or name in K_FROM_MANIFEST
+    return f"{name}[:{arg}]" if optional else f"{name}:{arg}"
 
 
 def slug(spec: str | AttackSpec) -> str:
@@ -235,6 +253,8 @@ def caption_rng(seed: int, key: str, index: int) -> random.Random:
 
 def attack_captions(spec: AttackSpec, captions: list[str], key: str, seed: int) -> list[str]:
     """The attacked captions of sample ``key`` (unchanged for image attacks)."""
+    if spec.name in WHOLE_SPLIT:
+        raise ValueError(f"{spec.name} needs the whole split: run it with `mme attack`")
     if spec.name == "strip-trigger":
         return [strip_words(c, int(spec.arg)) for c in captions]
     if spec.name == "shuffle-words":

@@ -1,0 +1,263 @@
+"""Adaptive countermeasures of ``mme attack``: find and drop a text trigger from the published
+files only (the protected shards and their public ``manifest.json``).
+
+Nothing here reads, or is handed, a private folder: the only inputs are captions and the
+public trigger length ``k``. Two detectors, both fitted on the whole split first (two passes,
+captions only, no image is decoded) and then applied image by image:
+
+``detect-trigger[:K]``
+    Per image, the ``K``-word window that sits at the same word index ``w`` in every caption
+    long enough to hold it, those being at least two and a majority of the image's captions
+    (natural captions of one image vary; an inserted trigger repeats verbatim). Several such
+    windows: the rarest in the corpus wins, ``sum_i log((N + V) / (c(word_i) + 1))``; then the
+    smallest ``w``. No such window: the captions are kept. One-caption images are never touched.
+
+``detect-ngram[:K]``
+    Per caption, the ``K`` contiguous words whose removal makes the caption most likely under a
+    word bigram model of the *other* images' captions (leave-one-image-out, so that a trigger
+    repeated in the image's own captions counts as unseen). Interpolated absolute discounting
+    (Ney, Essen and Kneser 1994) with an add-one unigram:
+
+    ``P(w | v) = max(c(v, w) - D, 0) / c(v) + D * T(v) / c(v) * P1(w)``,
+    ``P1(w) = (c(w) + 1) / (N + V + 1)``, ``D = 0.75``,
+
+    ``c(v)`` the count of ``v`` as a history, ``T(v)`` its number of distinct followers.
+    Works per caption, so it also catches triggers at different places in different captions.
+    A caption of ``K`` words or fewer is kept (an empty caption is no training pair).
+
+A removal is a *window* ``(w, k)``: words ``w .. w + k - 1`` of the whitespace-split caption.
+:func:`drop_window` removes it so that a caption written by ``protected_caption(trigger, clean,
+w)`` comes back as exactly ``clean``, byte for byte. Words are compared as written; corpus
+counts are over lower-cased words. Counts are capped (:data:`mme.limits.MAX_CORPUS_WORDS`,
+:data:`mme.limits.MAX_CORPUS_BIGRAMS`): a split over the cap is refused, never subsampled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mme import limits
+
+Window = tuple[int, int]  # (first word, number of words)
+WORD_RE = re.compile(r"\S+")
+BOS, EOS = 0, 1  # ids of the sentence boundaries in the bigram model
+SHIFT = 1 << 32  # bigram key = v * SHIFT + w (word ids stay below the caps)
+DISCOUNT = 0.75
+
+
+def spans(caption: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character offsets of each whitespace-separated word."""
+    return [m.span() for m in WORD_RE.finditer(caption)]
+
+
+def drop_window(caption: str, window: Window | None) -> str:
+    """``caption`` without words ``w .. w + k - 1``; the exact inverse of inserting ``k`` words
+    and one space before word ``w`` (or, past the last word, one space and the words at the end).
+    ``None`` or a window that does not fit leaves the caption as it is."""
+    if window is None:
+        return caption
+    w, k = window
+    s = spans(caption)
+    if k < 1 or w < 0 or w + k > len(s):
+        return caption
+    if w + k < len(s) or w == 0:  # inserted before a word: the words and the space after them
+        end = s[w + k][0] if w + k < len(s) else s[w + k - 1][1] + 1
+        return caption[: s[w][0]] + caption[end:]
+    return caption[: s[w][0] - 1]  # appended: one space and the words
+
+
+def apply(captions: list[str], windows: list[Window | None]) -> list[str]:
+    """Each caption with its window dropped (:func:`drop_window`)."""
+    return [drop_window(c, win) for c, win in zip(captions, windows, strict=True)]
+
+
+def lower_words(caption: str) -> list[str]:
+    return caption.lower().split()
+
+
+@dataclass
+class Corpus:
+    """Word and word-pair counts of a split's captions (lower-cased, with ``<s>`` and ``</s>``).
+
+    ``uni``: word id -> count (``</s>`` included, ``<s>`` not); ``bi``: ``v * SHIFT + w`` ->
+    count; ``hist``: ``v`` -> count as a history; ``types``: ``v`` -> distinct followers.
+    """
+
+    ids: dict[str, int] = field(default_factory=lambda: {"<s>": BOS, "</s>": EOS})
+    uni: Counter[int] = field(default_factory=Counter)
+    bi: Counter[int] = field(default_factory=Counter)
+    hist: Counter[int] = field(default_factory=Counter)
+    types: Counter[int] = field(default_factory=Counter)
+    n: int = 0  # tokens counted in uni
+
+    def encode(self, words: list[str], grow: bool = False) -> list[int]:
+        """Ids of ``words`` framed by ``<s>`` / ``</s>``; unknown words get a fresh id."""
+        out = [BOS]
+        for word in words:
+            i = self.ids.get(word)
+            if i is None:
+                i = len(self.ids)
+                if grow:
+                    if i >= limits.MAX_CORPUS_WORDS:
+                        raise ValueError(
+                            f"the split has over {limits.MAX_CORPUS_WORDS} distinct words "
+                            "(mme.limits.MAX_CORPUS_WORDS): too large for the detectors"
+                        )
+                    self.ids[word] = i
+            out.append(i)
+        return out + [EOS]
+
+    def add(self, caption: str) -> None:
+        seq = self.encode(lower_words(caption), grow=True)
+        uni, bi, hist = caption_counts(seq)
+        self.uni.update(uni)
+        self.bi.update(bi)
+        self.hist.update(hist)
+        self.n += len(seq) - 1
+        if len(self.bi) > limits.MAX_CORPUS_BIGRAMS:
+            raise ValueError(
+                f"the split has over {limits.MAX_CORPUS_BIGRAMS} distinct word pairs "
+                "(mme.limits.MAX_CORPUS_BIGRAMS): too large for the detectors"
+            )
+
+    def finish(self) -> Corpus:
+        """Count the distinct followers of each history; call once, after the last :meth:`add`."""
+        self.types = Counter(key // SHIFT for key in self.bi)
+        return self
+
+    def rarity(self, word: str) -> float:
+        """``log((N + V) / (c(word) + 1))``: large for words the corpus rarely uses."""
+        i = self.ids.get(word.lower())
+        count = self.uni.get(i, 0) if i is not None else 0
+        return math.log((self.n + len(self.ids)) / (count + 1))
+
+
+def caption_counts(seq: list[int]) -> tuple[Counter[int], Counter[int], Counter[int]]:
+    """Unigram, bigram and history counts of one framed id sequence."""
+    uni = Counter(seq[1:])
+    bi = Counter(v * SHIFT + w for v, w in zip(seq, seq[1:], strict=False))
+    hist = Counter(seq[:-1])
+    return uni, bi, hist
+
+
+def fit(captions: Iterable[str]) -> Corpus:
+    """The corpus statistics of ``captions`` (one pass; memory grows with the vocabulary only)."""
+    corpus = Corpus()
+    for caption in captions:
+        corpus.add(caption)
+    return corpus.finish()
+
+
+# -- detect-trigger: the window repeated at one word index ------------------------------------
+
+
+def consistent_window(captions: list[str], k: int, corpus: Corpus) -> int | None:
+    """The word index ``w`` of the ``k``-word window shared by an image's captions (see the
+    module docstring), or ``None``. Only captions that keep a word after the removal count."""
+    words = [c.split() for c in captions]
+    best: tuple[float, int] | None = None
+    for w in range(max((len(t) for t in words), default=0) - k + 1):
+        grams = {tuple(t[w : w + k]) for t in words if len(t) >= w + k and len(t) > k}
+        held = sum(1 for t in words if len(t) >= w + k and len(t) > k)
+        if len(grams) != 1 or held < 2 or 2 * held <= len(words):
+            continue
+        score = sum(corpus.rarity(x) for x in next(iter(grams)))
+        if best is None or score > best[0]:
+            best = (score, w)
+    return None if best is None else best[1]
+
+
+def window_of_image(captions: list[str], k: int, corpus: Corpus) -> list[Window | None]:
+    """``detect-trigger``: the shared window of the image, in every caption that holds it."""
+    w = consistent_window(captions, k, corpus)
+    if w is None:
+        return [None] * len(captions)
+    return [(w, k) if len(c.split()) >= w + k and len(c.split()) > k else None for c in captions]
+
+
+# -- detect-ngram: the k words whose removal makes the caption most likely ---------------------
+
+
+@dataclass
+class Held:
+    """One image's own counts, subtracted from the corpus's (leave-one-image-out)."""
+
+    uni: Counter[int]
+    bi: Counter[int]
+    hist: Counter[int]
+    n: int
+    gone: Counter[int]  # v -> followers that occur only in this image's captions
+
+
+def held_out(corpus: Corpus, seqs: list[list[int]]) -> Held:
+    uni, bi, hist = Counter(), Counter(), Counter()
+    for seq in seqs:
+        u, b, h = caption_counts(seq)
+        uni.update(u)
+        bi.update(b)
+        hist.update(h)
+    gone = Counter(key // SHIFT for key, c in bi.items() if corpus.bi.get(key, 0) == c)
+    return Held(uni, bi, hist, sum(len(s) - 1 for s in seqs), gone)
+
+
+def log_prob(corpus: Corpus, held: Held, v: int, w: int) -> float:
+    """``log P(w | v)`` of the module docstring's model, without the held-out image's counts."""
+    n = corpus.n - held.n
+    p1 = (corpus.uni.get(w, 0) - held.uni.get(w, 0) + 1) / (n + len(corpus.ids) + 1)
+    c_v = corpus.hist.get(v, 0) - held.hist.get(v, 0)
+    if c_v <= 0:
+        return math.log(p1)
+    key = v * SHIFT + w
+    c_vw = corpus.bi.get(key, 0) - held.bi.get(key, 0)
+    t_v = corpus.types.get(v, 0) - held.gone.get(v, 0)
+    return math.log(max(c_vw - DISCOUNT, 0) / c_v + DISCOUNT * t_v / c_v * p1)
+
+
+def best_removal(seq: list[int], k: int, corpus: Corpus, held: Held) -> int | None:
+    """The window start ``w`` (0: first word) that maximises the log-probability of the framed
+    sequence ``seq`` without words ``w .. w + k - 1``; ties: the smallest ``w``. O(len * k)."""
+    n = len(seq) - 2  # words between <s> and </s>
+    if n <= k:
+        return None
+    lp = [0.0] + [log_prob(corpus, held, v, w) for v, w in zip(seq, seq[1:], strict=False)]
+    total = sum(lp)
+    best: tuple[float, int] | None = None
+    for w in range(n - k + 1):  # seq[w + 1 .. w + k] are removed; lp[i] predicts seq[i]
+        score = total - sum(lp[w + 1 : w + k + 2]) + log_prob(corpus, held, seq[w], seq[w + k + 1])
+        if best is None or score > best[0]:
+            best = (score, w)
+    return None if best is None else best[1]
+
+
+def ngram_windows(captions: list[str], k: int, corpus: Corpus) -> list[Window | None]:
+    """``detect-ngram``: per caption, the most likely caption without ``k`` contiguous words."""
+    seqs = [corpus.encode(lower_words(c)) for c in captions]
+    held = held_out(corpus, seqs)
+    starts = [best_removal(seq, k, corpus, held) for seq in seqs]
+    return [None if w is None else (w, k) for w in starts]
+
+
+DETECTORS = {"detect-trigger": window_of_image, "detect-ngram": ngram_windows}
+DEFAULT_K = 3  # when the public manifest has no trigger length
+
+
+@dataclass
+class Detector:
+    """A fitted detector: ``windows(captions)`` of one image, from public data only."""
+
+    name: str
+    k: int
+    corpus: Corpus
+
+    def windows(self, captions: list[str]) -> list[Window | None]:
+        return DETECTORS[self.name](captions, self.k, self.corpus)
+
+
+def public_k(manifest: dict) -> int:
+    """The public ``trigger_len`` of a protected set's manifest, else :data:`DEFAULT_K`."""
+    k = manifest.get("trigger_len")
+    return k if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 16 else DEFAULT_K
