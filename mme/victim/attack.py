@@ -7,20 +7,14 @@ and/or caption transformed by ``attack.transform`` (:mod:`mme.victim.transforms`
 ``manifest.json`` written last that keeps the protected set's ``method``, ``epsilon`` and
 ``trigger_len`` and adds ``attack``, so ``mme train`` / ``mme evaluate`` log the attack as an
 MLflow param and ``mme report`` shows it.
-The input is never modified.
-
-``detect-trigger``, ``detect-ngram`` (:mod:`mme.victim.detect`) and ``oracle-strip``
-(:mod:`mme.victim.oracle`) take two passes over each split: the captions first (corpus
-statistics, or the private triggers), then the transform. With ``score_private`` the removed
-words are scored against a private ``triggers.json`` (:mod:`mme.victim.score`, measuring only).
+The input is never modified. ``detect-trigger``, ``detect-ngram`` and ``oracle-strip`` take two
+passes over each split (:mod:`mme.victim.text_pass`); ``score_private`` scores removed words.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +22,8 @@ from tqdm import tqdm
 
 from mme import __version__, fsio, paths, shards
 from mme.config import AttackConfig, ConfigError, add_section_arguments, section_from_args
-from mme.victim import detect, oracle, score, transforms
+from mme.victim import detect, text_pass, transforms
 
-# private paths and measuring flags: no part of what the data depends on, never published
-NOT_RECORDED = ("private", "score_private", "score_out")
 CARRIED_KEYS = (
     "method",
     "epsilon",
@@ -61,46 +53,7 @@ def check_inputs(cfg: AttackConfig) -> dict[str, Any]:
         raise ConfigError(f"attack.protected = {str(cfg.protected)!r}: bad split names {bad}")
     if output_dir(cfg).resolve() == Path(cfg.protected).resolve():
         raise ConfigError("attack.out must differ from attack.protected (the input is kept)")
-    if cfg.score_out is not None:  # a private-derived file lands in no data folder
-        dest = Path(cfg.score_out).resolve()
-        for d in (cfg.protected, output_dir(cfg), cfg.private, cfg.score_private):
-            if d is not None and dest.is_relative_to(Path(d).resolve()):
-                raise ConfigError(f"attack.score_out = {str(cfg.score_out)!r} is inside {d}")
     return manifest
-
-
-Remover = Callable[[str, list[str]], list[detect.Window | None]]  # (id, captions) -> windows
-
-
-@dataclass
-class PrivateReads:
-    """Everything a run reads from private folders, loaded before any output is written:
-    oracle-strip's table (``cfg.private``) and the score's (``cfg.score_private``). The
-    detectors are never handed either."""
-
-    oracle: oracle.TriggerTable | None = None
-    truth: oracle.TriggerTable | None = None
-    score: score.Score = field(default_factory=score.Score)
-
-    @classmethod
-    def load(cls, cfg: AttackConfig, spec: transforms.AttackSpec) -> PrivateReads:
-        table = oracle.TriggerTable.load
-        return cls(
-            table(cfg.private) if spec.name == "oracle-strip" else None,
-            table(cfg.score_private) if cfg.score_private is not None else None,
-        )
-
-
-def remover(
-    cfg: AttackConfig, spec: transforms.AttackSpec, split: str, table: oracle.TriggerTable | None
-) -> Remover | None:
-    """The caption windows of a whole-split transform (None for the others): a detector fitted
-    on the protected split's captions alone, or oracle-strip's private ``table``."""
-    if spec.name in detect.DETECTORS:
-        caps = (c for s in shards.iter_samples(cfg.protected, split) for c in s.captions)
-        det = detect.Detector(spec.name, int(spec.arg), detect.fit(caps))
-        return lambda key, captions: det.windows(captions)
-    return table.windows if spec.name == "oracle-strip" and table is not None else None
 
 
 def attack_sample(
@@ -110,7 +63,7 @@ def attack_sample(
     removed: list[detect.Window | None] | None = None,
 ) -> shards.Sample:
     """``sample`` with its image and captions transformed by ``spec`` (``removed``: the caption
-    windows of a whole-split transform); metadata updated."""
+    windows of a whole-split transform, :mod:`mme.victim.text_pass`); metadata updated."""
     pixels = sample.image()
     image = transforms.attack_image(spec, pixels)
     if image is None:  # text attack: the image bytes stay exactly as published
@@ -143,20 +96,17 @@ def attack_split(
     split: str,
     out: Path,
     n: int | None,
-    private: PrivateReads | None = None,
+    passes: text_pass.TextPass,
 ) -> dict[str, Any]:
     """Transform one split into ``out``; returns ``{"images", "captions", "shards"}``."""
-    private = private if private is not None else PrivateReads()
-    windows = remover(cfg, spec, split, private.oracle)
+    passes.fit(split)
     writer = shards.ShardWriter(out, split, cfg.shard_size)
     it = shards.iter_samples(cfg.protected, split)
     for sample in tqdm(it, total=n, desc=f"{spec} {split}", unit="img", file=sys.stderr):
-        removed = windows(sample.id, sample.captions) if windows is not None else None
+        removed = passes.windows(sample)
         attacked = attack_sample(spec, sample, cfg.seed, removed)
         writer.write(attacked)
-        if private.truth is not None:
-            cut = removed if removed is not None else score.removed_by(spec, sample.captions)
-            private.score.add(private.truth, sample.id, sample.captions, cut, attacked.captions)
+        passes.record(sample, removed, attacked.captions)
     records = writer.close()
     return {"images": writer.n_samples, "captions": writer.n_captions, "shards": records}
 
@@ -164,11 +114,9 @@ def attack_split(
 def attack(cfg: AttackConfig) -> dict[str, Any]:
     """Write the attacked copy of ``cfg.protected``; returns its manifest."""
     source = check_inputs(cfg)
-    spec = transforms.parse_spec(cfg.transform)
-    if spec.name in transforms.K_FROM_MANIFEST and spec.arg is None:
-        spec = transforms.AttackSpec(spec.name, detect.public_k(source))
-    private = PrivateReads.load(cfg, spec)
+    spec = text_pass.resolve(transforms.parse_spec(cfg.transform), source)
     out = output_dir(cfg)
+    passes = text_pass.TextPass(cfg, spec, out)  # private tables load before anything is written
     out.mkdir(parents=True, exist_ok=True)
     # while shards are being replaced no manifest may describe the folder
     (out / "manifest.json").unlink(missing_ok=True)
@@ -178,23 +126,13 @@ def attack(cfg: AttackConfig) -> dict[str, Any]:
             continue
         n = info.get("images") if isinstance(info, dict) else None
         n = n if isinstance(n, int) else None
-        splits[split] = attack_split(cfg, spec, split, out, n, private)
+        splits[split] = attack_split(cfg, spec, split, out, n, passes)
     manifest = output_manifest(cfg, spec, source, splits)
     fsio.write_json(out / "manifest.json", manifest)
     counts = ", ".join(f"{s} {v['images']}" for s, v in splits.items())
     print(f"mme attack: {spec}: {cfg.protected} -> {out} ({counts} images)", file=sys.stderr)
-    if private.truth is not None:
-        write_score(cfg, spec, private.score.summary())
+    passes.finish()
     return manifest
-
-
-def write_score(cfg: AttackConfig, spec: transforms.AttackSpec, summary: dict[str, Any]) -> None:
-    """Print the score (and write ``cfg.score_out``): a measurement, not part of the data."""
-    print(score.line(str(spec), summary), file=sys.stderr)
-    if cfg.score_out is not None:
-        record = {"attack": str(spec), "protected": str(cfg.protected)}
-        record["private"] = str(cfg.score_private)
-        fsio.write_json(cfg.score_out, record | summary)
 
 
 def output_manifest(
@@ -212,7 +150,7 @@ def output_manifest(
         **carried,
         "method": carried.get("method", "clean"),
         "attack": str(spec),
-        "config": cfg.model_dump(mode="json", exclude=set(NOT_RECORDED))
+        "config": cfg.model_dump(mode="json", exclude=set(text_pass.NOT_RECORDED))
         | {"out": str(output_dir(cfg))},
         "source": str(cfg.protected),
         "source_manifest_sha256": shards.manifest_sha256(cfg.protected),
