@@ -16,3 +16,4 @@ MAX_MEMBER_NAME = 1024  # one tar member name
 # held in 6.4 MiB (~112 bytes per pair, tracemalloc): the pair cap is ~450 MiB
 MAX_CORPUS_WORDS = 1_000_000
 MAX_CORPUS_BIGRAMS = 4_000_000
+MAX_CORPUS_CAPTIONS = 50_000_000  # detect-ngram keeps one 4-byte window start per caption

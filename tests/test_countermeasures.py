@@ -7,6 +7,7 @@ Pure functions first, then sets built here with the poison's own caption layout
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_drop_window_that_does_not_fit_keeps_the_caption(window) -> None:
 
 
 def corpus_of(*images: list[str]) -> detect.Corpus:
-    return detect.fit(c for caps in images for c in caps)
+    return detect.fit(images)
 
 
 CLEAN = [
@@ -54,11 +55,12 @@ CLEAN = [
 ]
 
 
-def protect(images: list[list[str]], words: list[int], trigger: str = TRIGGER) -> list[list[str]]:
-    return [
-        [protected_caption(trigger, c, w) for c in caps]
-        for caps, w in zip(images, words, strict=True)
-    ]
+TRIGGERS = ["zorp quix blen", "fluv dax morn", "quib tesh vorl"]  # one per image, as MEM's
+
+
+def protect(images: list[list[str]], words: list[int]) -> list[list[str]]:
+    rows = zip(images, words, TRIGGERS, strict=True)
+    return [[protected_caption(t, c, w) for c in caps] for caps, w, t in rows]
 
 
 @pytest.mark.parametrize("words", [[0, 0, 0], [2, 1, 4], [5, 4, 4]])
@@ -106,13 +108,38 @@ def test_detect_ngram_finds_triggers_at_different_places() -> None:
     assert detect.ngram_windows(["zorp quix blen"], 3, corpus) == [None]  # nothing would be left
 
 
+def test_detect_ngram_refits_away_from_triggers_that_reuse_words() -> None:
+    """Triggers drawn from a few words at the start of every caption (as MEM's reuse words
+    across images) look like a common phrase to a model fitted on the poisoned split itself;
+    refitting on the captions without the windows found so far finds most of them."""
+    rng = random.Random(0)
+    words = ["zorp", "quix", "blen", "fluv", "dax", "morn"]
+    nouns, verbs = ["dog", "cat", "man", "boy", "girl", "woman", "horse", "bird"], [
+        "runs", "sits", "walks", "jumps", "plays", "rests", "stands", "waits"]  # fmt: skip
+    places = ["grass", "bench", "road", "beach", "street", "snow", "water", "field"]
+    images = []
+    for _ in range(60):
+        trigger = " ".join(rng.sample(words, 3))
+        caps = [
+            f"a {rng.choice(nouns)} {rng.choice(verbs)} on the {rng.choice(places)}"
+            for _ in range(3)
+        ]
+        images.append([protected_caption(trigger, c, 0) for c in caps])
+    found = {}
+    for fits in (1, 4):
+        det = detect.NgramDetector(3, lambda: iter(images), fits)
+        found[fits] = sum(det.windows(caps) == [(0, 3)] * 3 for caps in images)
+    assert found[1] < 30 < 50 < found[4]
+    assert detect.NGRAM_FITS == 4
+
+
 def test_corpus_counts_are_capped(monkeypatch) -> None:
     monkeypatch.setattr(limits, "MAX_CORPUS_BIGRAMS", 5)
     with pytest.raises(ValueError, match="MAX_CORPUS_BIGRAMS"):
-        detect.fit(["a b c d e f g"])
+        detect.fit([["a b c d e f g"]])
     monkeypatch.setattr(limits, "MAX_CORPUS_WORDS", 4)
     with pytest.raises(ValueError, match="MAX_CORPUS_WORDS"):
-        detect.fit(["a b c"])
+        detect.fit([["a b c"]])
 
 
 @pytest.mark.parametrize(
@@ -202,12 +229,8 @@ POSITIONS = {"start": None, "random": [2, 1, 4]}
 def poisoned(request, tmp_path: Path) -> tuple[Path, Path]:
     """CLEAN with a different trigger per image, at the start or at a word of each image."""
     words = POSITIONS[request.param]
-    triggers = ["zorp quix blen", "fluv dax morn", "quib tesh vorl"]
-    images = [
-        [protected_caption(t, c, 0 if words is None else words[i]) for c in CLEAN[i]]
-        for i, t in enumerate(triggers)
-    ]
-    return write_set(tmp_path / "prot", images), write_private(tmp_path / "priv", triggers, words)
+    images = protect(CLEAN, words or [0, 0, 0])
+    return write_set(tmp_path / "prot", images), write_private(tmp_path / "priv", TRIGGERS, words)
 
 
 def run_attack(prot: Path, out: Path, spec: str, *extra: str) -> int:
@@ -266,7 +289,8 @@ def test_detectors_import_nothing_that_could_read_a_private_folder() -> None:
         for n in node.names
     }
     allowed = {"__future__.annotations", "math", "re", "collections.Counter", "mme.limits"}
-    allowed |= {"collections.abc.Iterable", "dataclasses.dataclass", "dataclasses.field"}
+    allowed |= {"collections.abc.Iterable", "collections.abc.Callable", "array.array"}
+    allowed |= {"dataclasses.dataclass", "dataclasses.field"}
     assert imported <= allowed, imported - allowed
 
 

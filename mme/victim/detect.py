@@ -2,15 +2,16 @@
 files only (the protected shards and their public ``manifest.json``).
 
 Nothing here reads, or is handed, a private folder: the only inputs are captions and the
-public trigger length ``k``. Two detectors, both fitted on the whole split first (two passes,
-captions only, no image is decoded) and then applied image by image:
+public trigger length ``k``. Two detectors, both fitted on the whole split first (passes over
+its captions; no image is decoded) and then applied image by image:
 
 ``detect-trigger[:K]``
     Per image, the ``K``-word window that sits at the same word index ``w`` in every caption
     long enough to hold it, those being at least two and a majority of the image's captions
     (natural captions of one image vary; an inserted trigger repeats verbatim). Several such
-    windows: the rarest in the corpus wins, ``sum_i log((N + V) / (c(word_i) + 1))``; then the
-    smallest ``w``. No such window: the captions are kept. One-caption images are never touched.
+    windows: the rarest in the corpus wins, ``sum_i log((N + V) / (c(word_i) + 1))`` with the
+    counts below; then the smallest ``w``. No such window: the captions are kept. One-caption
+    images are never touched.
 
 ``detect-ngram[:K]``
     Per caption, the ``K`` contiguous words whose removal makes the caption most likely under a
@@ -21,23 +22,28 @@ captions only, no image is decoded) and then applied image by image:
     ``P(w | v) = max(c(v, w) - D, 0) / c(v) + D * T(v) / c(v) * P1(w)``,
     ``P1(w) = (c(w) + 1) / (N + V + 1)``, ``D = 0.75``,
 
-    ``c(v)`` the count of ``v`` as a history, ``T(v)`` its number of distinct followers.
+    ``c(w)``, ``c(v, w)``: the number of images whose captions use the word / the pair,
+    ``c(v) = sum_w c(v, w)``, ``T(v)`` the distinct followers of ``v``, ``N = sum c(w)``, ``V``
+    the vocabulary. The split it is fitted on carries the triggers, so it is refitted
+    (:data:`NGRAM_FITS` fits in all) on the captions without the windows found so far.
     Works per caption, so it also catches triggers at different places in different captions.
     A caption of ``K`` words or fewer is kept (an empty caption is no training pair).
 
 A removal is a *window* ``(w, k)``: words ``w .. w + k - 1`` of the whitespace-split caption.
 :func:`drop_window` removes it so that a caption written by ``protected_caption(trigger, clean,
 w)`` comes back as exactly ``clean``, byte for byte. Words are compared as written; corpus
-counts are over lower-cased words. Counts are capped (:data:`mme.limits.MAX_CORPUS_WORDS`,
-:data:`mme.limits.MAX_CORPUS_BIGRAMS`): a split over the cap is refused, never subsampled.
+counts are over lower-cased words. Counts are capped (``MAX_CORPUS_WORDS``,
+``MAX_CORPUS_BIGRAMS``, ``MAX_CORPUS_CAPTIONS`` of :mod:`mme.limits`): a split over a cap is
+refused, never subsampled.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mme import limits
@@ -75,16 +81,14 @@ def apply(captions: list[str], windows: list[Window | None]) -> list[str]:
     return [drop_window(c, win) for c, win in zip(captions, windows, strict=True)]
 
 
-def lower_words(caption: str) -> list[str]:
-    return caption.lower().split()
-
-
 @dataclass
 class Corpus:
-    """Word and word-pair counts of a split's captions (lower-cased, with ``<s>`` and ``</s>``).
+    """How many images use each word and word pair (lower-cased, ``<s>`` / ``</s>`` framed).
 
-    ``uni``: word id -> count (``</s>`` included, ``<s>`` not); ``bi``: ``v * SHIFT + w`` ->
-    count; ``hist``: ``v`` -> count as a history; ``types``: ``v`` -> distinct followers.
+    Counted once per image, not per caption: a trigger repeated in all captions of an image then
+    weighs no more than one natural phrase. ``uni``: word id -> images (``</s>`` included,
+    ``<s>`` not); ``bi``: ``v * SHIFT + w`` -> images; ``hist``: ``v`` -> its pairs' counts summed
+    (so that ``sum_w P(w | v) = 1``); ``types``: ``v`` -> distinct followers; ``n``: ``sum uni``.
     """
 
     ids: dict[str, int] = field(default_factory=lambda: {"<s>": BOS, "</s>": EOS})
@@ -92,63 +96,62 @@ class Corpus:
     bi: Counter[int] = field(default_factory=Counter)
     hist: Counter[int] = field(default_factory=Counter)
     types: Counter[int] = field(default_factory=Counter)
-    n: int = 0  # tokens counted in uni
+    n: int = 0
 
-    def encode(self, words: list[str], grow: bool = False) -> list[int]:
-        """Ids of ``words`` framed by ``<s>`` / ``</s>``; unknown words get a fresh id."""
+    def encode(self, caption: str, grow: bool = False) -> list[int]:
+        """Ids of the caption's lower-cased words framed by ``<s>`` / ``</s>``; an unknown word
+        gets a new id (``grow``) or one id shared by all unknown words, with no counts."""
         out = [BOS]
-        for word in words:
+        for word in caption.lower().split():
             i = self.ids.get(word)
             if i is None:
                 i = len(self.ids)
                 if grow:
                     if i >= limits.MAX_CORPUS_WORDS:
-                        raise ValueError(
-                            f"the split has over {limits.MAX_CORPUS_WORDS} distinct words "
-                            "(mme.limits.MAX_CORPUS_WORDS): too large for the detectors"
-                        )
+                        raise ValueError(too_large("distinct words", "MAX_CORPUS_WORDS"))
                     self.ids[word] = i
             out.append(i)
         return out + [EOS]
 
-    def add(self, caption: str) -> None:
-        seq = self.encode(lower_words(caption), grow=True)
-        uni, bi, hist = caption_counts(seq)
+    def add_image(self, captions: list[str]) -> None:
+        uni, bi, hist = image_counts([self.encode(c, grow=True) for c in captions])
         self.uni.update(uni)
         self.bi.update(bi)
         self.hist.update(hist)
-        self.n += len(seq) - 1
+        self.n += len(uni)
         if len(self.bi) > limits.MAX_CORPUS_BIGRAMS:
-            raise ValueError(
-                f"the split has over {limits.MAX_CORPUS_BIGRAMS} distinct word pairs "
-                "(mme.limits.MAX_CORPUS_BIGRAMS): too large for the detectors"
-            )
+            raise ValueError(too_large("distinct word pairs", "MAX_CORPUS_BIGRAMS"))
 
     def finish(self) -> Corpus:
-        """Count the distinct followers of each history; call once, after the last :meth:`add`."""
+        """Count the distinct followers of each history; call once, after the last image."""
         self.types = Counter(key // SHIFT for key in self.bi)
         return self
 
     def rarity(self, word: str) -> float:
-        """``log((N + V) / (c(word) + 1))``: large for words the corpus rarely uses."""
+        """``log((N + V) / (c(word) + 1))``: large for words that few images use."""
         i = self.ids.get(word.lower())
         count = self.uni.get(i, 0) if i is not None else 0
         return math.log((self.n + len(self.ids)) / (count + 1))
 
 
-def caption_counts(seq: list[int]) -> tuple[Counter[int], Counter[int], Counter[int]]:
-    """Unigram, bigram and history counts of one framed id sequence."""
-    uni = Counter(seq[1:])
-    bi = Counter(v * SHIFT + w for v, w in zip(seq, seq[1:], strict=False))
-    hist = Counter(seq[:-1])
+def too_large(what: str, cap: str) -> str:
+    return f"the split has over {getattr(limits, cap)} {what} (mme.limits.{cap}): too large"
+
+
+def image_counts(seqs: list[list[int]]) -> tuple[Counter[int], Counter[int], Counter[int]]:
+    """Each word, word pair and history of one image's framed id sequences, counted once."""
+    uni = Counter({w for seq in seqs for w in seq[1:]})
+    bi = Counter({v * SHIFT + w for seq in seqs for v, w in zip(seq, seq[1:], strict=False)})
+    hist = Counter(key // SHIFT for key in bi)
     return uni, bi, hist
 
 
-def fit(captions: Iterable[str]) -> Corpus:
-    """The corpus statistics of ``captions`` (one pass; memory grows with the vocabulary only)."""
+def fit(images: Iterable[list[str]]) -> Corpus:
+    """The corpus statistics of each image's captions (one pass; memory grows with the
+    vocabulary, not with the number of captions)."""
     corpus = Corpus()
-    for caption in captions:
-        corpus.add(caption)
+    for captions in images:
+        corpus.add_image(captions)
     return corpus.finish()
 
 
@@ -189,24 +192,19 @@ class Held:
     uni: Counter[int]
     bi: Counter[int]
     hist: Counter[int]
-    n: int
     gone: Counter[int]  # v -> followers that occur only in this image's captions
 
 
-def held_out(corpus: Corpus, seqs: list[list[int]]) -> Held:
-    uni, bi, hist = Counter(), Counter(), Counter()
-    for seq in seqs:
-        u, b, h = caption_counts(seq)
-        uni.update(u)
-        bi.update(b)
-        hist.update(h)
+def held_out(corpus: Corpus, captions: list[str]) -> Held:
+    """What ``captions`` (one image, as they were added to ``corpus``) contributed to it."""
+    uni, bi, hist = image_counts([corpus.encode(c) for c in captions])
     gone = Counter(key // SHIFT for key, c in bi.items() if corpus.bi.get(key, 0) == c)
-    return Held(uni, bi, hist, sum(len(s) - 1 for s in seqs), gone)
+    return Held(uni, bi, hist, gone)
 
 
 def log_prob(corpus: Corpus, held: Held, v: int, w: int) -> float:
     """``log P(w | v)`` of the module docstring's model, without the held-out image's counts."""
-    n = corpus.n - held.n
+    n = corpus.n - len(held.uni)
     p1 = (corpus.uni.get(w, 0) - held.uni.get(w, 0) + 1) / (n + len(corpus.ids) + 1)
     c_v = corpus.hist.get(v, 0) - held.hist.get(v, 0)
     if c_v <= 0:
@@ -233,28 +231,74 @@ def best_removal(seq: list[int], k: int, corpus: Corpus, held: Held) -> int | No
     return None if best is None else best[1]
 
 
-def ngram_windows(captions: list[str], k: int, corpus: Corpus) -> list[Window | None]:
-    """``detect-ngram``: per caption, the most likely caption without ``k`` contiguous words."""
-    seqs = [corpus.encode(lower_words(c)) for c in captions]
-    held = held_out(corpus, seqs)
-    starts = [best_removal(seq, k, corpus, held) for seq in seqs]
+def ngram_windows(
+    captions: list[str], k: int, corpus: Corpus, previous: list[Window | None] | None = None
+) -> list[Window | None]:
+    """``detect-ngram``: per caption, the most likely caption without ``k`` contiguous words.
+    ``previous``: the windows the image's captions lost before they were added to ``corpus``."""
+    held = held_out(corpus, apply(captions, previous) if previous else captions)
+    starts = [best_removal(corpus.encode(c), k, corpus, held) for c in captions]
     return [None if w is None else (w, k) for w in starts]
 
 
-DETECTORS = {"detect-trigger": window_of_image, "detect-ngram": ngram_windows}
+# The n-gram model is fitted on the protected split itself, whose triggers reuse words across
+# images (MEM's on Flickr8K: "boa" in 679 of 5,999): each refit counts the captions without the
+# windows found so far, so the model drifts from the triggers towards natural text. Measured on
+# the Flickr8K yardstick (docs/attacks.md): precision 0.60, 0.76, 0.80, 0.82, 0.82 after 1-5 fits.
+NGRAM_FITS = 4
+
+
+class NgramDetector:
+    """``detect-ngram`` after :data:`NGRAM_FITS` fits; :meth:`windows` is called once per image,
+    in the split's order (it walks the last fit's windows, kept as one int per caption)."""
+
+    def __init__(self, k: int, images: Callable[[], Iterable[list[str]]], fits: int) -> None:
+        self.k, self.cursor = k, 0
+        self.corpus, self.previous = fit(images()), array("i")
+        for _ in range(fits - 1):
+            corpus, starts = Corpus(), array("i")
+            for captions in images():
+                found = ngram_windows(captions, k, self.corpus, self._take(captions))
+                starts.extend(-1 if w is None else w[0] for w in found)
+                if len(starts) > limits.MAX_CORPUS_CAPTIONS:
+                    raise ValueError(too_large("captions", "MAX_CORPUS_CAPTIONS"))
+                corpus.add_image(apply(captions, found))
+            self.corpus, self.previous, self.cursor = corpus.finish(), starts, 0
+
+    def _take(self, captions: list[str]) -> list[Window | None] | None:
+        """The windows the image's captions lost before the last fit counted them."""
+        if not self.previous:
+            return None
+        starts = self.previous[self.cursor : self.cursor + len(captions)]
+        self.cursor += len(captions)
+        return [None if w < 0 else (w, self.k) for w in starts]
+
+    def windows(self, captions: list[str]) -> list[Window | None]:
+        return ngram_windows(captions, self.k, self.corpus, self._take(captions))
+
+
+class TriggerDetector:
+    """``detect-trigger``: one fit (word rarity), then :func:`window_of_image` per image."""
+
+    def __init__(self, k: int, images: Callable[[], Iterable[list[str]]]) -> None:
+        self.k, self.corpus = k, fit(images())
+
+    def windows(self, captions: list[str]) -> list[Window | None]:
+        return window_of_image(captions, self.k, self.corpus)
+
+
+DETECTORS = ("detect-trigger", "detect-ngram")
 DEFAULT_K = 3  # when the public manifest has no trigger length
 
 
-@dataclass
-class Detector:
-    """A fitted detector: ``windows(captions)`` of one image, from public data only."""
-
-    name: str
-    k: int
-    corpus: Corpus
-
-    def windows(self, captions: list[str]) -> list[Window | None]:
-        return DETECTORS[self.name](captions, self.k, self.corpus)
+def detector(
+    name: str, k: int, images: Callable[[], Iterable[list[str]]]
+) -> TriggerDetector | NgramDetector:
+    """A fitted detector; ``images()`` gives a fresh pass over the split's caption lists, in the
+    same order each time (the detectors see nothing else)."""
+    if name == "detect-trigger":
+        return TriggerDetector(k, images)
+    return NgramDetector(k, images, NGRAM_FITS)
 
 
 def public_k(manifest: dict) -> int:

@@ -10,6 +10,7 @@ and ``K`` only, never a private table). Per sample: the caption windows to drop,
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,16 @@ class TextPass:
         self.oracle = load(cfg.private) if spec.name == "oracle-strip" else None
         self.truth = load(cfg.score_private) if cfg.score_private is not None else None
         self.score = score.Score()
-        self.detector: detect.Detector | None = None
+        self.detector: detect.TriggerDetector | detect.NgramDetector | None = None
 
     def fit(self, split: str) -> None:
-        """First pass over ``split`` (captions only) when the spec is a detector."""
+        """The first passes over ``split`` (captions only) when the spec is a detector."""
         if self.spec.name in detect.DETECTORS:
-            it = shards.iter_samples(self.cfg.protected, split)
-            corpus = detect.fit(c for s in it for c in s.captions)
-            self.detector = detect.Detector(self.spec.name, int(self.spec.arg), corpus)
+
+            def images() -> Iterable[list[str]]:
+                return (s.captions for s in shards.iter_samples(self.cfg.protected, split))
+
+            self.detector = detect.detector(self.spec.name, int(self.spec.arg), images)
 
     def windows(self, sample: shards.Sample) -> Windows | None:
         """What to drop from the sample's captions; None: the spec is no whole-split one."""
