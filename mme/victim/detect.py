@@ -244,7 +244,8 @@ def ngram_windows(
 # The n-gram model is fitted on the protected split itself, whose triggers reuse words across
 # images (MEM's on Flickr8K: "boa" in 679 of 5,999): each refit counts the captions without the
 # windows found so far, so the model drifts from the triggers towards natural text. Measured on
-# the Flickr8K yardstick (docs/attacks.md): precision 0.60, 0.76, 0.80, 0.82, 0.82 after 1-5 fits.
+# the Flickr8K yardstick (docs/attacks.md): precision 0.57, 0.76, 0.80, 0.81, 0.81 after 1-5 fits
+# (~4 s per fit on one core).
 NGRAM_FITS = 4
 
 
