@@ -245,7 +245,7 @@ def ngram_windows(
 # images (MEM's on Flickr8K: "boa" in 679 of 5,999): each refit counts the captions without the
 # windows found so far, so the model drifts from the triggers towards natural text. Measured on
 # the Flickr8K yardstick (docs/attacks.md): precision 0.57, 0.76, 0.80, 0.81, 0.81 after 1-5 fits
-# (~4 s per fit on one core).
+# (the whole attack with 4 fits: 14.5 s of CPU, against 4.5 s for detect-trigger).
 NGRAM_FITS = 4
 
 
