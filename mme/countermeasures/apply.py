@@ -7,7 +7,9 @@ and/or caption transformed by ``attack.transform`` (:mod:`mme.countermeasures.tr
 ``manifest.json`` written last that keeps the protected set's ``method``, ``epsilon`` and
 ``trigger_len`` and adds ``attack``, so ``mme train`` / ``mme evaluate`` log the attack as an
 MLflow param and ``mme report`` shows it.
-The input is never modified.
+The input is never modified. ``detect-trigger``, ``detect-ngram`` and ``oracle-strip`` take two
+passes over each split (:mod:`mme.countermeasures.text_pass`); ``score_private`` scores removed
+words.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from mme import __version__, fsio, guard, paths, shards
 from mme.config import AttackConfig, ConfigError, add_section_arguments, section_from_args
-from mme.countermeasures import transforms
+from mme.countermeasures import detect, text_pass, transforms
 
 OWNER = "mme attack"
 CARRIED_KEYS = (
@@ -56,8 +58,14 @@ def check_inputs(cfg: AttackConfig) -> dict[str, Any]:
     return manifest
 
 
-def attack_sample(spec: transforms.AttackSpec, sample: shards.Sample, seed: int) -> shards.Sample:
-    """``sample`` with its image and captions transformed by ``spec``; metadata updated."""
+def attack_sample(
+    spec: transforms.AttackSpec,
+    sample: shards.Sample,
+    seed: int,
+    removed: list[detect.Window | None] | None = None,
+) -> shards.Sample:
+    """``sample`` with its image and captions transformed by ``spec`` (``removed``: the caption
+    windows of a whole-split transform, :mod:`mme.countermeasures.text_pass`); metadata updated."""
     pixels = sample.image()
     image = transforms.attack_image(spec, pixels)
     if image is None:  # text attack: the image bytes stay exactly as published
@@ -77,16 +85,25 @@ def attack_sample(spec: transforms.AttackSpec, sample: shards.Sample, seed: int)
             "before_attack_sha256": shards.sha256_bytes(sample.image_bytes),
         }
     )
-    captions = transforms.attack_captions(spec, sample.captions, sample.id, seed)
+    if removed is not None:
+        captions = detect.apply(sample.captions, removed)
+    else:
+        captions = transforms.attack_captions(spec, sample.captions, sample.id, seed)
     return shards.Sample(sample.id, data, ext, captions, meta)
 
 
 def attack_split(
-    cfg: AttackConfig, spec: transforms.AttackSpec, split: str, out: Path, n: int | None
+    cfg: AttackConfig,
+    spec: transforms.AttackSpec,
+    split: str,
+    out: Path,
+    n: int | None,
+    passes: text_pass.TextPass,
 ) -> dict[str, Any]:
     """Transform one split into ``out``; returns ``{"images", "captions", "shards",
     "skipped_counts"}``: a sample that cannot be attacked (an image that is not one, or a bomb;
     an id seen before) is left out and counted, never a crash."""
+    passes.fit(split)
     writer = shards.ShardWriter(out, split, cfg.shard_size)
     skipped: Counter[str] = Counter()
     seen: set[str] = set()
@@ -96,10 +113,14 @@ def attack_split(
             skipped["duplicate_id"] += 1
             continue
         seen.add(sample.id)
+        removed = passes.windows(sample)
         try:
-            writer.write(attack_sample(spec, sample, cfg.seed))
+            attacked = attack_sample(spec, sample, cfg.seed, removed)
         except shards.BadImage:
             skipped["unreadable_image"] += 1
+            continue
+        writer.write(attacked)
+        passes.record(sample, removed, attacked.captions)
     records = writer.close()
     return {
         "images": writer.n_samples,
@@ -114,36 +135,52 @@ def attack(cfg: AttackConfig) -> dict[str, Any]:
     goes through :mod:`mme.guard`: an earlier ``mme attack`` output is replaced, anything else
     (a clean set, a protected set, a user's folder) is refused untouched."""
     source = check_inputs(cfg)
-    spec = transforms.parse_spec(cfg.transform)
+    spec = text_pass.resolve(transforms.parse_spec(cfg.transform), source)
     out = guard.Folder(output_dir(cfg), flag="attack.out", staged=True)
-    inputs = {"attack.protected": cfg.protected}
-    with guard.claim(OWNER, [out], inputs, settings=cfg.model_dump(mode="json")) as claim:
+    passes = text_pass.TextPass(cfg, spec, out.path)  # private tables load before any write
+    settings = cfg.model_dump(mode="json", exclude=set(text_pass.NOT_RECORDED))
+    with guard.claim(OWNER, *_io(cfg, out), settings=settings) as claim:
         stage = fsio.staging_dir(out.path)  # built beside it: a failed run keeps the old one
         try:
             claim.mark(stage, out)
-            manifest = _attack(cfg, spec, source, stage)
+            manifest = _attack(cfg, spec, source, stage, passes)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
         fsio.replace_dir(stage, out.path)
-    counts = ", ".join(f"{s} {v['images']}" for s, v in manifest["splits"].items())
-    skips = sum(sum(v["skipped_counts"].values()) for v in manifest["splits"].values())
-    print(
-        f"mme attack: {spec}: {cfg.protected} -> {out.path} ({counts} images; {skips} skipped)",
-        file=sys.stderr,
-    )
+        counts = ", ".join(f"{s} {v['images']}" for s, v in manifest["splits"].items())
+        skips = sum(sum(v["skipped_counts"].values()) for v in manifest["splits"].values())
+        print(
+            f"mme attack: {spec}: {cfg.protected} -> {out.path} ({counts} images; {skips} skipped)",
+            file=sys.stderr,
+        )
+        passes.finish()
     return manifest
 
 
+def _io(cfg: AttackConfig, out: guard.Folder) -> tuple[list, dict[str, Any]]:
+    """What :mod:`mme.guard` checks: the folder, the score file (only over an earlier score),
+    and every input (the protected set, the private folders read)."""
+    score = guard.json_object_with("attack", "protected")
+    outputs = [out, guard.File(cfg.score_out, score, "attack.score_out") if cfg.score_out else None]
+    inputs = {"attack.protected": cfg.protected, "attack.private": cfg.private}
+    return outputs, {**inputs, "attack.score_private": cfg.score_private}
+
+
 def _attack(
-    cfg: AttackConfig, spec: transforms.AttackSpec, source: dict[str, Any], out: Path
+    cfg: AttackConfig,
+    spec: transforms.AttackSpec,
+    source: dict[str, Any],
+    out: Path,
+    passes: text_pass.TextPass,
 ) -> dict[str, Any]:
     splits = {}
     for split, info in source["splits"].items():
         if not shards.shard_paths(cfg.protected, split):
             continue
         n = info.get("images") if isinstance(info, dict) else None
-        splits[split] = attack_split(cfg, spec, split, out, n if isinstance(n, int) else None)
+        n = n if isinstance(n, int) else None
+        splits[split] = attack_split(cfg, spec, split, out, n, passes)
     manifest = output_manifest(cfg, spec, source, splits)
     fsio.write_json(out / "manifest.json", manifest)
     return manifest
@@ -164,7 +201,8 @@ def output_manifest(
         **carried,
         "method": carried.get("method", "clean"),
         "attack": str(spec),
-        "config": cfg.model_dump(mode="json") | {"out": str(output_dir(cfg))},
+        "config": cfg.model_dump(mode="json", exclude=set(text_pass.NOT_RECORDED))
+        | {"out": str(output_dir(cfg))},
         "source": str(cfg.protected),
         "source_manifest_sha256": shards.manifest_sha256(cfg.protected),
         "splits": splits,
