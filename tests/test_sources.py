@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mme import fsio
 from mme.ingest.sources import iter_csv, iter_folder, iter_webdataset
 from mme.shards import Sample, write_shards
 
@@ -100,9 +101,13 @@ def test_csv_existing_absolute_path_and_relative_image_root(tmp_path):
     put(tmp_path / "root" / "imgs" / "rel.jpg", jpeg((2, 2, 2)))
     put(tmp_path / "csvdir" / "imgs" / "rel.jpg", jpeg((3, 3, 3)))  # must NOT be used
     (tmp_path / "csvdir" / "s.csv").write_text(f"images,caption\n{absolute},a\nimgs/rel.jpg,b\n")
-    abs_item, rel_item = iter_csv(tmp_path / "csvdir" / "s.csv", image_root=tmp_path / "root")
+    kw = dict(image_root=tmp_path / "root", allow_absolute=True)  # issue 20: only when asked
+    abs_item, rel_item = iter_csv(tmp_path / "csvdir" / "s.csv", **kw)
     assert abs_item.load() == absolute.read_bytes()
     assert rel_item.load() == (tmp_path / "root" / "imgs" / "rel.jpg").read_bytes()
+    abs_item, _ = iter_csv(tmp_path / "csvdir" / "s.csv", image_root=tmp_path / "root")
+    with pytest.raises(fsio.OutsideRoot):  # without the flag: outside the image root, unread
+        abs_item.load()
 
 
 def test_csv_keeps_invalid_utf8_and_drops_bom(tmp_path):
