@@ -45,8 +45,9 @@ def mme_pipeline(
     with tracking.start_run(experiment, name, run_params(poison, victim), tags):
         clean = prepare_task(data)
         protected = poison_task(poison, clean)
-        clean_ckpt = train_task(victim, clean, runs / "clean")
-        protected_ckpt = train_task(victim, protected, runs / "protected")
+        # victims/: never the folder that holds the protected sets (runs/protected/<method>)
+        clean_ckpt = train_task(victim, clean, runs / "victims" / "clean")
+        protected_ckpt = train_task(victim, protected, runs / "victims" / "protected")
         results = {
             "clean": evaluate_task(evaluate, clean_ckpt, clean),
             poison.method: evaluate_task(evaluate, protected_ckpt, clean),

@@ -18,8 +18,9 @@ they read (``inputs``), and write only inside ``with claim(...)``:
 - **Files.** A file output (``metrics.json``, a report) is written only over a file of its own
   kind (``File.kind``), never over an input, a folder, a link or a device.
 - **No overlap.** No output may equal, contain or sit inside an input or another output.
-- **Lock.** Each output is locked (:func:`mme.fsio.locked`) for the whole block; the checks run
-  again under the lock.
+- **Lock.** Each output folder is locked (:func:`mme.fsio.locked`) for the whole block; the
+  checks run again under the locks. A file output is not (its lock file would sit beside it,
+  e.g. in a DVC-tracked ``metrics/`` folder): it is replaced atomically.
 
 Every refusal is an :class:`OutputRefused` (a :class:`~mme.config.ConfigError`: one line, exit
 2) raised before anything is written.
@@ -132,8 +133,9 @@ def claim(
     outs = [o for o in outputs if o is not None]
     check(command, outs, inputs, force=force)
     done = Claim(command, run_id(command, settings))
+    folders = [o for o in outs if isinstance(o, Folder)]  # a file is replaced atomically
     with contextlib.ExitStack() as stack:
-        for out in sorted(outs, key=lambda o: str(Path(o.path).resolve())):  # one lock order
+        for out in sorted(folders, key=lambda o: str(Path(o.path).resolve())):  # one lock order
             try:
                 stack.enter_context(fsio.locked(out.path))
             except fsio.FolderBusy as err:

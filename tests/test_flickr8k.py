@@ -23,6 +23,7 @@ TINY = {
     "--pgd-steps 1 --trigger-rounds 1 --candidates 2 --device cpu --no-compile",
     "VICTIM_ARGS": "--model mme-tiny-vit --epochs 1 --batch-size 8 --warmup 1 --device cpu",
     "EVAL_ARGS": "--device cpu",
+    "PREPARE_ARGS": "--allow-absolute-paths",  # subset_csv writes absolute paths (issue 20)
 }
 
 

@@ -206,3 +206,14 @@ def test_fifo_as_marker_does_not_hang(tmp_path, alarm):
     (tmp_path / "x").write_text("x")
     os.mkfifo(tmp_path / fsio.OWNER)
     assert guard.owner_of(tmp_path) == guard.Owner("")
+
+
+def test_metrics_file_leaves_no_lock_file_in_its_folder(tmp_path):
+    """A lock file beside metrics/clean.json changed the DVC-tracked metrics/ folder on every
+    run (it holds the writer's pid), so `dvc exp run` re-ran the report stage for nothing."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    out = guard.File(metrics / "clean.json", guard.json_object_with("rsum"))
+    with claim("mme evaluate", [out], {}):
+        (metrics / "clean.json").write_text('{"rsum": 1}')
+    assert [p.name for p in metrics.iterdir()] == ["clean.json"]

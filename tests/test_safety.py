@@ -134,6 +134,10 @@ def writers(m: dict[str, Path]) -> dict[tuple[str, str], object]:
             "evaluate", "--params", "none", "--checkpoint", str(m["root"] / "ckpt.pt"),
             "--shards", str(m["clean"]), "--out", str(first(t)),
         ],
+        ("mme verify", "file"): lambda t: [
+            "verify", "--clean", str(m["clean"]), "--protected", str(m["pub"]),
+            "--private", str(m["priv"]), "--json", str(first(t)),
+        ],
         ("mme report", "recall"): lambda t: [
             "report", "--metrics", str(m["root"] / "m.json"), "--recall-dir", str(t)
         ],
@@ -149,8 +153,9 @@ def writers(m: dict[str, Path]) -> dict[tuple[str, str], object]:
 
 def test_every_writing_command_refuses_another_commands_folder(made, capsys):
     """prepare, poison (public and private), protect (output and private), export, attack,
-    train, evaluate and report, each pointed at a folder (or a file in it) that another command
-    made or a user owns: exit 2, one line, and the folder is byte for byte as it was."""
+    train, evaluate, report (and verify's --json), each pointed at a folder (or a file in it)
+    that another command made or a user owns: exit 2, one line, and the folder is byte for byte
+    as it was."""
     refused = 0
     for (command, role), argv in writers(made).items():
         for name, maker in MAKERS.items():
@@ -163,7 +168,7 @@ def test_every_writing_command_refuses_another_commands_folder(made, capsys):
             assert len(err) == 1 and err[0].startswith(f"{command}:"), (command, name, err)
             assert files_under(target) == before, (command, role, name)
             refused += 1
-    assert refused == 11 * 10 - 9
+    assert refused == 12 * 10 - 9
     assert not (made["root"] / "fresh").exists()  # nothing was started elsewhere either
 
 

@@ -83,10 +83,10 @@ def count_images(cfg: ProtectConfig) -> tuple[int, int]:
             )
         )
         paths = [Path(dcfg.csv).parent / i.source for i in items]
-        return len(items), sum(_size(p) for p in paths)
+        return len(items), sum(_file_bytes(p) for p in paths)
     if dcfg.source == "folder":
         items = list(sources.iter_folder(dcfg.input))
-        return len(items), sum(_size(Path(i.source)) for i in items)
+        return len(items), sum(_file_bytes(Path(i.source)) for i in items)
     if dcfg.source == "hf":
         cols = dict(image_column=dcfg.image_column, caption_column=dcfg.caption_column)
         n = sum(1 for _ in sources.iter_hf(dcfg.input, **cols))
@@ -97,7 +97,7 @@ def count_images(cfg: ProtectConfig) -> tuple[int, int]:
     return n, sum(t.stat().st_size for t in tars)
 
 
-def _size(path: Path) -> int:
+def _file_bytes(path: Path) -> int:
     """Bytes of ``path``; 0 for what prepare will skip (gone, a FIFO, a name that is not UTF-8
     and so printed escaped in ``source``)."""
     try:

@@ -52,7 +52,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mme import arguments
+from mme import arguments, guard
 from mme.config import ConfigError
 from mme.protection.verify_checks import Context, PairResult, apply_result, build_context, examine
 from mme.protection.verify_report import SHOW_IDS, VerifyReport, list_ids
@@ -258,6 +258,10 @@ def _native_ok(clean: Path, folder: Path, epsilon: float) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json is not None:  # a report replaces only an earlier report, never an input
+        inputs = {"--clean": args.clean, "--protected": args.protected, "--private": args.private}
+        report_file = guard.File(args.json, guard.json_object_with("ok", "n_checked"), "--json")
+        guard.check("mme verify", [report_file], {**inputs, "--native": args.native})
     try:
         report = verify(args.clean, args.protected, args.epsilon, args.private)
     except (FileNotFoundError, BadShard) as err:
