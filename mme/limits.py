@@ -11,3 +11,4 @@ MAX_CAPTION_FILE_BYTES = 1 << 20  # one folder-source .txt (all captions of an i
 MAX_CAPTION_CHARS = 2000  # one caption, after whitespace is normalised
 MAX_CSV_FIELD = 1 << 20  # one CSV cell (Python's default, 128 KiB, breaks on long cells)
 MAX_MEMBER_NAME = 1024  # one tar member name
+MAX_METADATA_LINE = 1 << 20  # one line (one image) of a published folder's metadata.jsonl

@@ -126,7 +126,7 @@ def test_hostile_noise_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "triggers.json").write_text('{"ids": ["a", "b"]}')
     np.save(tmp_path / "noise.npy", np.zeros((2, 3, 32, 32), np.float32))
     with pytest.raises(ValueError, match="integer"):
-        native._noise_rows(tmp_path, 32)
+        native.noise_rows(tmp_path, 32)
     np.save(tmp_path / "noise.npy", np.zeros((3, 3, 32, 32), np.int8))
     with pytest.raises(ValueError, match="shape"):
-        native._noise_rows(tmp_path, 32)
+        native.noise_rows(tmp_path, 32)

@@ -217,13 +217,18 @@ def verify(
 add_arguments = arguments.verify  # flags live where --help needs no torch
 
 
-def _native_ok(clean: Path, folder: Path, epsilon: float) -> bool:
-    """:func:`mme.protection.native.verify_native` of an exported folder, printed; True when it
+def _native_ok(clean: Path, folder: Path, epsilon: float, private: Path | None) -> bool:
+    """:func:`mme.protection.native.verify_native` of a published folder, printed; True when it
     passes."""
     from mme.protection.native import verify_native
 
-    native = verify_native(clean, folder, epsilon)
-    print(f"native size: {native.n_checked} images, max L-inf {native.max_linf} (eps {epsilon:g})")
+    native = verify_native(clean, folder, epsilon, private=private)
+    kept = "" if native.kept_min is None else f", JPEGs keep >= {native.kept_min:.0%} of the noise"
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(native.formats.items()))
+    print(
+        f"native size: {native.n_checked} images ({kinds}), max L-inf {native.max_linf} "
+        f"(eps {epsilon:g}){kept}"
+    )
     for kind, items in native.problems.items():
         print(
             f"mme verify: native {kind}: {len(items)}: {', '.join(items[:SHOW_IDS])}",
@@ -232,7 +237,20 @@ def _native_ok(clean: Path, folder: Path, epsilon: float) -> bool:
     return native.ok
 
 
+def _run_folders(args: argparse.Namespace) -> None:
+    """``--run PRIVATE`` (an ``mme protect`` private area) fills in the folders not given."""
+    if args.run is not None:
+        args.clean = args.clean or args.run / "clean"
+        args.protected = args.protected or args.run / "protected"
+        args.private = args.private or args.run / "noise"
+    if args.clean is None or args.protected is None:
+        raise ConfigError(
+            "give --clean and --protected (or --run, the private area of an mme protect run)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    _run_folders(args)
     try:
         report = verify(args.clean, args.protected, args.epsilon, args.private)
     except (FileNotFoundError, BadShard) as err:
@@ -241,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     if args.json is not None:
         write_json_atomic(args.json, report.to_dict())
-    if args.native is not None and not _native_ok(args.clean, args.native, report.epsilon):
+    native = args.native
+    if native is not None and not _native_ok(args.clean, native, report.epsilon, args.private):
         return 1
     if not report.ok:
         ids = report.offending_ids
