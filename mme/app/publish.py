@@ -29,7 +29,7 @@ import json
 import posixpath
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -112,9 +112,10 @@ class Names:
     def _own(self, item: Any) -> str | None:
         if self.kind == "folder" and self.root is not None:
             return Path(item.source).relative_to(self.root).as_posix()
-        if self.kind == "csv":
-            cell = PurePosixPath(item.source)
-            plain = "\\" not in item.source and not cell.is_absolute() and ".." not in cell.parts
+        if self.kind == "csv":  # the cell: kept when it is a plain relative POSIX path
+            windows = "\\" in item.source
+            cell = PureWindowsPath(item.source) if windows else PurePosixPath(item.source)
+            plain = not windows and not cell.is_absolute() and ".." not in cell.parts
             return cell.as_posix() if plain else f"images/{cell.name}"
         return None
 
