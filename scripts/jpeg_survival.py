@@ -14,7 +14,11 @@ the photos:
 - ``linf`` (max) and ``psnr`` of the decoded JPEG against the clean photo;
 - ``bytes``: file size relative to the original JPEG file (and the lossless PNG for comparison).
 
+``--noise PRIVATE`` (an ``mme protect`` run's private area) takes the run's own δ and clean photos
+instead of random noise and the CSV's photos.
+
 Usage: ``python scripts/jpeg_survival.py ../shared/data/flickr8k-dev/captions.csv --n 50``
+or ``python scripts/jpeg_survival.py --noise pub.private``
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from mme import imageops, shards
+from mme.protection import native
 from mme.protection.native import protect_native
 
 
@@ -57,16 +62,16 @@ def photo_paths(csv_path: Path, n: int) -> list[Path]:
     return [csv_path.parent / c for c in cells[:n]]
 
 
-def measure(
-    path: Path, settings: list, size: int, eps: int, seed: int, resize: tuple[int, int] | None
-) -> dict:
-    original = path.read_bytes()
-    if resize is not None:  # a larger "camera" photo: the source re-saved at q 90
-        with Image.open(path) as im:
-            original = encode(np.asarray(im.convert("RGB").resize(resize, Image.BICUBIC)), 90, 2)
+def run_photos(private: Path) -> list[tuple[bytes, np.ndarray]]:
+    """``(clean image bytes, δ)`` of every photo of an ``mme protect`` run."""
+    noise, rows = native.noise_rows(private / "noise")
+    return [(c.image_bytes, np.asarray(noise[rows[c.id]]))
+            for c in shards.iter_samples(private / "clean", "train")]  # fmt: skip
+
+
+def measure(original: bytes, delta: np.ndarray, settings: list, eps: int) -> dict:
     clean = decode(original)
-    rng = np.random.default_rng(seed)
-    delta = rng.integers(-eps, eps + 1, (3, size, size)).astype(np.int8)
+    size = delta.shape[-1]
     prot = protect_native(clean, delta, eps)
     d_native = prot.astype(np.int16) - clean
     lossless = encode(prot, None, 0)
@@ -88,24 +93,42 @@ def measure(
     return out
 
 
+def csv_photos(args: argparse.Namespace) -> list[tuple[bytes, np.ndarray]]:
+    """``(source bytes, random δ)`` of the CSV's first photos (``--resize``: re-saved first)."""
+    resize = tuple(int(v) for v in args.resize.split("x")) if args.resize else None
+    out = []
+    for i, path in enumerate(photo_paths(args.csv, args.n)):
+        original = path.read_bytes()
+        if resize is not None:  # a larger "camera" photo: the source re-saved at q 90
+            with Image.open(path) as im:
+                big = im.convert("RGB").resize(resize, Image.BICUBIC)
+                original = encode(np.asarray(big), 90, 2)
+        rng = np.random.default_rng(i)
+        size, eps = args.size, args.epsilon
+        out.append((original, rng.integers(-eps, eps + 1, (3, size, size)).astype(np.int8)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("csv", type=Path)
+    ap.add_argument("csv", type=Path, nargs="?")
+    ap.add_argument("--noise", type=Path, default=None, help="a run's private area: its δ")
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--size", type=int, default=224, help="working size S of δ")
     ap.add_argument("--epsilon", type=int, default=8)
     ap.add_argument("--qualities", default="85,90,95,98")
     ap.add_argument("--resize", default=None, help="WxH: re-save each photo at this size first")
     args = ap.parse_args()
-    resize = tuple(int(v) for v in args.resize.split("x")) if args.resize else None
     qs = [int(q) for q in args.qualities.split(",")]
     settings = [(q, sub) for q in qs for sub in (2, 0)]  # Pillow: 2 = 4:2:0, 0 = 4:4:4
-    rows = [
-        measure(p, settings, args.size, args.epsilon, i, resize)
-        for i, p in enumerate(photo_paths(args.csv, args.n))
-    ]
-    where = f"re-saved at {args.resize}" if resize else "as they are"
-    print(f"{len(rows)} photos {where}; random δ in ±{args.epsilon} at {args.size} px, mapped on")
+    photos = run_photos(args.noise) if args.noise else csv_photos(args)
+    rows = [measure(data, delta, settings, args.epsilon) for data, delta in photos]
+    if args.noise:
+        mean = np.mean([np.abs(d).mean() for _, d in photos])
+        print(f"{len(rows)} photos of {args.noise}, the run's δ (mean |δ| {mean:.2f} px)")
+    else:
+        where = f"re-saved at {args.resize}" if args.resize else "as they are"
+        print(f"{len(rows)} photos {where}; random δ in ±{args.epsilon} at {args.size} px")
     print(f"lossless PNG: {np.mean([r['png_bytes'] for r in rows]):.2f}x the original JPEG bytes")
     print("| q | chroma | kept (native) | kept (at S), min | max L-inf | PSNR dB | bytes |")
     print("|---|---|---:|---:|---:|---:|---:|")

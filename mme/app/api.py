@@ -101,7 +101,7 @@ def protect(
     poison: dict[str, Any] | None = None,
     profile: Literal["auto", "gpu", "cpu"] = "auto",
     format: Literal["native", "working", "shards"] = "native",
-    jpeg_quality: int = 97,
+    jpeg_quality: int = 98,
     keep_exif: bool = False,
     image_column: str = "images",
     caption_column: str = "caption",

@@ -118,7 +118,7 @@ def _timed_run(
 ) -> tuple[float, list[float], float]:
     """``(seconds outside the rounds, seconds of each round, wall)`` of ``mme protect`` on
     ``items`` with the poison ``settings``, in a temporary folder, its output discarded."""
-    from mme.app.protect import protect
+    from mme.app.protect import RunHooks, protect
 
     rounds: list[float] = []
     with tempfile.TemporaryDirectory(prefix="mme-probe-") as tmp:
@@ -128,7 +128,8 @@ def _timed_run(
                                      "force": False})  # fmt: skip
         t0, log = time.perf_counter(), io.StringIO()
         with contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-            result = protect(run, on_round=lambda r, stats: rounds.append(stats["round_seconds"]))
+            hooks = RunHooks(lambda r, stats: rounds.append(stats["round_seconds"]), False)
+            result = protect(run, hooks=hooks)
         wall = time.perf_counter() - t0
     return sum(result.stage_seconds.values()) - sum(rounds), rounds, wall
 
@@ -143,17 +144,18 @@ def run_probe(cfg: ProtectConfig, items: list[tuple[str, bytes, list[str]]]) -> 
     base = pcfg.model_dump(exclude={*FIXED, "work"})
     t0 = time.perf_counter()
     rest_a = 0.0
-    if k > SMALL:  # first: it also pays what only the first run in a process pays
+    if k >= 3 * SMALL:  # first: it also pays what only the first run in a process pays
         least = {"rounds": 1, "trigger_rounds": 0, "surrogate_steps": 0, "pgd_steps": 1}
         rest_a = _timed_run(cfg, items[:SMALL], base | overrides | least)[0]
     rest_b, rounds, _ = _timed_run(cfg, items[:k], base | overrides)
-    per_image = (rest_b - rest_a) / (k - SMALL) if k > SMALL else rest_b / k
+    two = k >= 3 * SMALL  # else too few photos apart: everything counts per image
+    per_image = (rest_b - rest_a) / (k - SMALL) if two else rest_b / k
     per_image = max(0.0, per_image)
     plain = rounds[-1] if rounds else 0.0
     probe = pcfg.model_copy(update=overrides)
     return Timings(
         images=k,
-        setup=max(0.0, rest_a - SMALL * per_image) if k > SMALL else 0.0,
+        setup=max(0.0, rest_a - SMALL * per_image) if two else 0.0,
         per_image=per_image,
         per_pass=plain
         / max(1, passes(probe.surrogate_steps, probe.pgd_steps, probe.batch_size, k)),

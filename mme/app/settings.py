@@ -37,7 +37,7 @@ class ProtectConfig(BaseModel):
         "<id>.png at the surrogate's square size; shards: those as WebDataset tars",
     )
     jpeg_quality: int = Field(
-        97, ge=90, le=100, description="JPEG quality of protected JPEGs (4:4:4 chroma)"
+        98, ge=90, le=100, description="JPEG quality of protected JPEGs (4:4:4 chroma)"
     )
     keep_exif: bool = Field(False, description="keep the photos' EXIF (GPS, camera, dates)")
     image_column: str = Field("images", description="CSV: the image path column")
