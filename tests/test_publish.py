@@ -172,9 +172,11 @@ def test_estimate_adds_the_phases():
 def test_probe_schedule_fits_its_budget():
     pcfg = PoisonConfig(surrogate_steps=60, pgd_steps=8, batch_size=128, trigger_rounds=3)
     k, over = probe.schedule(pcfg, 16, per_pass=2.0)  # a slow surrogate: shrink
-    cost = 2.0 * (2 * probe.passes(over["surrogate_steps"], over["pgd_steps"], 128, k) + k)
+    cost = 2.0 * (
+        probe.ROUNDS * probe.passes(over["surrogate_steps"], over["pgd_steps"], 128, k) + k
+    )
     assert cost <= probe.BUDGET_S or (k == 2 and over["pgd_steps"] == 1)
-    assert over["rounds"] == 2 and over["trigger_rounds"] == 1
+    assert over["rounds"] == probe.ROUNDS and over["trigger_rounds"] == 1
     k, over = probe.schedule(pcfg, 16, per_pass=0.001)  # fast: as the run, capped
     assert k == 16 and over["surrogate_steps"] == probe.MAX_STEPS and over["pgd_steps"] == 8
 

@@ -1,21 +1,24 @@
 """The time estimate of ``mme protect --dry-run``: a short timed run of the real stages.
 
-A few of the input's own photos (``k`` of them) go through the whole of ``mme protect`` in a
-temporary folder (prepare, poison with the run's method and settings on a shortened schedule,
-verify, publish) on this machine, with the run's device and threads. Each stage is timed, and
-each poison round through poison's round hook. The schedule is cut to two rounds (the first with
-the trigger update when the run has one) and at most :data:`MAX_STEPS` surrogate and PGD steps,
-and ``k`` and the steps shrink until one image pass (timed first) says the probe fits
-:data:`BUDGET_S`. Then, for the ``n`` images of the run:
+A few of the input's own photos go through the whole of ``mme protect`` in a temporary folder
+(prepare, poison with the run's method and settings on a shortened schedule, verify, publish) on
+this machine, with the run's device and threads, twice: with :data:`SMALL` photos and with ``k``
+(up to :data:`MAX_IMAGES`). Each stage is timed, and each poison round through poison's round
+hook. The second run has :data:`ROUNDS` rounds (the first with the trigger update when the run
+has one) of at most :data:`MAX_STEPS` surrogate and PGD steps; ``k`` and the steps shrink until
+one timed image pass says the probe fits :data:`BUDGET_S`. Then, for the ``n`` images of the run:
 
-- per image (times ``n``): prepare, publish, and poison's writing + verification (its stage time
-  less its rounds and the model set-up, timed on its own);
+- per image (times ``n``): what the two runs' time outside the rounds differs by, per photo
+  (prepare, poison's loading, writing and verification, publish);
+- once: what is left of the small run's time outside the rounds (model and tokenizer set-up,
+  process pools);
 - the rounds: ``rounds × u × (M · min(B, n) + S · n)`` image passes, ``u`` the probe's plain
-  round divided by its passes (``M``, ``S``, ``B``: surrogate steps, PGD steps, batch), plus
-  ``trigger_rounds × n ×`` the extra time per image of the probe's trigger round;
-- once: the model set-up.
+  rounds' mean divided by their passes (``M``, ``S``, ``B``: surrogate steps, PGD steps,
+  batch), plus ``trigger_rounds × n ×`` the extra time per image of the probe's trigger round.
 
-The estimate is protect's own wall time (what ``done in`` prints), not the interpreter's start.
+With fewer than ``3 × SMALL`` photos one run is made and everything outside the rounds counts
+per image. The estimate is protect's own wall time (what ``done in`` prints), not the
+interpreter's start; on a machine shared with other work it moves with their load.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ BUDGET_S = 20.0  # what the probe may take (predicted from one timed image pass)
 MAX_IMAGES = 16  # photos in the probe (its per-image figures come from 16 - SMALL)
 MAX_STEPS = 8  # surrogate / PGD steps per probe round
 SMALL = 2  # photos in the first, short probe run
+ROUNDS = 3  # probe rounds: the first with the trigger update, the mean of the others plain
 
 
 class Timings(BaseModel):
@@ -71,7 +75,7 @@ def schedule(pcfg: PoisonConfig, k: int, per_pass: float) -> tuple[int, dict[str
 
     def cost() -> float:
         p = passes(steps["surrogate_steps"], steps["pgd_steps"], pcfg.batch_size, k)
-        return per_pass * (2 * p + k)
+        return per_pass * (ROUNDS * p + k)
 
     while cost() > BUDGET_S and (k > 2 or max(steps.values()) > 1):
         if max(steps.values()) > 1:
@@ -79,7 +83,7 @@ def schedule(pcfg: PoisonConfig, k: int, per_pass: float) -> tuple[int, dict[str
         else:
             k -= 1
     trig = 1 if pcfg.trigger_rounds > 0 else 0
-    return k, {**steps, "rounds": 2, "trigger_rounds": trig, "grid_samples": min(k, 6)}
+    return k, {**steps, "rounds": ROUNDS, "trigger_rounds": trig, "grid_samples": min(k, 6)}
 
 
 def one_pass(pcfg: PoisonConfig) -> tuple[float, float]:
@@ -151,7 +155,7 @@ def run_probe(cfg: ProtectConfig, items: list[tuple[str, bytes, list[str]]]) -> 
     two = k >= 3 * SMALL  # else too few photos apart: everything counts per image
     per_image = (rest_b - rest_a) / (k - SMALL) if two else rest_b / k
     per_image = max(0.0, per_image)
-    plain = rounds[-1] if rounds else 0.0
+    plain = sum(rounds[1:]) / (len(rounds) - 1) if len(rounds) > 1 else 0.0
     probe = pcfg.model_copy(update=overrides)
     return Timings(
         images=k,
