@@ -141,6 +141,16 @@ def test_dry_run_estimate_is_within_30_percent_of_the_run(accepted, capsys):
     assert 0.7 * real <= estimate <= 1.3 * real, (estimate, real, text)
 
 
+def test_dry_run_without_a_usable_photo_lists_why_and_exits_2(tmp_path, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(inp / "alone.png")
+    assert cli.main(["protect", str(inp), str(tmp_path / "pub"), *TINY, "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert "1 no_valid_captions (e.g. alone.png)" in out and "needs captions" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_failed_run_never_locks_out_a_rerun(tmp_path, capsys):
     """Issue 19: a failed run (a folder without captions) left OUT.private, and every rerun,
     --force or --resume, was refused as "not made by mme protect"."""

@@ -11,7 +11,6 @@ disk, no probe) before it starts.
 
 from __future__ import annotations
 
-import io
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -64,23 +63,27 @@ class ProtectPlan(BaseModel):
         return self.scan.images
 
     def text(self) -> str:
-        s, c = self.settings, self.scan
         lines = [f"mme protect --dry-run: {self.input} ({self.kind}, {self._photos()})"]
         lines += [f"  will skip  {line}" for line in self._skips()]
-        lines += [
-            f"  profile    {self.profile} (device {self.device}; --profile cpu|gpu to choose)",
-            "  1 prepare  -> clean shards in the private area",
-            f"  2 poison   {s['method']}: surrogate {self.model}, eps {s['epsilon']:g}/255, "
-            f"{s['rounds']} rounds x {s['surrogate_steps']} surrogate steps, {s['pgd_steps']} "
-            f"PGD steps, batch {s['batch_size']}, {s['threads']} threads",
-            "  3 verify   every protected image against its original",
-            f"  4 publish  -> {self.output}/ (publish this): {self._publishes()}",
-            f"  private    {self.private}/ (never publish)",
-            f"  time       {self._time()}",
-            f"  disk       ~{_size(self.disk_bytes)} (input copy, work files, outputs; "
-            f"{_size(self.free_bytes)} free)",
-        ]
-        return "\n".join(lines) if c.images else "\n".join([*lines[:1], *lines[1:-8]])
+        if not self.scan.images:
+            return "\n".join(lines)
+        s = self.settings
+        return "\n".join(
+            lines
+            + [
+                f"  profile    {self.profile} (device {self.device}; --profile cpu|gpu to choose)",
+                "  1 prepare  -> clean shards in the private area",
+                f"  2 poison   {s['method']}: surrogate {self.model}, eps {s['epsilon']:g}/255, "
+                f"{s['rounds']} rounds x {s['surrogate_steps']} surrogate steps, "
+                f"{s['pgd_steps']} PGD steps, batch {s['batch_size']}, {s['threads']} threads",
+                "  3 verify   every protected image against its original",
+                f"  4 publish  -> {self.output}/ (publish this): {self._publishes()}",
+                f"  private    {self.private}/ (never publish)",
+                f"  time       {self._time()}",
+                f"  disk       ~{_size(self.disk_bytes)} (input copy, work files, outputs; "
+                f"{_size(self.free_bytes)} free)",
+            ]
+        )
 
     def _photos(self) -> str:
         c = self.scan
@@ -169,10 +172,11 @@ def _count(out: Scan, meta: dict[str, Any], data: bytes) -> None:
 
 
 def _extension(data: bytes) -> str:
-    from PIL import Image
+    """The file name ending of an image that passed prepare's checks (the probe's copy)."""
+    from mme.app.publish import EXTENSIONS, FORMATS, source_info
 
-    with Image.open(io.BytesIO(data)) as im:
-        return {"JPEG": "jpg", "MPO": "jpg"}.get(str(im.format), str(im.format).lower())
+    fmt = source_info(data, keep_exif=False).format
+    return EXTENSIONS[FORMATS.get(fmt, "PNG")]
 
 
 def disk_need(c: Scan, working_size: int) -> int:

@@ -121,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
     p = plan(cfg, probe=args.dry_run)
     if args.dry_run:
         print(p.text())
+    if not p.images:
+        raise ConfigError(
+            f"no usable image with captions in {cfg.input}: each image needs captions (a "
+            "same-named .txt, one per line, or rows of a caption CSV); --dry-run lists the skips"
+        )
+    if args.dry_run:
         return 0
     if not args.resume:
         _check_disk(p.disk_bytes, cfg.private_dir)

@@ -61,7 +61,7 @@ class SourceInfo:
 def source_info(data: bytes, keep_exif: bool) -> SourceInfo:
     """The published format, ICC profile (RGB sources only) and, with ``keep_exif``, the EXIF
     without its orientation tag (the pixels are already turned) of a source image."""
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data), formats=hygiene.ALLOWED_FORMATS) as im:
         fmt = FORMATS.get(str(im.format), "PNG")
         icc = im.info.get("icc_profile") if im.mode == "RGB" else None
         exif = None

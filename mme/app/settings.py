@@ -92,9 +92,14 @@ class ProtectResult(BaseModel):
                 f"  noise      {self.method} ({self.profile} profile), epsilon "
                 f"{self.epsilon:g}/255 (max seen {self.max_linf}); {q}",
                 f"  PUBLISH    {self.output}/  ({self._published()})",
-                f"  PRIVATE    {self.private}/  (originals, noise.npy, before_after.png: never "
-                "publish; see its README.txt)",
+                f"  PRIVATE    {self.private}/  (originals, noise.npy: never publish; see its "
+                "README.txt)",
             ]
+            + (
+                [f"  CHECK      mme verify --run {self.private} --native {self.output}"]
+                if self.format == "native"
+                else []
+            )
         )
 
     def _published(self) -> str:

@@ -237,8 +237,12 @@ def verify_native(
 
 def _check_file(report: NativeReport, c: shards.Sample, path: Path, noise: Any) -> None:
     """One published file against its clean original (and its δ, when given)."""
-    with Image.open(io.BytesIO(fsio.read_regular(path, limits.MAX_FILE_BYTES))) as im:
-        fmt, published = str(im.format), np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(fsio.read_regular(path, limits.MAX_FILE_BYTES))) as im:
+            fmt, published = str(im.format), np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # a link, junk, a bomb
+        report.add("unreadable", f"{c.id}: {err}")
+        return
     report.formats[fmt] = report.formats.get(fmt, 0) + 1
     original = c.image()
     if published.shape != original.shape:

@@ -260,8 +260,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json_atomic(args.json, report.to_dict())
     native = args.native
-    if native is not None and not _native_ok(args.clean, native, report.epsilon, args.private):
-        return 1
+    try:
+        if native is not None and not _native_ok(args.clean, native, report.epsilon, args.private):
+            return 1
+    except (ValueError, OSError) as err:  # a metadata.jsonl naming a path outside, junk in it
+        print(f"mme verify: --native {native}: {err}", file=sys.stderr)
+        return 2
     if not report.ok:
         ids = report.offending_ids
         reasons = ([f"{len(ids)} ids: {list_ids(ids)}"] if ids else []) + report.errors
