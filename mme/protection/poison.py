@@ -113,7 +113,7 @@ def run_rounds(
     for r in tqdm(rounds, desc=f"{cfg.method} rounds", unit="round", file=sys.stderr):
         stats = mem.run_round(r)
         mem.history.append({"round": r, **stats})
-        state = mem.state()  # every rank takes part (its EOT generator)
+        state = mem.state()  # a collective: every rank's state must be rank 0's
         if mem.world.main:  # one writer: the checkpoint and the log
             tracking.log_metrics(stats, step=r)
             save_checkpoint(work, mem, store, r, cfg, state)
