@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "attack": (
         "mme.countermeasures.apply",
-        "write a transformed copy of a protected set (JPEG, resize, ...)",
+        "write a transformed copy of a protected set (JPEG, resize, trigger detection, ...)",
         "mme.countermeasures.apply",
     ),
     "train": (

@@ -164,6 +164,15 @@ class PoisonConfig(Section):
         1, ge=1, description="processes (GPUs) per node (dvc.yaml: torchrun --nproc_per_node)"
     )
 
+    @field_validator("epsilon", "step_size")
+    @classmethod
+    def _whole_pixel_levels(cls, value: float) -> float:
+        # the noise lives on the 1/255 grid and is stored as integer pixel units: 7.5 would be
+        # rounded to 8 in the store and fail verify only after every round
+        if not float(value).is_integer():
+            raise ValueError("must be a whole number of pixel levels (the noise is stored in them)")
+        return value
+
     @field_validator("eot", "eot_resize", "eot_jpeg_quality", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -191,17 +200,40 @@ class AttackConfig(Section):
     transform: str = Field(
         "jpeg:90",
         description="jpeg:Q | resize:S | img2dataset | blur:SIGMA | grayscale | iss[:Q] | "
-        "strip-trigger[:K] | shuffle-words",
+        "strip-trigger[:K] | shuffle-words | detect-trigger[:K] | detect-ngram[:K] | "
+        "oracle-strip (needs --private)",
     )
     protected: Path = Field(paths.PROTECTED, description="the set to transform")
     out: Path | None = Field(None, description="output folder (default data/attacked/<name>)")
     seed: int = Field(0, description="seed of shuffle-words")
     shard_size: int = Field(1000, ge=1, description="samples per tar shard")
+    # NEEDS THE PRIVATE FILES: read by oracle-strip only; the other transforms never open it
+    private: Path | None = Field(
+        None, description="oracle-strip only: the poison run's PRIVATE folder (triggers.json)"
+    )
+    # measuring only, never part of a published pipeline: not recorded in the output manifest
+    score_private: Path | None = Field(
+        None, description="measuring: score removed words against this PRIVATE triggers.json"
+    )
+    score_out: Path | None = Field(
+        None, description="measuring: write the score as JSON here (needs --score-private)"
+    )
 
     @field_validator("transform")
     @classmethod
     def _known_transform(cls, value: str) -> str:
         return str(parse_spec(value))
+
+    @model_validator(mode="after")
+    def _private_inputs(self) -> AttackConfig:
+        if self.transform == "oracle-strip" and self.private is None:
+            raise ValueError(
+                "oracle-strip needs the private files: pass --private DIR (the poison run's "
+                "private folder, with triggers.json)"
+            )
+        if self.score_out is not None and self.score_private is None:
+            raise ValueError("score_out needs score_private (the private folder to score against)")
+        return self
 
 
 class VictimConfig(Section):

@@ -20,8 +20,14 @@ SPECS: dict[str, tuple[type | None, float | None, float | None, float | None]] =
     "iss": (int, 10, 1, 100),
     "strip-trigger": (int, 3, 1, 64),
     "shuffle-words": (None, None, None, None),
+    "detect-trigger": (int, None, 1, 16),
+    "detect-ngram": (int, None, 1, 16),
+    "oracle-strip": (None, None, None, None),
 }
-TEXT_ATTACKS = ("strip-trigger", "shuffle-words")
+# K is optional without a fixed default: the protected set's public trigger_len (mme attack)
+K_FROM_MANIFEST = ("detect-trigger", "detect-ngram")
+WHOLE_SPLIT = (*K_FROM_MANIFEST, "oracle-strip")  # need corpus statistics or the private files
+TEXT_ATTACKS = ("strip-trigger", "shuffle-words", *WHOLE_SPLIT)
 SPEC_RE = re.compile(r"^([a-z0-9-]+)(?::([0-9]+(?:\.[0-9]+)?))?$")
 
 
@@ -55,6 +61,8 @@ def parse_spec(spec: str) -> AttackSpec:
             raise ValueError(f"attack {name!r} takes no argument (got {raw!r})")
         return AttackSpec(name)
     if raw is None:
+        if name in K_FROM_MANIFEST:
+            return AttackSpec(name)
         if default is None:
             raise ValueError(f"attack {name!r} needs an argument: {_usage(name)}")
         return AttackSpec(name, kind(default))
@@ -71,7 +79,8 @@ def _usage(name: str) -> str:
     if kind is None:
         return name
     arg = "Q" if name in ("jpeg", "iss") else {"resize": "S", "blur": "SIGMA"}.get(name, "K")
-    return f"{name}[:{arg}]" if default is not None else f"{name}:{arg}"
+    optional = default is not None or name in K_FROM_MANIFEST
+    return f"{name}[:{arg}]" if optional else f"{name}:{arg}"
 
 
 def slug(spec: str | AttackSpec) -> str:

@@ -7,7 +7,9 @@ and/or caption transformed by ``attack.transform`` (:mod:`mme.countermeasures.tr
 ``manifest.json`` written last that keeps the protected set's ``method``, ``epsilon`` and
 ``trigger_len`` and adds ``attack``, so ``mme train`` / ``mme evaluate`` log the attack as an
 MLflow param and ``mme report`` shows it.
-The input is never modified.
+The input is never modified. ``detect-trigger``, ``detect-ngram`` and ``oracle-strip`` take two
+passes over each split (:mod:`mme.countermeasures.text_pass`); ``score_private`` scores removed
+words.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 from mme import __version__, fsio, paths, shards
 from mme.config import AttackConfig, ConfigError, add_section_arguments, section_from_args
-from mme.countermeasures import transforms
+from mme.countermeasures import detect, text_pass, transforms
 
 CARRIED_KEYS = (
     "method",
@@ -55,8 +57,14 @@ def check_inputs(cfg: AttackConfig) -> dict[str, Any]:
     return manifest
 
 
-def attack_sample(spec: transforms.AttackSpec, sample: shards.Sample, seed: int) -> shards.Sample:
-    """``sample`` with its image and captions transformed by ``spec``; metadata updated."""
+def attack_sample(
+    spec: transforms.AttackSpec,
+    sample: shards.Sample,
+    seed: int,
+    removed: list[detect.Window | None] | None = None,
+) -> shards.Sample:
+    """``sample`` with its image and captions transformed by ``spec`` (``removed``: the caption
+    windows of a whole-split transform, :mod:`mme.countermeasures.text_pass`); metadata updated."""
     pixels = sample.image()
     image = transforms.attack_image(spec, pixels)
     if image is None:  # text attack: the image bytes stay exactly as published
@@ -76,18 +84,30 @@ def attack_sample(spec: transforms.AttackSpec, sample: shards.Sample, seed: int)
             "before_attack_sha256": shards.sha256_bytes(sample.image_bytes),
         }
     )
-    captions = transforms.attack_captions(spec, sample.captions, sample.id, seed)
+    if removed is not None:
+        captions = detect.apply(sample.captions, removed)
+    else:
+        captions = transforms.attack_captions(spec, sample.captions, sample.id, seed)
     return shards.Sample(sample.id, data, ext, captions, meta)
 
 
 def attack_split(
-    cfg: AttackConfig, spec: transforms.AttackSpec, split: str, out: Path, n: int | None
+    cfg: AttackConfig,
+    spec: transforms.AttackSpec,
+    split: str,
+    out: Path,
+    n: int | None,
+    passes: text_pass.TextPass,
 ) -> dict[str, Any]:
     """Transform one split into ``out``; returns ``{"images", "captions", "shards"}``."""
+    passes.fit(split)
     writer = shards.ShardWriter(out, split, cfg.shard_size)
     it = shards.iter_samples(cfg.protected, split)
     for sample in tqdm(it, total=n, desc=f"{spec} {split}", unit="img", file=sys.stderr):
-        writer.write(attack_sample(spec, sample, cfg.seed))
+        removed = passes.windows(sample)
+        attacked = attack_sample(spec, sample, cfg.seed, removed)
+        writer.write(attacked)
+        passes.record(sample, removed, attacked.captions)
     records = writer.close()
     return {"images": writer.n_samples, "captions": writer.n_captions, "shards": records}
 
@@ -95,8 +115,9 @@ def attack_split(
 def attack(cfg: AttackConfig) -> dict[str, Any]:
     """Write the attacked copy of ``cfg.protected``; returns its manifest."""
     source = check_inputs(cfg)
-    spec = transforms.parse_spec(cfg.transform)
+    spec = text_pass.resolve(transforms.parse_spec(cfg.transform), source)
     out = output_dir(cfg)
+    passes = text_pass.TextPass(cfg, spec, out)  # private tables load before anything is written
     out.mkdir(parents=True, exist_ok=True)
     # while shards are being replaced no manifest may describe the folder
     (out / "manifest.json").unlink(missing_ok=True)
@@ -105,11 +126,13 @@ def attack(cfg: AttackConfig) -> dict[str, Any]:
         if not shards.shard_paths(cfg.protected, split):
             continue
         n = info.get("images") if isinstance(info, dict) else None
-        splits[split] = attack_split(cfg, spec, split, out, n if isinstance(n, int) else None)
+        n = n if isinstance(n, int) else None
+        splits[split] = attack_split(cfg, spec, split, out, n, passes)
     manifest = output_manifest(cfg, spec, source, splits)
     fsio.write_json(out / "manifest.json", manifest)
     counts = ", ".join(f"{s} {v['images']}" for s, v in splits.items())
     print(f"mme attack: {spec}: {cfg.protected} -> {out} ({counts} images)", file=sys.stderr)
+    passes.finish()
     return manifest
 
 
@@ -128,7 +151,8 @@ def output_manifest(
         **carried,
         "method": carried.get("method", "clean"),
         "attack": str(spec),
-        "config": cfg.model_dump(mode="json") | {"out": str(output_dir(cfg))},
+        "config": cfg.model_dump(mode="json", exclude=set(text_pass.NOT_RECORDED))
+        | {"out": str(output_dir(cfg))},
         "source": str(cfg.protected),
         "source_manifest_sha256": shards.manifest_sha256(cfg.protected),
         "splits": splits,

@@ -12,7 +12,17 @@ Each attack is named by a spec ``NAME`` or ``NAME:ARG`` (:func:`parse_spec`):
 ``iss[:Q]``               Image Shortcut Squeezing: grayscale, then JPEG quality Q (default 10)
 ``strip-trigger[:K]``     drop the first K words (default 3) of every caption
 ``shuffle-words``         shuffle the words of every caption (seeded per image and caption)
+``detect-trigger[:K]``    drop the K-word window repeated at one word index in every caption of
+                          an image (published files only; K: the manifest's trigger_len, else 3)
+``detect-ngram[:K]``      per caption, drop the K words whose removal makes it most likely under
+                          a bigram model of the other images' captions (published files only)
+``oracle-strip``          NEEDS THE PRIVATE FILES: drop the exact trigger (triggers.json), the
+                          upper bound of any text-side removal
 ========================  ======================================================================
+
+The last three need the whole split (:mod:`mme.countermeasures.detect`,
+:mod:`mme.countermeasures.oracle`): ``mme attack`` fits and applies them;
+:func:`attack_captions` refuses them.
 
 Image functions take and return ``(H, W, 3)`` uint8 arrays, or return the encoded bytes when the
 attack *is* an encoding (JPEG). Everything is deterministic: the same input gives the same bytes.
@@ -28,9 +38,25 @@ import random
 import numpy as np
 from PIL import Image
 
-from mme.config.specs import SPECS, TEXT_ATTACKS, AttackSpec, parse_spec, slug
+from mme.config.specs import (
+    K_FROM_MANIFEST,
+    SPECS,
+    TEXT_ATTACKS,
+    WHOLE_SPLIT,
+    AttackSpec,
+    parse_spec,
+    slug,
+)
 
-__all__ = ["SPECS", "TEXT_ATTACKS", "AttackSpec", "parse_spec", "slug"]
+__all__ = [
+    "K_FROM_MANIFEST",
+    "SPECS",
+    "TEXT_ATTACKS",
+    "WHOLE_SPLIT",
+    "AttackSpec",
+    "parse_spec",
+    "slug",
+]
 
 # img2dataset's documented defaults (README "API" and img2dataset/resizer.py, rom1504/img2dataset)
 I2D_SIZE, I2D_QUALITY, I2D_BORDER = 256, 95, (255, 255, 255)
@@ -170,6 +196,8 @@ def caption_rng(seed: int, key: str, index: int) -> random.Random:
 
 def attack_captions(spec: AttackSpec, captions: list[str], key: str, seed: int) -> list[str]:
     """The attacked captions of sample ``key`` (unchanged for image attacks)."""
+    if spec.name in WHOLE_SPLIT:
+        raise ValueError(f"{spec.name} needs the whole split: run it with `mme attack`")
     if spec.name == "strip-trigger":
         return [strip_words(c, int(spec.arg)) for c in captions]
     if spec.name == "shuffle-words":
