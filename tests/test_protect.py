@@ -20,6 +20,7 @@ from PIL import Image
 
 from mme import cli
 from mme.app.protect import ProtectConfig, protect
+from mme.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-dev"
@@ -159,8 +160,13 @@ def test_failed_run_never_locks_out_a_rerun(tmp_path, capsys):
     for i, rgb in enumerate([(200, 30, 30), (30, 180, 40), (30, 60, 220)]):
         Image.new("RGB", (48, 40), rgb).save(inp / f"p{i}.png")
     argv = ["protect", str(inp), str(tmp_path / "pub"), *TINY]
-    assert cli.main(argv) == 2
+    assert cli.main(argv) == 2  # the command sees it before any work now
     assert "needs captions" in capsys.readouterr().err
+    assert not (tmp_path / "pub.private").exists()
+    same = {k: v for k, v in TINY_POISON.items() if k != "grid_samples"}  # = TINY
+    failed = ProtectConfig(input=inp, output=tmp_path / "pub", poison=same)
+    with pytest.raises(ConfigError, match="needs captions"):
+        protect(failed)  # the API runs the stages: prepare fails
     assert (tmp_path / "pub.private").is_dir()  # the failed run's leftovers
     for i in range(3):
         (inp / f"p{i}.txt").write_text(f"a plain square number {i}\n")
@@ -254,17 +260,31 @@ def test_no_space_left_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
 def test_dry_run_lists_what_it_will_skip(tmp_path, capsys):
     inp = tmp_path / "in"
     inp.mkdir()
-    Image.new("RGB", (40, 30), (200, 30, 30)).save(inp / "good.png")
-    (inp / "good.txt").write_text("a red card\n")
+    for i, name in enumerate(("good", "fine")):
+        Image.new("RGB", (40, 30), (200, 30, 30 + 90 * i)).save(inp / f"{name}.png")
+        (inp / f"{name}.txt").write_text(f"a red card called {name}\n")
     Image.new("RGB", (40, 30), (30, 30, 200)).save(inp / "uncaptioned.png")
     (inp / "broken.jpg").write_bytes(b"not a jpeg at all")
     (inp / "broken.txt").write_text("a broken file\n")
     assert cli.main(["protect", str(inp), str(tmp_path / "pub"), *TINY, "--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert "1 images: PNG 1; 40x30 to 40x30 px" in text
+    assert "2 images: PNG 2; 40x30 to 40x30 px" in text and "time       ~" in text
     assert "1 no_valid_captions (e.g. uncaptioned.png)" in text
     assert "1 unreadable_image (e.g. broken.jpg)" in text
     assert not (tmp_path / "pub").exists() and not (tmp_path / "pub.private").exists()
+
+
+def test_dry_run_says_when_the_run_would_stop(tmp_path, capsys):
+    """One usable photo: MEM needs two (a contrastive loss); the probe finds it out."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(inp / "one.png")
+    (inp / "one.txt").write_text("a red card\n")
+    assert cli.main(["protect", str(inp), str(tmp_path / "pub"), *TINY, "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert "1 images: PNG 1" in out and "not estimated" in out
+    assert len(err.strip().splitlines()) == 1 and "needs at least 2" in err
+    assert "mme-probe" not in err
 
 
 def test_never_writes_into_or_deletes_a_foreign_folder(tmp_path, capsys):

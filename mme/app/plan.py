@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from mme.app.settings import ProtectConfig, data_config, input_kind, poison_config, resolve_profile
+from mme.config import ConfigError
 
 PNG_BYTES_PER_PIXEL = 3.0  # noisy photos barely compress: assume raw RGB size per PNG
 JPEG_GROWTH = 3.0  # a protected JPEG at q 98, 4:4:4 vs its source (2.1-2.8x measured: protect.md)
@@ -54,6 +55,7 @@ class ProtectPlan(BaseModel):
     device: str
     estimate_seconds: float | None
     probe: dict[str, Any] | None
+    probe_error: str | None = None  # the probe run stopped: the real run would too
     disk_bytes: int
     free_bytes: int
     settings: dict[str, Any]
@@ -107,6 +109,8 @@ class ProtectPlan(BaseModel):
         return f"the working-size set ({self.format})"
 
     def _time(self) -> str:
+        if self.probe_error is not None:
+            return f"not estimated: the probe run stopped: {self.probe_error}"
         if self.estimate_seconds is None:
             return "not estimated (--dry-run times a short probe run)"
         p = self.probe or {}
@@ -195,7 +199,12 @@ def plan(cfg: ProtectConfig, probe: bool = True) -> ProtectPlan:
 
     pcfg = poison_config(cfg)
     found, good = scan(cfg)
-    timings = probing.run_probe(cfg, good) if probe and good else None
+    timings, error = None, None
+    if probe and good:
+        try:
+            timings = probing.run_probe(cfg, good)
+        except ConfigError as err:  # e.g. too few photos for the method: the run would stop
+            error = str(err)
     free_at = next(p for p in (cfg.private_dir, *cfg.private_dir.parents) if p.exists())
     return ProtectPlan(
         input=cfg.input,
@@ -210,6 +219,7 @@ def plan(cfg: ProtectConfig, probe: bool = True) -> ProtectPlan:
         device=str(models.resolve_device(pcfg.device)),
         estimate_seconds=probing.estimate(timings, pcfg, found.images) if timings else None,
         probe=probing.summary(timings) if timings else None,
+        probe_error=error,
         disk_bytes=disk_need(found, models.config_image_size(pcfg.model)),
         free_bytes=shutil.disk_usage(free_at).free,
         settings=pcfg.model_dump(mode="json"),

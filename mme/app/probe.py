@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from mme.app.settings import FIXED, ProtectConfig, poison_config
-from mme.config import PoisonConfig
+from mme.config import ConfigError, PoisonConfig
 
 BUDGET_S = 20.0  # what the probe may take (predicted from one timed image pass)
 MAX_IMAGES = 16  # photos in the probe (its per-image figures come from 16 - SMALL)
@@ -131,9 +131,12 @@ def _timed_run(
                                      "private": None, "poison": settings,
                                      "force": False})  # fmt: skip
         t0, log = time.perf_counter(), io.StringIO()
-        with contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-            hooks = RunHooks(lambda r, stats: rounds.append(stats["round_seconds"]), False)
-            result = protect(run, hooks=hooks)
+        hooks = RunHooks(lambda r, stats: rounds.append(stats["round_seconds"]), False)
+        try:
+            with contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+                result = protect(run, hooks=hooks)
+        except ConfigError as err:  # named without the temporary folder
+            raise ConfigError(str(err).replace(f"{tmp}/", "")) from None
         wall = time.perf_counter() - t0
     return sum(result.stage_seconds.values()) - sum(rounds), rounds, wall
 

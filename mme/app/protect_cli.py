@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
             f"no usable image with captions in {cfg.input}: each image needs captions (a "
             "same-named .txt, one per line, or rows of a caption CSV); --dry-run lists the skips"
         )
+    if p.probe_error is not None:  # the run would stop the same way: say so as an error
+        raise ConfigError(f"the time probe stopped, as the run would: {p.probe_error}")
     if args.dry_run:
         return 0
     if not args.resume:
