@@ -227,3 +227,9 @@ def test_orientation_applied_exif_removed_and_lossy_damage_caught(tmp_path):
     Image.fromarray(worse).save(tmp_path / "pub" / "phone.jpg", quality=85, subsampling=2)
     report = native.verify_native(private / "clean", tmp_path / "pub", 8, private=private / "noise")
     assert not report.ok and set(report.problems) == {"kept"} and report.kept_min < native.KEPT_MIN
+
+
+def test_verify_needs_its_folders_or_a_protect_run(capsys):
+    assert cli.main(["verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--run" in err[0] and "--clean" in err[0]
