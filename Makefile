@@ -20,7 +20,7 @@ PREFECT_ENV  := PREFECT_HOME=$(CURDIR)/.prefect \
 
 
 .PHONY: benchmark bench flickr8k gpu-wheels gpu-data exp
-.PHONY: venv run report test test-fast lint format lock clean prefect-server serve mlflow-ui
+.PHONY: venv run report test test-fast lint format lock clean prefect-server serve mlflow-ui wheel
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# The package a user installs: dist/mme-<version>-py3-none-any.whl and the sdist
+# (`pip install dist/mme-*.whl` gives the `mme` command; tests/test_package.py checks the wheel).
+wheel: venv
+	$(BIN)/python -m build -o dist .
 
 # Main job on the embedded default dataset: the DVC pipeline (dvc.yaml, params.yaml), its MLflow
 # runs nested in one parent run, then the clean vs protected table.

@@ -20,9 +20,19 @@ def poison(parser: argparse.ArgumentParser) -> None:
 
 def verify(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--clean", type=Path, required=True, help="clean shard folder (mme prepare)"
+        "--run",
+        type=Path,
+        default=None,
+        metavar="PRIVATE",
+        help="the private area of an `mme protect` run: its clean, protected and noise "
+        "folders stand for --clean, --protected and --private (default: none)",
     )
-    parser.add_argument("--protected", type=Path, required=True, help="protected set (mme poison)")
+    parser.add_argument(
+        "--clean", type=Path, default=None, help="clean shard folder (mme prepare; required)"
+    )
+    parser.add_argument(
+        "--protected", type=Path, default=None, help="protected set (mme poison; required)"
+    )
     parser.add_argument(
         "--epsilon",
         type=float,
@@ -41,8 +51,8 @@ def verify(parser: argparse.ArgumentParser) -> None:
         "--native",
         type=Path,
         default=None,
-        help="also check this `mme export --native` folder against the clean originals at "
-        "their own size",
+        help="also check this published folder (`mme protect`, `mme export --native`) against "
+        "the clean originals at their own size (default: none)",
     )
 
 

@@ -22,9 +22,10 @@ from mme.config import ConfigError, PoisonConfig
 # name -> (module with run(), help, where its add_arguments lives)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "protect": (
-        "mme.app.protect",
-        "protect a folder / CSV / shards / HF dataset in one go: prepare, poison, verify, export",
-        "mme.app.protect",
+        "mme.app.protect_cli",
+        "protect your photos in one go: prepare, poison, verify, publish (each photo back at "
+        "its own name, size and format)",
+        "mme.app.protect_cli",
     ),
     "prepare": (
         "mme.ingest.prepare",

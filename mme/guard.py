@@ -71,7 +71,8 @@ class Folder:
     """A folder a command writes. ``needs_force``: an earlier output of the command is kept
     unless ``force``; ``tied_to``: the public folder this (private) folder belongs to;
     ``staged``: built in a staging folder the caller marks (:meth:`Claim.mark`), else the
-    marker is written into the folder when it is claimed."""
+    marker is written into the folder when it is claimed; ``legacy``: commands whose outputs,
+    marked before markers named a run, this one replaces (it wrote them under their name)."""
 
     path: Path
     role: str = "out"
@@ -79,6 +80,7 @@ class Folder:
     needs_force: bool = False
     tied_to: Path | None = None
     staged: bool = False
+    legacy: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ def _check_folder(command: str, out: Folder, force: bool) -> None:
     owner = owner_of(path)
     if owner is None:
         return  # absent or empty: a fresh output
-    if owner.command != command or owner.role != out.role:
+    older = owner.command in out.legacy and not owner.run  # a marker written before runs
+    if not older and (owner.command != command or owner.role != out.role):
         made = f"`{owner.command}` made it as its {owner.role} folder" if owner.command else ""
         noun = command.split()[-1]  # say why --force does not help either
         force_note = f"; --force replaces only an earlier {noun}, this is not one"
@@ -250,8 +253,9 @@ def _read_marker(folder: Path, marker: Path) -> Owner:
 
 
 def _legacy_owner(folder: Path) -> Owner:
-    """Outputs made before markers: a ``manifest.json`` naming its command, or a run folder of
-    ``mme train`` (nothing but its own files)."""
+    """Outputs made before markers: a ``manifest.json`` naming its command, an ``mme protect``
+    private area (its ``protect.json``), or a run folder of ``mme train`` (nothing but its own
+    files)."""
     manifest = folder / "manifest.json"
     if manifest.is_file() and not manifest.is_symlink():
         try:
@@ -260,6 +264,9 @@ def _legacy_owner(folder: Path) -> Owner:
             made = None
         if isinstance(made, str) and made.startswith("mme "):
             return _legacy_role(folder, made)
+    state = folder / "protect.json"
+    if state.is_file() and not state.is_symlink():  # an mme protect private area
+        return Owner("mme protect", "private")
     if {p.name for p in folder.iterdir()} <= TRAIN_NAMES:
         return Owner("mme train", "run")
     return Owner("")
@@ -268,6 +275,8 @@ def _legacy_owner(folder: Path) -> Owner:
 def _legacy_role(folder: Path, command: str) -> Owner:
     if not command.startswith("mme "):
         return Owner("")
+    if command == "mme protect":  # its private area holds its state
+        return Owner(command, "private" if (folder / "protect.json").exists() else "out")
     if command != "mme poison":
         return Owner(command, "run" if command == "mme train" else "out")
     public = (folder / "manifest.json").exists() or any(folder.glob("train-*.tar"))

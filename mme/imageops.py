@@ -12,6 +12,9 @@ import io
 import numpy as np
 from PIL import Image
 
+# The file name endings read as images (a folder source, a published folder's extra files).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
 
 def to_working_resolution(image_bytes: bytes, size: int) -> np.ndarray:
     """Decode and bring an image to the working resolution: ``(3, size, size)`` uint8.

@@ -12,6 +12,7 @@ MAX_CAPTION_CHARS = 2000  # one caption, after whitespace is normalised
 MAX_CSV_FIELD = 1 << 20  # one CSV cell (Python's default, 128 KiB, breaks on long cells)
 MAX_MEMBER_NAME = 1024  # one tar member name
 MAX_PIXELS = 89_478_485  # one decoded image of a shard (PIL's own decompression-bomb limit)
+MAX_METADATA_LINE = 1 << 20  # one line (one image) of a published folder's metadata.jsonl
 # corpus statistics of mme attack's detectors (mme/countermeasures/detect.py): distinct
 # lower-cased words and word pairs of one split. Flickr8K's train split (29,995 captions) has
 # 7,707 and 59,872, held in 6.4 MiB (~112 bytes per pair, tracemalloc): the pair cap is ~450 MiB

@@ -22,6 +22,7 @@ them to what the model's image tower expects (its size and normalisation).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -135,6 +136,21 @@ def resolve_pretrained(name: str, pretrained: Path | str) -> tuple[Path, bool]:
     )
 
 
+@contextlib.contextmanager
+def _quiet_root_warnings() -> Iterator[None]:
+    """Drop the root logger's "No pretrained weights loaded" record for the block."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def create_model(
     name: str, pretrained: Path | str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, Any]:
@@ -148,8 +164,13 @@ def create_model(
     check_model_name(name)
     dev = resolve_device(device)
     path, quick_gelu = resolve_pretrained(name, pretrained) if pretrained else (None, False)
-    # weights are loaded by us, not via open_clip's `pretrained=` (which downloads what it lacks)
-    model = open_clip.create_model(name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
+    # weights are loaded by us, not via open_clip's `pretrained=` (which downloads what it lacks);
+    # open_clip then warns "No pretrained weights loaded ... initialized randomly" on every run,
+    # which is what a surrogate trained from scratch is meant to be: that one warning is muted
+    with _quiet_root_warnings():
+        model = open_clip.create_model(
+            name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu
+        )
     if path is not None:
         open_clip.load_checkpoint(model, str(path), strict=True, device="cpu")
     model = model.to(dev).eval()
@@ -197,6 +218,14 @@ def image_size(model: torch.nn.Module) -> int:
             raise ValueError(f"non-square model input {size} is not supported")
         size = size[0]
     return int(size)
+
+
+def config_image_size(name: str) -> int:
+    """Side length (px) of model ``name``'s images, from its config (nothing is built)."""
+    register_configs()
+    cfg = open_clip.get_model_config(name) or {}
+    size = cfg.get("vision_cfg", {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def normalizer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,8 @@ def test_params_file_and_cli_overrides(tmp_path):
         ("data:\n  source: csv\n", ["needs one of: csv, train_csv"]),
         ("poison:\n  epsilon: -1\n", ["poison.epsilon = -1", "greater than 0"]),
         ("poison:\n  trigger_len: 0\n", ["poison.trigger_len = 0"]),
+        ("poison:\n  epsilon: 7.5\n", ["poison.epsilon = 7.5", "whole number of pixel levels"]),
+        ("poison:\n  step_size: 0.5\n", ["poison.step_size = 0.5", "whole number"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(tmp_path, text, needles):

@@ -12,7 +12,13 @@ import torch
 from PIL import Image
 
 from mme.config import ConfigError, DataConfig, PoisonConfig, load_section
-from mme.protection.methods.augment import EOT_KINDS, eot, random_resize, random_resized_crop
+from mme.protection.methods.augment import (
+    EOT_KINDS,
+    draw_eot,
+    eot,
+    random_resize,
+    random_resized_crop,
+)
 from mme.protection.methods.diffjpeg import LUMA_TABLE, dct_matrix, diff_jpeg, quant_tables
 
 
@@ -96,6 +102,19 @@ def test_default_eot_is_the_old_crop_draw_for_draw() -> None:
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(eot(x, g1), random_resized_crop(x, g2))
     assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize("kinds", [["crop"], ["resize", "jpeg", "crop"]])
+def test_a_draw_for_the_batch_applies_to_any_share_of_it(kinds) -> None:
+    """What torchrun relies on: every rank draws for the whole batch, each applies its rows,
+    and image i gets image i's transformation of the one-process batch."""
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    draw = draw_eot(5, g1, kinds, "bilinear")
+    whole = eot(x, g2, kinds, "bilinear")  # draw + apply in one: the same stream
+    assert torch.equal(g1.get_state(), g2.get_state()) and torch.equal(draw.apply(x), whole)
+    for rows in (torch.tensor([0, 2, 4]), torch.tensor([1, 3])):
+        assert torch.allclose(draw.rows(rows).apply(x[rows]), whole[rows], atol=1e-5)
 
 
 def test_eot_order_is_fixed_and_kinds_checked() -> None:

@@ -68,3 +68,39 @@ def test_gpu_check_bench_part_runs_on_cpu(tmp_path):
     assert "| pgd |" in (tmp_path / "bench.md").read_text()
     assert "torch" in (tmp_path / "env.txt").read_text()
     assert (tmp_path / "log.txt").stat().st_size > 0
+
+
+def fake_run(root: Path, losses: list[float], noise: bytes) -> Path:
+    """A folder shaped like an `mme poison` run: out/manifest.json rounds, a shard, noise."""
+    (root / "out").mkdir(parents=True)
+    (root / "private").mkdir()
+    rounds = [{"round": r, "surrogate_loss": v, "pgd_loss": v / 2} for r, v in enumerate(losses)]
+    (root / "out" / "manifest.json").write_text(json.dumps({"rounds": rounds}))
+    (root / "out" / "train-000000.tar").write_bytes(b"tar")
+    (root / "private" / "noise.npy").write_bytes(noise)
+    (root / "private" / "triggers.json").write_text("{}")
+    return root
+
+
+def test_compare_runs_judges_losses_by_tolerance_and_bytes_exactly(tmp_path, capsys):
+    """scripts/compare_runs.py, what the multi-GPU part of gpu_check.sh reports with."""
+    from compare_runs import main
+
+    a = fake_run(tmp_path / "a", [2.0, 1.5], b"n1")
+    b = fake_run(tmp_path / "b", [2.0002, 1.5], b"n1")
+    c = fake_run(tmp_path / "c", [2.0], b"n2")
+    assert main(["losses", str(a), str(b), "--tolerance", "1e-3"]) == 0
+    assert main(["losses", str(a), str(b), "--tolerance", "1e-5"]) == 1
+    assert main(["losses", str(a), str(c)]) == 1  # a round missing
+    assert main(["bytes", str(a), str(b)]) == 0
+    assert main(["bytes", str(a), str(c)]) == 1
+    rows = capsys.readouterr().out.splitlines()
+    assert "| a vs b | losses | surrogate_loss 1.00e-04, pgd_loss 1.00e-04 |" in rows[0]
+    assert rows[-1].startswith("| a vs c | bytes | differ: ['noise.npy'] |")
+    assert rows[-1].endswith("| FAIL |")
+
+
+def test_gpu_check_script_parses_and_names_multigpu_not_measured():
+    text = (REPO / "scripts" / "gpu_check.sh").read_text()
+    assert subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=REPO).returncode == 0
+    assert "multigpu" in text and "NOT MEASURED" in text

@@ -127,7 +127,19 @@ def test_hostile_noise_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "triggers.json").write_text('{"ids": ["a", "b"]}')
     np.save(tmp_path / "noise.npy", np.zeros((2, 3, 32, 32), np.float32))
     with pytest.raises(ValueError, match="integer"):
-        native._noise_rows(tmp_path, 32)
+        native.noise_rows(tmp_path, 32)
     np.save(tmp_path / "noise.npy", np.zeros((3, 3, 32, 32), np.int8))
     with pytest.raises(ValueError, match="shape"):
-        native._noise_rows(tmp_path, 32)
+        native.noise_rows(tmp_path, 32)
+
+
+def test_published_index_naming_a_path_outside_is_refused(tmp_path: Path, capsys) -> None:
+    """A metadata.jsonl is input too: a file_name that leaves the folder is not followed."""
+    folder = tmp_path / "pub"
+    folder.mkdir()
+    (folder / "metadata.jsonl").write_text('{"id": "a", "file_name": "../secret.png"}\n')
+    with pytest.raises(ValueError, match="outside|plain relative"):
+        native.published_files(folder)
+    (folder / "metadata.jsonl").write_text('{"id": "a"}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        native.published_files(folder)

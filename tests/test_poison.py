@@ -170,6 +170,28 @@ def test_partial_protection_leaves_the_rest_untouched(clean, tmp_path, fast):
         assert not set(shards.PRIVATE_META) & set(s.meta)  # which ones: private
 
 
+def test_a_lone_protected_image_is_optimised_against_a_negative(clean, tmp_path, fast):
+    """1 of 16 protected: its batch of one pair would have a contrastive loss of 0 (noise and
+    trigger frozen); it gets an unprotected image as a negative, which is not changed."""
+    cfg = PoisonConfig(
+        clean=clean, out=tmp_path / "o", private=tmp_path / "p", protect_fraction=0.05, **fast
+    )
+    assert poison(cfg)["n_protected"] == 1
+    noise = np.load(cfg.private / "noise.npy")
+    flags = json.loads((cfg.private / "triggers.json").read_text())["protected"]
+    moved = np.abs(noise).reshape(len(noise), -1).max(axis=1) > 0
+    assert moved.tolist() == flags and sum(flags) == 1
+
+
+def test_a_train_split_of_one_image_is_refused_for_contrastive_methods(tmp_path, fast):
+    one = tmp_path / "one"
+    prepare(DataConfig(source="synthetic", out=one, n_train=1, n_test=1, image_size=64))
+    cfg = PoisonConfig(clean=one, out=tmp_path / "o", private=tmp_path / "p", **fast)
+    with pytest.raises(ConfigError, match="has 1 image; poison.method = mem needs at least 2"):
+        poison(cfg)
+    assert not (tmp_path / "o").exists()
+
+
 class Killed(Exception):
     pass
 

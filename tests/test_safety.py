@@ -479,7 +479,7 @@ def test_attack_counts_a_bomb_image_and_a_duplicate_id(made, tmp_path):
 
 def test_protect_dry_run_with_a_non_utf8_name_does_not_crash(tmp_path, capsys):
     """`mme protect` crashed on a non-UTF-8 name (plan.py: stat of the escaped name)."""
-    from mme.app.plan import count_images
+    from mme.app.plan import scan
     from mme.app.settings import ProtectConfig
 
     src = tmp_path / "src"
@@ -489,7 +489,8 @@ def test_protect_dry_run_with_a_non_utf8_name_does_not_crash(tmp_path, capsys):
     with open(os.fsencode(src) + b"/caf\xe9.png", "wb") as f:
         f.write(png((1, 2, 3)))
     cfg = ProtectConfig(input=src, output=tmp_path / "pub")
-    assert count_images(cfg)[0] == 2
+    found, _ = scan(cfg)
+    assert found.images == 1 and found.skip_counts == {"invalid_name": 1}
 
 
 def test_evaluate_of_a_file_that_is_no_checkpoint_is_one_line(made, tmp_path, capsys):

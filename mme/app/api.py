@@ -16,12 +16,15 @@ its stage's own function (``from mme.protection.poison import poison``, the same
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from mme.config import DataConfig, EvaluateConfig, PoisonConfig
 from mme.manifest import Manifest
+
+if TYPE_CHECKING:  # the annotation only: importing the app's settings here costs nothing
+    from mme.app.settings import ProtectResult
 
 
 class RetrievalMetrics(BaseModel):
@@ -92,19 +95,38 @@ def evaluate(
 def protect(
     input: Path | str,
     output: Path | str,
-    config: Any = None,
     /,
     *,
+    private: Path | str | None = None,
+    poison: dict[str, Any] | None = None,
+    profile: Literal["auto", "gpu", "cpu"] = "auto",
+    format: Literal["native", "working", "shards"] = "native",
+    jpeg_quality: int = 98,
+    keep_exif: bool = False,
+    image_column: str = "images",
+    caption_column: str = "caption",
+    max_side: int | None = None,
+    force: bool = False,
     resume: bool = False,
-    **fields: Any,
-) -> Any:
-    """Protect a folder / CSV / shard folder into a publishable folder (``mme protect``).
+) -> ProtectResult:
+    """Protect your photos into a folder you can publish (``mme protect INPUT OUTPUT``).
 
-    ``config`` is a :class:`mme.app.settings.ProtectConfig` (``fields`` replace its values,
-    e.g. ``poison={"rounds": 2}``); returns a :class:`mme.app.settings.ProtectResult`.
+    ``input``: a folder of images with same-named ``.txt`` captions, a caption CSV
+    (``image_column``, ``caption_column``), a folder of WebDataset shards, or a Hugging Face
+    ``datasets`` folder / parquet. ``output`` gets every photo back under its own name, size and
+    format (``format="native"``; JPEG at ``jpeg_quality``, EXIF removed unless ``keep_exif``),
+    its captions and ``metadata.jsonl``; ``"working"`` / ``"shards"`` give the square
+    working-size set instead. The private work area (``private``, default ``OUTPUT.private``)
+    holds the originals and the noise: never publish it. ``profile`` picks the poison settings
+    for the device (``auto``: gpu when CUDA is available), ``poison`` replaces any of them
+    (e.g. ``{"rounds": 2}``). ``force`` replaces an earlier run, ``resume`` continues one.
+    Returns a :class:`~mme.app.settings.ProtectResult` (``.summary()``: the closing screen).
     """
     from mme.app.protect import protect as run
     from mme.app.settings import ProtectConfig
 
-    cfg = _config(ProtectConfig, config, {**fields, "input": input, "output": output})
+    fields = dict(private=private, poison=poison or {}, profile=profile, format=format,
+                  jpeg_quality=jpeg_quality, keep_exif=keep_exif, image_column=image_column,
+                  caption_column=caption_column, max_side=max_side, force=force)  # fmt: skip
+    cfg = _config(ProtectConfig, None, {**fields, "input": input, "output": output})
     return run(cfg, resume=resume)

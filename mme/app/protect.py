@@ -1,79 +1,100 @@
 """``mme protect INPUT OUTPUT``: one command from your photos to a publishable protected folder.
 
-It calls the stages in order, unchanged: ``prepare`` (INPUT -> clean shards) -> ``poison`` (MEM
-with :data:`mme.config.PHOTO_PROFILE`, the defaults meant for real photos) -> ``verify`` (every
-image against its clean source: L-inf <= epsilon, trigger and caption checks, PSNR/SSIM) ->
-``export`` (OUTPUT: ``<id>.png`` + ``<id>.txt`` + ``metadata.jsonl`` + ``README.txt``).
+It calls the stages in order, unchanged: ``prepare`` (INPUT -> clean shards) -> ``poison`` (the
+method with the device's profile, :data:`mme.config.PROTECT_PROFILES`) -> ``verify`` (every
+image against its clean source at the working size) -> ``publish`` (OUTPUT; by default your
+photos under their own names, at their own size and format, :mod:`mme.app.publish`, checked again
+at that size before OUTPUT appears; ``format: working`` / ``shards``: the square working-size set
+as ``<id>.png`` files or WebDataset shards).
 
 INPUT is a folder of images with same-named ``.txt`` captions (one per line), a caption CSV (one
 row per caption; image paths relative to the CSV), a folder of WebDataset shards, or a local
 Hugging Face ``datasets`` folder (``save_to_disk``) or parquet file(s).
 
 Everything that must NOT be published goes to the private work area next to OUTPUT
-(``OUTPUT.private/`` unless ``--private`` says otherwise): the clean shards, the protected shards
-(the staging copy of the export), ``noise/`` with ``noise.npy`` (anyone holding it can subtract
-the noise), ``triggers.json`` and ``grid.png``, the verify
-report and the run state that ``--resume`` continues from. ``--dry-run`` prints the plan, a time
-estimate and the disk needed, and does nothing else.
+(``OUTPUT.private/`` unless ``--private`` says otherwise): the clean shards, the protected
+working-size shards, ``noise/`` with ``noise.npy`` (anyone holding it can subtract the noise),
+``triggers.json`` and ``grid.png``, ``summary/before_after.png``, the verify reports and the run
+state that ``--resume`` continues from. A failed or interrupted run can always be continued with
+``--resume`` or replaced with ``--force``.
 """
 
 from __future__ import annotations
 
-import argparse
+import errno
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mme import fsio, guard
 from mme.app.settings import (
-    FIXED,
     ProtectConfig,
     ProtectResult,
     data_config,
     poison_config,
+    publish_settings,
+    resolve_profile,
     settings_hash,
 )
-from mme.config import PHOTO_PROFILE, ConfigError, PoisonConfig, add_section_arguments, params_file
+from mme.config import ConfigError
 
-OWNER = "mme protect"
-STAGES = ("prepare", "poison", "verify", "export")
+STAGES = ("prepare", "poison", "verify", "publish")
 STATE = "protect.json"
 VERIFY_REPORT = "verify.json"
+NATIVE_REPORT = "verify-native.json"
+OWNER = "mme protect"
 PRIVATE_README = """KEEP THIS FOLDER PRIVATE. Do not publish, upload or share it.
 
 clean/      your original images and captions as shards
-protected/  the protected shards (what the output folder was exported from)
+protected/  the protected shards at the working size
 noise/      noise.npy (the exact noise: anyone holding it can subtract it and undo the
             protection), triggers.json, grid.png (clean | noise | protected)
-verify.json the check of every protected image against its original
+summary/    before_after.png: original | protected | amplified difference, at full size
+verify.json, verify-native.json  the checks of every protected image against its original
 protect.json  the run state (mme protect --resume continues from it)
 
+Check the published folder again with: mme verify --run THIS_FOLDER --native OUTPUT
 Publish only the output folder that `mme protect` printed.
 """
 
 
+# ------------------------------------------------------------------------------ ownership
+# mme protect's two folders go through the one output guard (mme.guard): OUTPUT, and the
+# private area tied to it; neither is ever a folder mme protect did not make.
+
+
 def folders(cfg: ProtectConfig) -> tuple[guard.Folder, guard.Folder]:
-    """OUTPUT (an earlier ``mme protect`` output, replaced with --force) and the private area
-    (made by ``mme protect`` for this OUTPUT), for :mod:`mme.guard`."""
-    published = guard.Folder(Path(cfg.output), "out", "OUTPUT", needs_force=True)
+    """OUTPUT (built beside it, replacing an earlier ``mme protect`` output; outputs of older
+    versions were marked ``mme export``) and the private area, tied to OUTPUT."""
+    published = guard.Folder(Path(cfg.output), "out", "OUTPUT", staged=True, legacy=("mme export",))
     private = guard.Folder(cfg.private_dir, "private", "--private", tied_to=Path(cfg.output))
     return published, private
 
 
+def _occupied(folder: Path) -> bool:
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
+
 def check_paths(cfg: ProtectConfig, resume: bool) -> None:
-    """Before any work: INPUT, OUTPUT and the private area must not overlap or clash."""
-    state = cfg.private_dir / STATE
-    if state.exists() and not (cfg.force or resume):
+    """Before any work: INPUT, OUTPUT and the private area must not overlap, and an earlier
+    run's folders are replaced only with --force (continued with --resume), never a folder
+    that mme protect did not make."""
+    guard.check(OWNER, folders(cfg), {"INPUT": cfg.input})
+    private, output = cfg.private_dir, Path(cfg.output)
+    if cfg.force or resume:
+        return
+    if _occupied(private):
         raise ConfigError(
-            f"{cfg.private_dir} holds an earlier run: pass --resume to continue it "
-            "or --force to start over"
+            f"{private} holds an earlier run: pass --resume to continue it or --force to start over"
         )
-    # never write into (or, with --force, delete) a folder we did not make
-    guard.check(OWNER, folders(cfg), {"INPUT": cfg.input}, force=cfg.force or resume)
+    if _occupied(output):
+        raise ConfigError(f"output {output} exists and is not empty: pass --force to replace it")
 
 
 # ---------------------------------------------------------------------------------- state
@@ -82,25 +103,42 @@ def check_paths(cfg: ProtectConfig, resume: bool) -> None:
 def _read_state(cfg: ProtectConfig, resume: bool) -> dict[str, Any]:
     path = cfg.private_dir / STATE
     want = settings_hash(cfg)
-    if resume and path.exists():
+    if resume and path.is_file():
         state = json.loads(path.read_text())
         if state.get("settings") != want:
             raise ConfigError(
                 f"--resume: {path} was made with other settings or input: match them, "
                 "or pass --force to start over"
             )
+        if state.get("publish") != publish_settings(cfg) and "publish" in state["done"]:
+            state["done"].remove("publish")  # e.g. --resume --jpeg-quality 100: publish again
+        state["publish"] = publish_settings(cfg)
         return state
-    if cfg.force and cfg.private_dir.exists():  # checked: made by mme protect for OUTPUT
-        for entry in cfg.private_dir.iterdir():  # all but its marker
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            elif entry.name != fsio.OWNER:
-                entry.unlink()
-    return {"settings": want, "done": [], "results": {}}
+    if cfg.private_dir.exists() and (cfg.force or resume):  # ours (checked), held locked
+        shutil.rmtree(cfg.private_dir)  # a failed run's leftovers too; marked again next
+    return {"settings": want, "publish": publish_settings(cfg), "done": [], "results": {}}
 
 
 def _save_state(cfg: ProtectConfig, state: dict[str, Any]) -> None:
     fsio.write_json(cfg.private_dir / STATE, state)
+
+
+def check_input(cfg: ProtectConfig) -> None:
+    """INPUT can be read and holds at least one image: else one line naming the fix."""
+    from mme.ingest.prepare import check_inputs, raw_items
+
+    dcfg = data_config(cfg)
+    check_inputs(dcfg)
+    try:
+        first = next(iter(raw_items(dcfg)), None)
+    except (ValueError, OSError) as err:
+        fix = ": pass --image-column / --caption-column" if "no column" in str(err) else ""
+        raise ConfigError(f"{err}{fix}") from None
+    if first is None:
+        raise ConfigError(
+            f"no images in {cfg.input}: give a folder of photos, each with a same-named .txt "
+            "of captions (or a caption CSV)"
+        )
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -120,13 +158,13 @@ def _stage_prepare(cfg: ProtectConfig) -> dict[str, Any]:
     return {"images": manifest["splits"]["train"]["images"], "skipped": manifest["skipped_counts"]}
 
 
-def _stage_poison(cfg: ProtectConfig, resume: bool) -> dict[str, Any]:
+def _stage_poison(cfg: ProtectConfig, resume: bool, on_round: Any) -> dict[str, Any]:
     from mme.protection.poison import poison
 
     def keep_report(report: Any) -> None:  # poison verifies its output once: keep that report
         fsio.write_json(cfg.private_dir / VERIFY_REPORT, report.to_dict())
 
-    manifest = poison(poison_config(cfg), resume=resume, on_verified=keep_report)
+    manifest = poison(poison_config(cfg), resume, on_round=on_round, on_verified=keep_report)
     return {"protected": manifest["n_protected"], "working_size": manifest["working_size"]}
 
 
@@ -148,15 +186,72 @@ def _stage_verify(cfg: ProtectConfig) -> dict[str, Any]:
     return {k: d[k] for k in ("ok", "max_linf", "psnr", "ssim", "n_checked")}
 
 
-def _stage_export(cfg: ProtectConfig) -> dict[str, Any]:
-    from mme.protection.export import export
+def _stage_publish(cfg: ProtectConfig, hooks: RunHooks) -> dict[str, Any]:
+    """OUTPUT, built in a hidden folder beside it and renamed into place once complete (and,
+    native, verified at each photo's own size)."""
+    published, private = folders(cfg)
+    out, inputs = published.path, {"INPUT": cfg.input, "the private area": private.path}
+    with guard.claim(OWNER, [published], inputs, settings=settings_hash(cfg)) as claim:
+        staging = fsio.staging_dir(out)
+        try:
+            result = _publish_into(cfg, staging, hooks)
+            claim.mark(staging, published)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsio.replace_dir(staging, out)
+    return result
 
-    result = export(cfg.private_dir / "protected", cfg.output, "folder", True, command=OWNER)
-    return {"captions": sum(c["captions"] or 0 for c in result["splits"].values())}
+
+def _publish_into(cfg: ProtectConfig, staging: Path, hooks: RunHooks) -> dict[str, Any]:
+    private = cfg.private_dir
+    if cfg.format != "native":
+        from mme.protection.export import export
+
+        fmt = "folder" if cfg.format == "working" else "webdataset"
+        done = export(private / "protected", private / "export", fmt, force=True)
+        (private / "export" / fsio.OWNER).unlink(missing_ok=True)
+        staging.rmdir()
+        shutil.move(private / "export", staging)  # another disk, with --private: a copy
+        return {"captions": sum(c["captions"] or 0 for c in done["splits"].values())}
+    from mme.app.publish import publish
+    from mme.protection.native import set_geometry, verify_native
+
+    result = publish(cfg, staging, private / "summary")
+    eps = set_geometry(private / "protected")[0]
+    report = verify_native(private / "clean", staging, eps, private=private / "noise")
+    fsio.write_json(private / NATIVE_REPORT, report.to_dict())
+    if not report.ok and (hooks.check_kept or set(report.problems) != {"kept"}):
+        _failed_check(report)
+    return {**result, "kept_min": report.kept_min, "native_max_linf": report.max_linf}
 
 
-def protect(cfg: ProtectConfig, resume: bool = False) -> ProtectResult:
-    """Prepare -> poison -> verify -> export ``cfg.input`` into ``cfg.output`` (see module doc).
+def _failed_check(report: Any) -> None:
+    """Stop: a JPEG that lost the noise is the user's setting to change; anything else a bug."""
+    if set(report.problems) == {"kept"}:
+        raise ConfigError(
+            f"JPEG files kept only {report.kept_min:.0%} of the noise (e.g. "
+            f"{report.problems['kept'][0]}): run again with --resume --jpeg-quality 100, or "
+            "--format working for lossless PNGs"
+        )
+    kinds = "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in report.problems.items())
+    raise RuntimeError(f"the published photos failed their check ({kinds}): see {NATIVE_REPORT}")
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller of :func:`protect` may add: ``on_round(r, stats)`` after each poison round;
+    ``check_kept`` False lets JPEGs that kept too little of the noise through (the time probe
+    of ``--dry-run``, whose short schedule makes a smaller noise than the run's)."""
+
+    on_round: Callable[[int, dict[str, float]], None] | None = None
+    check_kept: bool = True
+
+
+def protect(
+    cfg: ProtectConfig, resume: bool = False, hooks: RunHooks | None = None
+) -> ProtectResult:
+    """Prepare -> poison -> verify -> publish ``cfg.input`` into ``cfg.output`` (module doc).
 
     MLflow tracking is off unless ``MME_TRACKING`` asks for it: a data owner's run should not
     leave an ``mlflow.db`` in the folder it was started from.
@@ -164,40 +259,56 @@ def protect(cfg: ProtectConfig, resume: bool = False) -> ProtectResult:
     if "MME_TRACKING" not in os.environ:
         os.environ["MME_TRACKING"] = "off"
         try:
-            return protect(cfg, resume)
+            return protect(cfg, resume, hooks)
         finally:
             del os.environ["MME_TRACKING"]
     t0 = time.perf_counter()
     check_paths(cfg, resume)
     data_config(cfg), poison_config(cfg)  # validate every setting before any work
+    check_input(cfg)
     private, inputs = folders(cfg)[1], {"INPUT": cfg.input}
-    settings = settings_hash(cfg)
-    with guard.claim(OWNER, [private], inputs, force=cfg.force or resume, settings=settings):
-        return _run_stages(cfg, resume, t0)
+    try:
+        with guard.claim(OWNER, [private], inputs, settings=settings_hash(cfg)) as claim:
+            state = _run_stages(cfg, resume, hooks or RunHooks(), claim)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise ConfigError(
+            f"no space left on the disk of {err.filename or cfg.private_dir}: free some space "
+            "(or pass --private on a larger disk), then run again with --resume"
+        ) from None
+    return _result(cfg, state, time.perf_counter() - t0)
 
 
-def _run_stages(cfg: ProtectConfig, resume: bool, t0: float) -> ProtectResult:
+def _run_stages(
+    cfg: ProtectConfig, resume: bool, hooks: RunHooks, claim: guard.Claim
+) -> dict[str, Any]:
     state = _read_state(cfg, resume)
+    cfg.private_dir.mkdir(parents=True, exist_ok=True)
+    claim.mark(cfg.private_dir, folders(cfg)[1])  # first: a failed run leaves a folder it owns
     fsio.write_text(cfg.private_dir / "README.txt", PRIVATE_README)
+    _save_state(cfg, state)
     runners = {
         "prepare": lambda: _stage_prepare(cfg),
-        "poison": lambda: _stage_poison(cfg, resume),
+        "poison": lambda: _stage_poison(cfg, resume and "prepare" in state["done"], hooks.on_round),
         "verify": lambda: _stage_verify(cfg),
-        "export": lambda: _stage_export(cfg),
+        "publish": lambda: _stage_publish(cfg, hooks),
     }
     for i, stage in enumerate(STAGES, 1):
         if stage in state["done"]:
             print(f"mme protect: [{i}/4] {stage}: done earlier (--resume)", file=sys.stderr)
             continue
         print(f"mme protect: [{i}/4] {stage} ...", file=sys.stderr)
+        t0 = time.perf_counter()
         state["results"][stage] = runners[stage]()
+        state.setdefault("seconds", {})[stage] = time.perf_counter() - t0
         state["done"].append(stage)
         _save_state(cfg, state)
-    return _result(cfg, state["results"], time.perf_counter() - t0)
+    return state
 
 
-def _result(cfg: ProtectConfig, r: dict[str, dict[str, Any]], seconds: float) -> ProtectResult:
-    pcfg = poison_config(cfg)
+def _result(cfg: ProtectConfig, state: dict[str, Any], seconds: float) -> ProtectResult:
+    pcfg, r = poison_config(cfg), state["results"]
 
     def mean(q: str) -> float | None:
         m = r["verify"][q]["mean"]
@@ -207,108 +318,20 @@ def _result(cfg: ProtectConfig, r: dict[str, dict[str, Any]], seconds: float) ->
         output=cfg.output,
         private=cfg.private_dir,
         images=r["prepare"]["images"],
-        captions=r["export"]["captions"],
+        captions=r["publish"]["captions"],
         protected=r["poison"]["protected"],
         skipped=r["prepare"]["skipped"],
         method=pcfg.method,
+        profile=resolve_profile(cfg),
         epsilon=pcfg.epsilon,
         working_size=r["poison"]["working_size"],
         max_linf=r["verify"]["max_linf"],
         psnr_mean=mean("psnr"),
         ssim_mean=mean("ssim"),
+        format=cfg.format,
+        formats=r["publish"].get("formats", {}),
+        kept_min=r["publish"].get("kept_min"),
         verified=bool(r["verify"]["ok"]),
         seconds=seconds,
+        stage_seconds=state.get("seconds", {}),
     )
-
-
-# ---------------------------------------------------------------------------------- the CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "input", type=Path, help="image folder (+ .txt captions), CSV, shards, or HF dataset"
-    )
-    parser.add_argument("output", type=Path, help="publishable folder to write")
-    parser.add_argument(
-        "--private",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="private work area (default: OUTPUT.private)",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    parser.add_argument("--dry-run", action="store_true", help="print plan, time, disk; stop")
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT, start over")
-    parser.add_argument(
-        "--max-side", type=int, default=None, metavar="N", help="shrink inputs first (short side)"
-    )
-    parser.add_argument(
-        "--image-column", default="images", metavar="TEXT", help="CSV: image path column"
-    )
-    parser.add_argument(
-        "--caption-column", default="caption", metavar="TEXT", help="CSV: caption column"
-    )
-    parser.add_argument(
-        "--params",
-        type=params_file,
-        default=None,
-        metavar="FILE",
-        help="use this file's poison: section (default: none; ./params.yaml is not read)",
-    )
-    add_section_arguments(parser, "poison", skip=FIXED, defaults=PHOTO_PROFILE)
-
-
-def config_from_args(args: argparse.Namespace) -> ProtectConfig:
-    from mme.config import read_params
-
-    names = PoisonConfig.model_fields
-    # protect's own --private (its work area) is not poison.private: FIXED keys are its own
-    given = vars(args).items()
-    overrides = {k: v for k, v in given if k in names and k not in FIXED and v is not None}
-    # a params file only when named: protect's defaults are the photo profile, not the repo's
-    base = dict(read_params(args.params).get("poison") or {}) if args.params else {}
-    base = {k: v for k, v in base.items() if k not in FIXED}
-    return ProtectConfig(
-        input=args.input,
-        output=args.output,
-        private=args.private,
-        poison={**base, **overrides},
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        max_side=args.max_side,
-        force=args.force,
-    )
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
-
-
-def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from mme.config import format_validation_error
-
-    try:
-        cfg = config_from_args(args)
-        poison_config(cfg)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error("poison", err)) from None
-    if args.dry_run:
-        from mme.app.plan import plan
-
-        print(plan(cfg).text())
-        return 0
-    check_paths(cfg, args.resume)  # user errors before the timed pass below
-    if not args.resume:
-        from mme.app.plan import plan
-
-        p = plan(cfg)  # a few seconds: one timed pass of the surrogate
-        print(
-            f"mme protect: {p.images} images; estimated ~{_minutes(p.estimate_seconds)} "
-            f"on {p.device}, ~{p.disk_bytes / 1e6:.0f} MB disk (--dry-run shows the plan)",
-            file=sys.stderr,
-        )
-    result = protect(cfg, resume=args.resume)
-    print(result.summary())
-    return 0 if result.verified else 1

@@ -26,7 +26,13 @@ from mme.config.params import (
     read_params,
     reevaluation_victims,
 )
-from mme.config.profiles import PHOTO_PROFILE, STANDALONE_PARAMS, VICTIM_PROFILES
+from mme.config.profiles import (
+    CPU_PROFILE,
+    PHOTO_PROFILE,
+    PROTECT_PROFILES,
+    STANDALONE_PARAMS,
+    VICTIM_PROFILES,
+)
 from mme.config.schema import (
     PHASES,
     SECTIONS,
@@ -47,7 +53,9 @@ __all__ = [
     "DEFAULT_PARAMS",
     "NO_PARAMS",
     "PHASES",
+    "CPU_PROFILE",
     "PHOTO_PROFILE",
+    "PROTECT_PROFILES",
     "SECTIONS",
     "STANDALONE_PARAMS",
     "VICTIM_PROFILES",

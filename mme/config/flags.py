@@ -75,11 +75,13 @@ def add_section_arguments(
     section: str,
     skip: tuple[str, ...] = (),
     defaults: dict[str, Any] | None = None,
+    origin: str = "built-in",
 ) -> None:
     """Add ``--params`` and one ``--field-name`` flag per field of ``section``'s model
-    (:func:`add_model_arguments`); ``defaults`` replace the model's in ``--help``."""
+    (:func:`add_model_arguments`); ``defaults`` replace the model's in ``--help``, where the
+    group says they come from ``origin``."""
     add_params_argument(parser, f"{section}: section")
-    shown, origin = _help_defaults(section) if defaults is None else (defaults, "built-in")
+    shown, origin = _help_defaults(section) if defaults is None else (defaults, origin)
     group = parser.add_argument_group(
         f"{section} settings", f"defaults shown: {origin}; a flag replaces its value"
     )

@@ -1,4 +1,5 @@
-"""Named sets of defaults: the victim training profiles and the photo profile of ``poison``.
+"""Named sets of defaults: the victim training profiles, the photo profile of ``poison`` and the
+device profiles of ``mme protect``.
 
 Kept apart from the schema so a newcomer finds every "preset" in one screen; the schema's
 defaults for ``victim:`` are the ``fast`` profile's.
@@ -51,5 +52,25 @@ PHOTO_PROFILE: dict[str, Any] = {
     "trigger_len": 3,
     "candidates": 16,
 }
+# ``mme protect --profile``: the poison settings per device (auto: gpu when CUDA is available,
+# else cpu; a poison flag replaces a profile value). The gpu profile is the photo profile above.
+# The cpu profile is PROVISIONAL: a placeholder that fits a CPU's budget with the tiny surrogate,
+# to be replaced, with its time and protection measured on real photos, when the new default
+# method lands (issue 19, item 3). Its protection has NOT been measured.
+CPU_PROFILE: dict[str, Any] = {
+    "model": "mme-tiny-vit",
+    "epsilon": 8,
+    "step_size": 1,
+    "pgd_steps": 8,
+    "rounds": 3,
+    "surrogate_steps": 20,
+    "surrogate_lr": 1e-3,
+    "batch_size": 32,
+    "trigger_rounds": 2,
+    "trigger_len": 3,
+    "candidates": 16,
+}
+PROTECT_PROFILES: dict[str, dict[str, Any]] = {"gpu": PHOTO_PROFILE, "cpu": CPU_PROFILE}
+
 # What a run without a params file uses, per section (the model defaults for the rest).
 STANDALONE_PARAMS: dict[str, dict[str, Any]] = {"poison": PHOTO_PROFILE}

@@ -177,6 +177,15 @@ class PoisonConfig(Section):
         1, ge=1, description="processes (GPUs) per node (dvc.yaml: torchrun --nproc_per_node)"
     )
 
+    @field_validator("epsilon", "step_size")
+    @classmethod
+    def _whole_pixel_levels(cls, value: float) -> float:
+        # the noise lives on the 1/255 grid and is stored as integer pixel units: 7.5 would be
+        # rounded to 8 in the store and fail verify only after every round
+        if not float(value).is_integer():
+            raise ValueError("must be a whole number of pixel levels (the noise is stored in them)")
+        return value
+
     @field_validator("eot", "eot_resize", "eot_jpeg_quality", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:

@@ -39,7 +39,9 @@ def hash_split(key: str, test_fraction: float) -> str:
     return "test" if u < test_fraction else "train"
 
 
-def _raw_items(cfg: DataConfig) -> Iterator[Any]:
+def raw_items(cfg: DataConfig) -> Iterator[Any]:
+    """The source's items (:class:`~mme.ingest.sources.common.RawItem`), in the order
+    ``prepare`` reads them: the same ids, so a later stage can go back to an item's source."""
     from mme.ingest import sources
 
     if cfg.source == "folder":
@@ -64,8 +66,9 @@ def _raw_items(cfg: DataConfig) -> Iterator[Any]:
                 yield from sources.iter_csv(path, split=split, **csv_kw)
 
 
-def _clean_item(item: Any, cfg: DataConfig, dups: Any, skipped: list[dict]) -> Sample:
-    """Validate one raw item into a Sample; raises hygiene.Skip for a broken one."""
+def clean_item(item: Any, cfg: DataConfig, dups: Any, skipped: list[dict]) -> Sample:
+    """Validate one raw item into a Sample; raises hygiene.Skip for a broken one (dropped
+    captions are appended to ``skipped``). ``mme protect --dry-run`` runs the same checks."""
     from mme.ingest import hygiene
 
     data = hygiene.load_bytes(item.load, item.source)
@@ -95,11 +98,11 @@ def _external_samples(cfg: DataConfig, skipped: list[dict]) -> Iterator[tuple[st
 
     dups = hygiene.DuplicateFilter()
     seen: set[str] = set()
-    for item in tqdm(_raw_items(cfg), desc="prepare", unit="img", file=sys.stderr):
+    for item in tqdm(raw_items(cfg), desc="prepare", unit="img", file=sys.stderr):
         try:
             if item.id in seen:  # two source files mapping to one key would collide in a tar
                 raise hygiene.Skip("duplicate_id", f"id {item.id} already used")
-            sample = _clean_item(item, cfg, dups, skipped)
+            sample = clean_item(item, cfg, dups, skipped)
         except hygiene.Skip as skip:
             skipped.append(
                 {"id": item.id, "source": item.source, "reason": skip.reason, "detail": skip.detail}

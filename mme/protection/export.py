@@ -129,7 +129,9 @@ def _write_folder(
                 fsio.write_text(image.with_suffix(".txt"), "\n".join(s.captions) + "\n")
                 rel = image.relative_to(dest.resolve()).as_posix()
                 # sets made before the trigger left the meta still carry it: never copied on
-                record = {**public_meta(s.meta), "id": s.id, "split": split, "file": rel}
+                # source is a local path (the clean folder, an original file): not published
+                meta = {k: v for k, v in public_meta(s.meta).items() if k != "source"}
+                record = {**meta, "id": s.id, "split": split, "file": rel}
                 record["captions_file"] = rel.rsplit(".", 1)[0] + ".txt"
                 # Hugging Face `datasets` imagefolder reads file_name (and text: the caption)
                 record |= {"file_name": rel, "text": s.captions[0], "captions": list(s.captions)}

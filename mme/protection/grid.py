@@ -144,3 +144,49 @@ def save_grid(
     with fsio.atomic_open(path) as f:
         make_grid(clean, protected, captions, epsilon, scale, title).save(f, format="PNG")
     return path
+
+
+def before_after(
+    rows: list[tuple[np.ndarray, np.ndarray]], epsilon: float, crop: int | None = None
+) -> Image.Image:
+    """One row per photo at its own size (no resampling): original | protected | difference
+    amplified from [−ε, ε] to [0, 255] (mid-grey: no change). ``rows``: ``(clean, published)``
+    pairs of ``(H, W, 3)`` uint8; ``crop``: show only the central ``crop × crop`` pixels."""
+    if not rows:
+        raise ValueError("no photos to show")
+    font, line_h = _font(), FONT_SIZE + 4
+    cells = []
+    for clean, published in rows:
+        if crop is not None:
+            h, w = clean.shape[:2]
+            top, left = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
+            clean = clean[top : top + crop, left : left + crop]
+            published = published[top : top + crop, left : left + crop]
+        diff = amplify_noise(clean, published, epsilon)
+        cells.append(
+            [Image.fromarray(np.ascontiguousarray(a), "RGB") for a in (clean, published, diff)]
+        )
+    width = max(PAD + sum(im.width + PAD for im in row) for row in cells)
+    top = PAD + line_h + PAD // 2
+    size = (width, top + sum(row[0].height + PAD for row in cells))
+    picture = Image.new("RGB", size, BACKGROUND)
+    title = f"original | protected | difference x{255 / (2 * epsilon):.0f} (grey: no change)"
+    ImageDraw.Draw(picture).text((PAD, PAD), title, font=font, fill=INK)
+    y = top
+    for row in cells:
+        x = PAD
+        for im in row:
+            picture.paste(im, (x, y))
+            x += im.width + PAD
+        y += row[0].height + PAD
+    return picture
+
+
+def save_before_after(
+    path: Path, rows: list[tuple[np.ndarray, np.ndarray]], epsilon: float, crop: int | None = None
+) -> Path:
+    """:func:`before_after` written to ``path`` as PNG, atomically."""
+    path = Path(path)
+    with fsio.atomic_open(path) as f:
+        before_after(rows, epsilon, crop).save(f, format="PNG")
+    return path

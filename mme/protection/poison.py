@@ -70,8 +70,14 @@ def check_inputs(cfg: PoisonConfig) -> Manifest:
         manifest = read_manifest(cfg.clean)
     except FileNotFoundError as err:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: {err}") from None
-    if manifest.images("train") == 0:
+    n = manifest.images("train")
+    if n == 0:
         raise ConfigError(f"poison.clean = {str(cfg.clean)!r}: the train split has no images")
+    if n == 1 and cfg.method != "random":  # ClipLoss of a batch of one pair is 0: nothing moves
+        raise ConfigError(
+            f"poison.clean = {str(cfg.clean)!r}: the train split has 1 image; poison.method ="
+            f" {cfg.method} needs at least 2 (a contrastive loss compares pairs)"
+        )
     guard.check(OWNER, outputs(cfg), {"clean input": cfg.clean})  # every rank, before any work
     if cfg.work is not None:  # the store holds clean pixels: never inside the public folder
         others = {"clean input": cfg.clean, "public folder": cfg.out}
@@ -97,6 +103,15 @@ def claim_outputs(cfg: PoisonConfig) -> AbstractContextManager[guard.Claim]:
     return guard.claim(OWNER, outputs(cfg), {"clean input": cfg.clean}, settings=settings)
 
 
+def check_world(cfg: PoisonConfig, world: distributed.World, n: int) -> None:
+    """Every rank needs rows of every surrogate batch (it is split over them)."""
+    if world.active and cfg.method != "random" and min(cfg.batch_size, n) < world.size:
+        raise ConfigError(
+            f"poison.batch_size = {cfg.batch_size} ({n} train images): {world.size} processes"
+            f" split every surrogate batch, so it needs at least {world.size} images"
+        )
+
+
 # The loop runs with exactly ``poison.threads`` torch threads: CPU kernels split reductions by
 # thread count (e.g. LayerNorm's weight/bias gradients are summed one partial per thread), so
 # the surrogate's weights, and through them every PGD sign and HotFlip choice, would drift with
@@ -119,7 +134,7 @@ def run_rounds(
     for r in tqdm(rounds, desc=f"{cfg.method} rounds", unit="round", file=sys.stderr):
         stats = mem.run_round(r)
         mem.history.append({"round": r, **stats})
-        state = mem.state()  # every rank takes part (its EOT generator)
+        state = mem.state()  # a collective: every rank's state must be rank 0's
         if mem.world.main:  # one writer: the checkpoint and the log
             tracking.log_metrics(stats, step=r)
             save_checkpoint(work, mem, store, r, cfg, state)
@@ -144,6 +159,7 @@ def poison(
     clean_manifest = check_inputs(cfg)
     world = distributed.init(models.resolve_device(cfg.device))
     distributed.note_nproc(world, cfg.nproc, "poison.nproc")
+    check_world(cfg, world, clean_manifest.images("train"))
     if not world.main:  # rank 0 holds the locks and writes every output (mme/distributed.py)
         return _poison(cfg, clean_manifest, resume, (on_round, on_verified), world)
     with claim_outputs(cfg):

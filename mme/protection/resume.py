@@ -88,7 +88,7 @@ def save_checkpoint(
         "mem": state if state is not None else mem.state(),
         "stats": mem.history,
     }
-    if mem.world.active:  # per-rank EOT draws: resume with the same number of processes
+    if mem.world.active:  # the bytes depend on N (float rounding): resume with the same N
         ckpt["world_size"] = mem.world.size
     with fsio.atomic_open(work / CKPT) as f:
         torch.save(ckpt, f)

@@ -242,13 +242,18 @@ def bound(epsilon: float | None, private: Path | None, claimed: Any, errors: lis
 add_arguments = arguments.verify  # flags live where --help needs no torch
 
 
-def _native_ok(clean: Path, folder: Path, epsilon: float) -> bool:
-    """:func:`mme.protection.native.verify_native` of an exported folder, printed; True when it
+def _native_ok(clean: Path, folder: Path, epsilon: float, private: Path | None) -> bool:
+    """:func:`mme.protection.native.verify_native` of a published folder, printed; True when it
     passes."""
     from mme.protection.native import verify_native
 
-    native = verify_native(clean, folder, epsilon)
-    print(f"native size: {native.n_checked} images, max L-inf {native.max_linf} (eps {epsilon:g})")
+    native = verify_native(clean, folder, epsilon, private=private)
+    kept = "" if native.kept_min is None else f", JPEGs keep >= {native.kept_min:.0%} of the noise"
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(native.formats.items()))
+    print(
+        f"native size: {native.n_checked} images ({kinds}), max L-inf {native.max_linf} "
+        f"(eps {epsilon:g}){kept}"
+    )
     for kind, items in native.problems.items():
         print(
             f"mme verify: native {kind}: {len(items)}: {', '.join(items[:SHOW_IDS])}",
@@ -257,7 +262,20 @@ def _native_ok(clean: Path, folder: Path, epsilon: float) -> bool:
     return native.ok
 
 
+def _run_folders(args: argparse.Namespace) -> None:
+    """``--run PRIVATE`` (an ``mme protect`` private area) fills in the folders not given."""
+    if args.run is not None:
+        args.clean = args.clean or args.run / "clean"
+        args.protected = args.protected or args.run / "protected"
+        args.private = args.private or args.run / "noise"
+    if args.clean is None or args.protected is None:
+        raise ConfigError(
+            "give --clean and --protected (or --run, the private area of an mme protect run)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    _run_folders(args)
     if args.json is not None:  # a report replaces only an earlier report, never an input
         inputs = {"--clean": args.clean, "--protected": args.protected, "--private": args.private}
         report_file = guard.File(args.json, guard.json_object_with("ok", "n_checked"), "--json")
@@ -270,8 +288,13 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     if args.json is not None:
         write_json_atomic(args.json, report.to_dict())
-    if args.native is not None and not _native_ok(args.clean, args.native, report.epsilon):
-        return 1
+    native = args.native
+    try:
+        if native is not None and not _native_ok(args.clean, native, report.epsilon, args.private):
+            return 1
+    except (ValueError, OSError) as err:  # a metadata.jsonl naming a path outside, junk in it
+        print(f"mme verify: --native {native}: {err}", file=sys.stderr)
+        return 2
     if not report.ok:
         ids = report.offending_ids
         reasons = ([f"{len(ids)} ids: {list_ids(ids)}"] if ids else []) + report.errors

@@ -9,12 +9,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mme import fsio, limits
+from mme import fsio, imageops, limits
 from mme.ingest.hygiene import Skip
 from mme.ingest.sources.guard import InputGuard
 from mme.shards import safe_key, sha256_bytes
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = imageops.IMAGE_SUFFIXES
 
 
 # Member extensions that hold an image in a WebDataset sample, in order of preference.

@@ -59,7 +59,8 @@ def quant_tables(quality: torch.Tensor) -> torch.Tensor:
     """(B,) qualities in [1, 100] -> (B, 3, 8, 8) tables (Y, Cb, Cr), libjpeg scaling."""
     q = quality.float().clamp(1, 100)[:, None, None]
     scale = torch.where(q < 50, 5000 / q, 200 - 2 * q)
-    base = torch.tensor([LUMA_TABLE, CHROMA_TABLE, CHROMA_TABLE], dtype=torch.float32)
+    tables = [LUMA_TABLE, CHROMA_TABLE, CHROMA_TABLE]  # on quality's device (CUDA under EOT)
+    base = torch.tensor(tables, dtype=torch.float32, device=quality.device)
     tables = [((base[c] * scale + 50) / 100).floor().clamp(1, 255) for c in range(3)]
     return torch.stack(tables, dim=1)
 

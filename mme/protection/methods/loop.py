@@ -1,6 +1,11 @@
-"""What every step of a protection round shares: the surrogate, the store, the random streams,
+"""What every step of a protection round shares: the surrogate, the store, the random stream,
 the device, the process group. Each step (``surrogate.py``, ``trigger_step.py``,
 ``noise_step.py``) is a function of a :class:`Loop`; a method (``mem.py``) orders them.
+
+Under torchrun a :class:`Loop` keeps every rank's replica identical, for any method built on it:
+BatchNorm layers become :class:`~mme.protection.methods.syncbn.SyncedBatchNorm`, every rank
+makes every random draw (``rng.py``; EOT through :meth:`Loop.eot_draw`), and :meth:`Loop.state`
+checks that the ranks agree before a checkpoint keeps rank 0's state for all of them.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import torch
 
 from mme import distributed
 from mme.config import PoisonConfig
-from mme.protection.methods.augment import eot
+from mme.protection.methods.augment import EotDraw, draw_eot
 from mme.protection.methods.optim import adamw
-from mme.protection.methods.rng import generators, load_rng_state, rng_state
+from mme.protection.methods.rng import generator, load_rng_state, rng_state
 from mme.protection.methods.runtime import Runtime
 from mme.protection.methods.store import PairStore
+from mme.protection.methods.syncbn import sync_batchnorm
 
 
 def split_batches(order: torch.Tensor, batch_size: int, min_last: int = 2) -> list[torch.Tensor]:
@@ -52,8 +58,9 @@ class Loop:
         self.eps, self.alpha = cfg.epsilon / 255.0, cfg.step_size / 255.0
         self.with_trigger = cfg.method == "mem"
         self.loss = open_clip.ClipLoss()
+        sync_batchnorm(model, self.world)  # before the optimiser and DDP see the modules
         self.opt = adamw(model, cfg.surrogate_lr, cfg.surrogate_wd)
-        self.gen, self.aug_gen = generators(cfg.seed, self.world)  # all data sampling: gen
+        self.gen = generator(cfg.seed)  # every random draw of the loop, the same on every rank
         self.ddp: torch.nn.Module | None = None  # the DDP-wrapped towers, made on first use
         self.runtime = Runtime(model, cfg, self.device)
 
@@ -61,12 +68,21 @@ class Loop:
         """(B, 3, S, S) in [0, 1] -> (B, D) unit features (:class:`Runtime`)."""
         return self.runtime.encode_image(x)
 
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
-        """A random draw of the ``cfg.eot`` transformations when ``cfg.augment``, else identity."""
-        if not self.cfg.augment:
-            return x
+    def eot_draw(self, b: int) -> EotDraw | None:
+        """One draw of the ``cfg.eot`` transformations for a batch of ``b`` images from ``gen``
+        (None when ``cfg.augment`` is off). Every rank draws for every batch, its own or not."""
         c = self.cfg
-        return eot(x, self.aug_gen, c.eot, c.eot_interpolation, c.eot_resize, c.eot_jpeg_quality)
+        if not c.augment:
+            return None
+        return draw_eot(b, self.gen, c.eot, c.eot_interpolation, c.eot_resize, c.eot_jpeg_quality)
+
+    def augment(
+        self, x: torch.Tensor, draw: EotDraw | None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x`` through ``draw`` (its ``rows`` when ``x`` is a rank's share of the batch)."""
+        if draw is None:
+            return x
+        return (draw if rows is None else draw.rows(rows)).apply(x)
 
     def clip_loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         return self.loss(img, txt, self.runtime.scale())
@@ -77,8 +93,17 @@ class Loop:
         pool = torch.nonzero(self.store.protect).flatten() if protected_only else None
         pool = torch.arange(self.store.n) if pool is None else pool
         order = pool[torch.randperm(len(pool), generator=self.gen)]
+        if len(order) == 1 and self.store.n > 1:  # a lone protected image: see negative()
+            order = torch.cat([order, self.negative()])
         min_last = max(2, self.world.size) if not protected_only else 2
         return split_batches(order, self.cfg.batch_size, min_last)
+
+    def negative(self) -> torch.Tensor:
+        """One unprotected image, drawn from ``gen``, to pair with the only protected one: the
+        contrastive loss of a batch of one pair is 0, so its noise and trigger would never
+        move. The steps update protected rows only (:attr:`PairStore.protect`)."""
+        others = torch.nonzero(~self.store.protect).flatten()
+        return others[torch.randint(len(others), (1,), generator=self.gen)]
 
     def mine(self, i: int) -> bool:
         """Whether batch ``i`` of a HotFlip/PGD pass is this rank's (all of them for one)."""
@@ -96,11 +121,17 @@ class Loop:
         return total / max(len(rows) * int(np.prod(buf.shape[1:])), 1)
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps; under torchrun a collective (every rank's EOT generator)."""
+        """What a checkpoint keeps (rank 0's). Under torchrun a collective: every rank must hold
+        the same surrogate, optimiser and random streams, or resuming from rank 0's state would
+        not restore the others; a drift stops the run (:func:`mme.distributed.check_same`)."""
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
-        return state | rng_state(self.gen, self.aug_gen, self.world)
+        state |= rng_state(self.gen)
+        if self.world.active:
+            what = "the surrogate, its optimiser or the random streams"
+            distributed.check_same(self.world, what, distributed.digest(state))
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
-        load_rng_state(state, self.gen, self.aug_gen, self.world)
+        load_rng_state(state, self.gen)

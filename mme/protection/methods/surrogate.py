@@ -3,11 +3,12 @@
 M steps (``surrogate_steps``, or ``surrogate_epochs`` of an epoch) of open_clip's contrastive
 ``ClipLoss`` on ``(x_i + δ_i, t_i ⊕ caption)`` (``noisy=False``: the clean pairs, for
 ``errmax``), AdamW (``optim.py``), the temperature clamped at 100 as CLIP does. Each step draws a
-batch of all images (not only the protected ones), one random caption each, and one EOT draw.
+batch of all images (not only the protected ones), one EOT draw and one random caption each.
 
-Under torchrun each rank encodes its share of every batch; the features are gathered (with
-gradients) so the loss is the whole batch's, and DDP averages the gradients: the update is the
-one-process update up to float rounding.
+Under torchrun each rank encodes its share of every batch (its rows of the batch's EOT draw,
+made by every rank); the features are gathered (with gradients) so the loss is the whole
+batch's, BatchNorm layers normalise with the whole batch's statistics (``syncbn.py``), and DDP
+averages the gradients: the update is the one-process update up to float rounding.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def surrogate_steps(loop: Loop) -> int:
 
 def train_surrogate(loop: Loop, steps: int, noisy: bool) -> float:
     """``steps`` steps of contrastive training on the (protected) pairs; mean loss."""
-    model, store, world = loop.model, loop.store, loop.world
+    model = loop.model
     model.train().requires_grad_(True)
     towers = surrogate_towers(loop)
     batches: list[torch.Tensor] = []
@@ -42,18 +43,7 @@ def train_surrogate(loop: Loop, steps: int, noisy: bool) -> float:
     for _ in tqdm(range(steps), desc="  surrogate", leave=False, unit="step"):
         if not batches:
             batches = loop.batches(protected_only=False)
-        idx = batches.pop()
-        local = distributed.shard(world, torch.arange(len(idx)))
-        x = loop.augment(store.images(idx[local], loop.device, noisy=noisy))
-        # captions for the whole batch on every rank: ``gen`` stays in step across ranks
-        caps, cols = store.pick_captions(idx, loop.gen)
-        tokens = store.texts(idx, caps, loop.with_trigger, cols)
-        with loop.runtime.autocast():
-            img, txt = towers(x, tokens[local].to(loop.device))
-            sizes = distributed.counts(world, len(idx))
-            img = distributed.gather_rows(world, img, sizes)
-            txt = distributed.gather_rows(world, txt, sizes)
-            loss = loop.loss(img.float(), txt.float(), model.logit_scale.exp())
+        loss = surrogate_loss(loop, towers, batches.pop(), noisy)
         loop.opt.zero_grad(set_to_none=True)
         loss.backward()
         loop.opt.step()
@@ -62,6 +52,26 @@ def train_surrogate(loop: Loop, steps: int, noisy: bool) -> float:
         total += loss.detach()
     model.eval().requires_grad_(False)
     return float(total) / max(steps, 1)
+
+
+def surrogate_loss(
+    loop: Loop, towers: torch.nn.Module, idx: torch.Tensor, noisy: bool
+) -> torch.Tensor:
+    """The contrastive loss of batch ``idx`` (on ``loop.device``, with its graph): this rank
+    encodes its rows, the features of every rank's rows are gathered. Draws (EOT, captions)
+    are the whole batch's on every rank: ``gen`` stays in step."""
+    store, world = loop.store, loop.world
+    local = distributed.shard(world, torch.arange(len(idx)))
+    draw = loop.eot_draw(len(idx))
+    x = loop.augment(store.images(idx[local], loop.device, noisy=noisy), draw, local)
+    caps, cols = store.pick_captions(idx, loop.gen)
+    tokens = store.texts(idx, caps, loop.with_trigger, cols)
+    with loop.runtime.autocast():
+        img, txt = towers(x, tokens[local].to(loop.device))
+        sizes = distributed.counts(world, len(idx))
+        img = distributed.gather_rows(world, img, sizes)
+        txt = distributed.gather_rows(world, txt, sizes)
+        return loop.loss(img.float(), txt.float(), loop.model.logit_scale.exp())
 
 
 def surrogate_towers(loop: Loop) -> torch.nn.Module:
