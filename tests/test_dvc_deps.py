@@ -2,7 +2,7 @@
 cover the ``mme`` modules its command imports, transitively, read from the AST the way
 ``tests/test_layout.py`` reads the layers. A stage whose command runs a module that is not in
 its ``deps`` would stay "up to date" after that module changed; before this test ``poison``
-listed 21 paths and ``poison_baseline``, the same command, 9."""
+listed 20 code paths and ``poison_baseline``, the same command, 8."""
 
 from __future__ import annotations
 
