@@ -128,10 +128,16 @@ def _log_evaluation(experiment: str, data_dir: Path, victim: VictimConfig) -> No
         tracking.log_metrics(METRICS)
 
 
+def _manifest(sha: str) -> str:
+    """A manifest recording one shard of that (fake) sha256: its content is the version."""
+    record = {"name": "train-000000.tar", "count": 1, "sha256": sha * 64}
+    return json.dumps({"splits": {"train": {"shards": [record]}}})
+
+
 def test_mlflow_report_and_pending_victims(store: Path, monkeypatch, capsys) -> None:
     data = store / "protected"
     data.mkdir()
-    (data / "manifest.json").write_text('{"v": 1}')
+    (data / "manifest.json").write_text(_manifest("1"))
     version = report.dataset_version(data)
     vit, rn = VictimConfig(model="mme-tiny-vit"), VictimConfig(model="mme-tiny-rn")
     _log_evaluation("exp-report", data, vit)
@@ -142,7 +148,7 @@ def test_mlflow_report_and_pending_victims(store: Path, monkeypatch, capsys) -> 
     argv += ["--dataset", str(data)]
     assert cli.main(argv) == 0
     assert "| synthetic | mem |" in capsys.readouterr().out
-    (data / "manifest.json").write_text('{"v": 2}')  # a new version: nothing evaluated on it
+    (data / "manifest.json").write_text(_manifest("2"))  # new data: nothing evaluated on it
     assert cli.main(argv) == 1
     assert cli.main([*argv, "--all"]) == 0
 

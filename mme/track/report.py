@@ -3,9 +3,10 @@
 One row per (dataset, dataset version, victim): the latest finished ``evaluate`` run in MLflow
 (read through :mod:`mme.track.tracking`), with image->text and text->image R@1/5/10, ``rsum`` and
 ``rsum`` over its chance level; ``attack`` names the ``mme attack`` transform of the training
-data (``—`` for none). ``dataset`` is the clean test folder's name, the dataset version
-is the sha256 of the training data's ``manifest.json`` (the ``data_manifest_sha256`` param every
-stage logs), so clean and protected training sets of one dataset line up in one table.
+data (``—`` for none). ``dataset`` is the clean test folder's name, the dataset version is
+the content of the training data's shards as its ``manifest.json`` records them (the
+``data_manifest_sha256`` param every stage logs; the same in any folder), so clean and
+protected training sets of one dataset line up in one table.
 
 ``--metrics FILE`` builds the table from ``mme evaluate`` metrics files instead (label = file
 stem; the DVC ``report`` stage, which must not depend on the MLflow store), and
@@ -51,7 +52,7 @@ class Row:
 
 
 def dataset_version(folder: Path) -> str | None:
-    """sha256 of ``folder/manifest.json``, or None (:func:`mme.shards.manifest_sha256`)."""
+    """The dataset version of ``folder``, or None (:func:`mme.shards.manifest_sha256`)."""
     return shards.manifest_sha256(folder)
 
 
