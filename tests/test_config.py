@@ -117,7 +117,7 @@ def test_the_tiny_profile_is_params_yaml_made_small():
         yaml.safe_load((root / f).read_text()) for f in ("params.yaml", "params.tiny.yaml")
     )
     sizes = {"n_train", "n_test", "rounds", "surrogate_steps", "batch_size", "trigger_rounds"}
-    sizes |= {"candidates", "pgd_steps", "epochs", "warmup", "experiment"}
+    sizes |= {"candidates", "pgd_steps", "epochs", "warmup", "threads", "experiment"}
     assert tiny.keys() == full.keys()
     changed = {
         (s, k)
