@@ -9,18 +9,22 @@ by ``tests/test_api.py::test_docs_example_runs``, which also checks what it writ
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_layout import module_file, top_level_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARK = "<!-- runnable -->"
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
+ANY_BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```$", re.S | re.M)  # list items indent theirs
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -112,3 +116,37 @@ def test_relative_links_resolve() -> None:
             ):
                 broken.append(f"{doc.relative_to(ROOT)}: {target}")
     assert broken == []
+
+
+def test_every_docs_python_block_imports_what_exists() -> None:
+    """Blocks too slow to run (real photos, a GPU) still must not import a moved module:
+    docs/native.md imported ``from mme import native``, docs/attacks.md ``mme.victim.detect``."""
+    missing = []
+    for doc in DOCS:
+        for _, code in ANY_BLOCK.findall(doc.read_text()):
+            for node in ast.walk(ast.parse(textwrap.dedent(code))):
+                if isinstance(node, ast.Import):
+                    wanted = [(a.name, None) for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    wanted = [(node.module, a.name) for a in node.names]
+                else:
+                    continue
+                for module, name in wanted:
+                    if module.split(".")[0] != "mme":
+                        continue
+                    file = module_file(module)
+                    ok = file is not None and (
+                        name is None
+                        or module_file(f"{module}.{name}") is not None
+                        or name in top_level_names(file)
+                        or (module == "mme" and name in _lazy_names())
+                    )
+                    if not ok:
+                        missing.append(f"{doc.relative_to(ROOT)}: {module} {name or ''}")
+    assert missing == []
+
+
+def _lazy_names() -> set[str]:
+    import mme
+
+    return set(mme.__all__)
