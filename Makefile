@@ -20,7 +20,7 @@ PREFECT_ENV  := PREFECT_HOME=$(CURDIR)/.prefect \
 
 
 .PHONY: benchmark bench flickr8k gpu-wheels gpu-data exp
-.PHONY: venv run report test test-fast lint format lock clean prefect-server serve mlflow-ui wheel
+.PHONY: venv run run-tiny report test test-fast lint format lock clean prefect-server serve mlflow-ui wheel
 
 venv: $(STAMP)
 
@@ -45,6 +45,26 @@ run: venv
 
 report: venv
 	$(BIN)/mme report
+
+# The same pipeline on the tiny profile (params.tiny.yaml: 64 images, one short round, one
+# epoch), in a copy of the project under $(TINY) (the code as it is now, a git repo of its own,
+# its own MLflow store): `dvc repro` + `mme report` there, committed to its git (the baseline of
+# `dvc exp run`), then `cd $(TINY)` for `dvc plots show`, `mme report --html`, `dvc exp run -S`,
+# `make exp`. params.yaml, dvc.lock and the data of this workspace are not touched. A second
+# call re-runs only what changed.
+TINY ?= runs/tiny
+TINY_PARAMS ?= params.tiny.yaml
+run-tiny: venv
+	@test ! -e $(TINY) -o -f $(TINY)/.mme-run-tiny || \
+	  { echo "run-tiny: $(TINY) exists and was not made by run-tiny: set TINY=DIR"; exit 1; }
+	mkdir -p $(TINY)/.dvc && touch $(TINY)/.mme-run-tiny && rm -rf $(TINY)/mme
+	cp -R mme dvc.yaml Makefile .gitignore .dvcignore $(TINY)/
+	cp .dvc/config .dvc/.gitignore $(TINY)/.dvc/ && cp $(TINY_PARAMS) $(TINY)/params.yaml
+	cd $(TINY) && { test -d .git || { git init -q && git config user.name run-tiny && \
+	  git config user.email run-tiny@localhost; }; } && \
+	  MME_PARENT_RUN=$${MME_PARENT_RUN:-run-tiny-$$(date +%Y%m%d-%H%M%S)} dvc repro && \
+	  mme report && git add -A && { git diff --cached --quiet || git commit -qm "make run-tiny"; }
+	@echo "run-tiny: done in $(TINY) (cd there: dvc plots show, mme report --html report.html)"
 
 # Prefect API + UI on http://$(HOST):$(PREFECT_PORT) (foreground; Ctrl-C stops it).
 prefect-server: venv

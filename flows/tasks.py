@@ -1,10 +1,10 @@
 """Prefect tasks: thin typed wrappers of the ``mme`` stage functions, shared by the flows.
 
 Caching. A task's result is reused when its cache key matches an earlier run's: the key hashes
-the task's source code, its configuration and the *content* of its inputs (the sha256 of an
-input dataset's ``manifest.json``, of a checkpoint file, of the CSVs of a csv source), so a
-changed upstream dataset re-runs everything downstream even at the same path. Outputs live on
-disk: after deleting them, run once with ``PREFECT_TASKS_REFRESH_CACHE=true``.
+the task's source code, its configuration and the *content* of its inputs (an input dataset's
+version, :func:`mme.shards.manifest_sha256`; the sha256 of a checkpoint file, of the CSVs of a
+csv source), so a changed upstream dataset re-runs everything downstream even at the same path.
+Outputs live on disk: after deleting them, run once with ``PREFECT_TASKS_REFRESH_CACHE=true``.
 
 Retries: only on the tasks that do I/O that can fail transiently (reading the input dataset,
 ``dvc get``, the MLflow store); a failed poison or training run would fail again.
@@ -349,7 +349,7 @@ def fetch_task(protected: Path, rev: str | None, runs: Path) -> Path:
 
 @task(name="dataset-version")
 def version_task(dataset: Path) -> str:
-    """The dataset version: sha256 of its ``manifest.json``."""
+    """The dataset version: the content of its shards (:func:`mme.shards.manifest_sha256`)."""
     version = report.dataset_version(dataset)
     if version is None:
         raise FileNotFoundError(

@@ -122,10 +122,34 @@ def sha256_file(path: Path) -> str:
 
 
 def manifest_sha256(shard_dir: Path) -> str | None:
-    """The dataset version: sha256 of ``shard_dir/manifest.json`` (None without one). Every
-    stage logs it as ``data_manifest_sha256``; ``mme report`` and ``reevaluate`` key on it."""
+    """The dataset version of ``shard_dir`` (None without a ``manifest.json``): a sha256 over
+    the shards its manifest records (split, name and sha256 of each tar), i.e. over the data
+    alone. The rest of the manifest names folders (``config.out``, ``clean``), so hashing all of
+    it gave one set two versions in two folders (DVC's ``data/...``, Prefect's ``runs/prefect``).
+    Every stage logs it as ``data_manifest_sha256``; ``mme report`` and ``reevaluate`` key on it.
+    A manifest whose records are malformed raises :class:`BadShard`."""
     path = Path(shard_dir) / "manifest.json"
-    return sha256_file(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    records = recorded_shards(load_manifest(shard_dir), path)
+    return sha256_bytes(json.dumps(records, sort_keys=True).encode("ascii"))
+
+
+def recorded_shards(manifest: dict[str, Any], path: Path) -> dict[str, list[list[str]]]:
+    """``{split: [[name, sha256], ...]}`` of a manifest's ``splits`` (checked: hostile input)."""
+    splits = manifest.get("splits", {})
+    if not isinstance(splits, dict):
+        raise BadShard(f"{path}: splits is not an object")
+    out: dict[str, list[list[str]]] = {}
+    for split, record in splits.items():
+        shards = record.get("shards", []) if isinstance(record, dict) else None
+        if not isinstance(shards, list):
+            raise BadShard(f"{path}: splits.{split}.shards is not a list")
+        pairs = [[s.get("name"), s.get("sha256")] for s in shards if isinstance(s, dict)]
+        if len(pairs) != len(shards) or not all(isinstance(v, str) for p in pairs for v in p):
+            raise BadShard(f"{path}: splits.{split}.shards needs a name and sha256 per shard")
+        out[str(split)] = pairs
+    return out
 
 
 def _sample_members(sample: Sample) -> list[tuple[str, bytes]]:

@@ -76,7 +76,10 @@ def test_python_dash_m_entry_point():
     assert out.stdout.startswith("mme ")
 
 
-@pytest.mark.parametrize("params", ["params.yaml", "params.paper.yaml", "params.flickr8k.yaml"])
+PARAMS_FILES = ["params.yaml", "params.tiny.yaml", "params.paper.yaml", "params.flickr8k.yaml"]
+
+
+@pytest.mark.parametrize("params", PARAMS_FILES)
 def test_every_dvc_yaml_variable_is_in_the_params_file(params):
     """`cp params.paper.yaml params.yaml && dvc repro` must not fail on a missing ${...}."""
     import re
@@ -89,3 +92,38 @@ def test_every_dvc_yaml_variable_is_in_the_params_file(params):
     used = set(re.findall(r"\$\{(\w+)\.(\w+)\}", (root / "dvc.yaml").read_text()))
     missing = [f"{s}.{k}" for s, k in used if k not in (values.get(s) or {})]
     assert missing == []
+
+
+@pytest.mark.parametrize("params", PARAMS_FILES)
+def test_every_params_file_is_valid(params):
+    from pathlib import Path
+
+    from mme.config import SECTIONS, load_section
+
+    root = Path(__file__).resolve().parents[1]
+    for section in SECTIONS:
+        load_section(section, root / params, {})  # a wrong key or value raises ConfigError
+
+
+def test_the_tiny_profile_is_params_yaml_made_small():
+    """params.tiny.yaml differs from params.yaml in sizes only (and its MLflow experiment), so
+    `make run-tiny` tries the pipeline that `make run` runs, on the same paths."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    full, tiny = (
+        yaml.safe_load((root / f).read_text()) for f in ("params.yaml", "params.tiny.yaml")
+    )
+    sizes = {"n_train", "n_test", "rounds", "surrogate_steps", "batch_size", "trigger_rounds"}
+    sizes |= {"candidates", "pgd_steps", "epochs", "warmup", "threads", "experiment"}
+    assert tiny.keys() == full.keys()
+    changed = {
+        (s, k)
+        for s in full
+        for k in {*(full[s] or {}), *(tiny[s] or {})}
+        if isinstance(full[s], dict) and (full[s].get(k) != (tiny[s] or {}).get(k))
+    }
+    assert {k for _, k in changed} <= sizes, changed
+    assert all(full[s] == tiny[s] for s in full if not isinstance(full[s], dict))

@@ -1,4 +1,5 @@
-"""The DVC pipeline end to end on a tiny config, in a temporary copy of the repo: ``dvc repro``,
+"""The DVC pipeline end to end on the tiny profile, through ``make run-tiny`` into a temporary
+copy of the repo: ``dvc repro``, ``dvc plots show``, ``mme report --html``,
 ``dvc push`` to a local remote, ``dvc exp run -S``, ``dvc exp show``, ``dvc metrics diff``, the
 MLflow parent runs, and ``dvc get`` of the protected set at a revision (``reevaluate --rev``)."""
 
@@ -17,35 +18,28 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-COPY = [
-    "mme",
-    "dvc.yaml",
-    "params.yaml",
-    "Makefile",
-    ".dvc/config",
-    ".dvc/.gitignore",
-    ".dvcignore",
-]
-TINY = {
-    "data": {"n_train": 16, "n_test": 8},
-    "poison": {"rounds": 1, "surrogate_steps": 1, "batch_size": 8, "pgd_steps": 1},
-    "victim": {"epochs": 1, "batch_size": 8, "warmup": 1, "device": "cpu"},
-    "evaluate": {"device": "cpu"},
-    "attacks": {"jpeg90": "jpeg:90"},  # one attacked victim: attack -> train -> evaluate
-}
+VENV = BIN.parent
+# `make run-tiny` (params.tiny.yaml) with one attacked victim: attack -> train -> evaluate
+TEST_PARAMS = {"attacks": {"jpeg90": "jpeg:90"}}
+EXPERIMENT = yaml.safe_load((REPO / "params.tiny.yaml").read_text())["tracking"]["experiment"]
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("git") is None, reason="needs git"),
+    pytest.mark.skipif(shutil.which("make") is None, reason="needs make"),
     pytest.mark.skipif(not (BIN / "dvc").exists(), reason="needs dvc in the venv"),
 ]
 
 
-def sh(repo: Path, *cmd: str) -> str:
+def run(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
+    return done
+
+
+def sh(repo: Path, *cmd: str) -> str:
+    return run(repo, *cmd).stdout
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -54,34 +48,21 @@ def dvc(repo: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git + DVC repo with this project's pipeline and a tiny params.yaml, reproduced once."""
+    """The README's `make run-tiny` into a temporary folder: a copy of this checkout with the
+    tiny profile (+ one attack), its own git and DVC repo, reproduced once and committed."""
     root = tmp_path_factory.mktemp("dvc")
     repo = root / "repo"
-    for name in COPY:
-        src, dst = REPO / name, repo / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    params = yaml.safe_load((REPO / "params.tiny.yaml").read_text()) | TEST_PARAMS
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("MME_TRACKING", "on")
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("MME_PARENT_RUN", "test-repro")
         mp.delenv("DVC_EXP_NAME", raising=False)
-        sh(repo, "git", "init", "-q")
-        sh(repo, "git", "config", "user.email", "test@example.com")
-        sh(repo, "git", "config", "user.name", "test")
-        sh(repo, "git", "add", "-A")
-        sh(repo, "git", "commit", "-qm", "pipeline")
-        dvc(repo, "repro")
-        sh(repo, "git", "add", "-A")
-        sh(repo, "git", "commit", "-qm", "repro")
+        make = ["make", "-s", "-o", "venv", "run-tiny", f"VENV={VENV}", f"TINY={repo}"]
+        sh(REPO, *make, f"TINY_PARAMS={root / 'params.yaml'}")
+        assert sh(repo, "git", "status", "--porcelain") == ""  # run-tiny committed its run
         mp.delenv("MME_PARENT_RUN")
         yield repo
 
@@ -89,28 +70,43 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _mlflow_runs() -> list[dict]:
     from mme.track import tracking
 
-    return tracking.search_runs("", "synthetic")
+    return tracking.search_runs("", EXPERIMENT)
 
 
 def test_repro_outputs_and_metrics(repo: Path) -> None:
     for name in ("clean", "protected"):
         metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
-        assert metrics["n_images"] == 8
+        assert metrics["n_images"] == 32
         assert (repo / "reports" / "recall" / f"{name}.csv").exists()
     assert "| clean |" in (repo / "reports" / "table.md").read_text()
     attacked = json.loads((repo / "data" / "attacked" / "jpeg90" / "manifest.json").read_text())
     assert attacked["attack"] == "jpeg:90" and attacked["method"] == "mem"
-    assert json.loads((repo / "metrics" / "attacked-jpeg90.json").read_text())["n_images"] == 8
+    assert json.loads((repo / "metrics" / "attacked-jpeg90.json").read_text())["n_images"] == 32
     assert "| attacked-jpeg90 |" in (repo / "reports" / "table.md").read_text()
     assert "Data and pipelines are up to date" in dvc(repo, "status")
     assert "metrics/protected.json" in dvc(repo, "metrics", "show")
 
 
 def test_plots_render_loss_recall_and_grid(repo: Path, tmp_path: Path) -> None:
-    dvc(repo, "plots", "show", "-o", str(tmp_path / "plots"))
+    """Issue 22: a plot on a path no stage writes (data/protected/mem/grid.png) failed it."""
+    done = run(repo, str(BIN / "dvc"), "plots", "show", "-o", str(tmp_path / "plots"))
+    assert "failed to load" not in done.stdout + done.stderr, done.stderr
     html = (tmp_path / "plots" / "index.html").read_text()
     for name in ("train_loss", "recall.png", "grid.png"):
         assert name in html, name
+
+
+def test_html_report_by_default_on_the_pipeline_outputs(repo: Path) -> None:
+    """`mme report --html` (MLflow rows) finds every victim's loss curve and the protected
+    samples where `make run` leaves them, and embeds no private pixel."""
+    import base64
+
+    sh(repo, str(BIN / "mme"), "report", "--html", "report.html")
+    page = (repo / "report.html").read_text()
+    assert page.count("training loss of") == 2  # report.datasets: the clean and MEM victims
+    assert "no train_loss.csv" not in page and "no protected samples" not in page
+    grid = (repo / "data" / "private" / "mem" / "grid.png").read_bytes()
+    assert base64.b64encode(grid).decode() not in page
 
 
 def test_push_to_local_remote(repo: Path, tmp_path: Path) -> None:

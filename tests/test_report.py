@@ -128,10 +128,16 @@ def _log_evaluation(experiment: str, data_dir: Path, victim: VictimConfig) -> No
         tracking.log_metrics(METRICS)
 
 
+def _manifest(sha: str) -> str:
+    """A manifest recording one shard of that (fake) sha256: its content is the version."""
+    record = {"name": "train-000000.tar", "count": 1, "sha256": sha * 64}
+    return json.dumps({"splits": {"train": {"shards": [record]}}})
+
+
 def test_mlflow_report_and_pending_victims(store: Path, monkeypatch, capsys) -> None:
     data = store / "protected"
     data.mkdir()
-    (data / "manifest.json").write_text('{"v": 1}')
+    (data / "manifest.json").write_text(_manifest("1"))
     version = report.dataset_version(data)
     vit, rn = VictimConfig(model="mme-tiny-vit"), VictimConfig(model="mme-tiny-rn")
     _log_evaluation("exp-report", data, vit)
@@ -142,7 +148,7 @@ def test_mlflow_report_and_pending_victims(store: Path, monkeypatch, capsys) -> 
     argv += ["--dataset", str(data)]
     assert cli.main(argv) == 0
     assert "| synthetic | mem |" in capsys.readouterr().out
-    (data / "manifest.json").write_text('{"v": 2}')  # a new version: nothing evaluated on it
+    (data / "manifest.json").write_text(_manifest("2"))  # new data: nothing evaluated on it
     assert cli.main(argv) == 1
     assert cli.main([*argv, "--all"]) == 0
 
@@ -207,7 +213,7 @@ def _html_report(tmp_path: Path) -> Path:
     grid.save_grid(tmp_path / "grid.png", clean, clean + 8, ["a <b>x</b>", "b"], 8.0)
     page = tmp_path / "page" / "report.html"
     argv = ["report", "--params", "none", "--html", str(page), "--grid", str(tmp_path / "grid.png")]
-    argv += ["--runs-dir", str(tmp_path / "runs"), "--metrics"]
+    argv += ["--include-private", "--runs-dir", str(tmp_path / "runs"), "--metrics"]
     argv += [str(tmp_path / "clean.json"), str(tmp_path / "protected.json")]
     assert cli.main(argv) == 0
     return page
@@ -239,3 +245,102 @@ def test_html_report_opens_in_headless_chromium(tmp_path: Path) -> None:
     assert "<td>clean</td>" in done.stdout and done.stdout.count("<img") == 4
     for error in ("Failed to load resource", "Uncaught", "net::ERR_"):  # console errors
         assert error not in done.stderr, done.stderr[-2000:]
+
+
+def _protected_set(folder: Path) -> list[bytes]:
+    """A two-image protected folder (shards + a manifest saying ``mem``); its image bytes."""
+    from mme import shards
+    from mme.manifest import write_manifest
+
+    images = [shards.encode_png(np.full((8, 8, 3), v, np.uint8)) for v in (10, 200)]
+    samples = [
+        shards.Sample(f"p{i}", png, "png", [f"zq a <b>{i}</b>"], {"id": f"p{i}"})
+        for i, png in enumerate(images)
+    ]
+    records = shards.write_shards(folder, "train", samples)
+    split = {"images": 2, "captions": 2, "shards": records}
+    write_manifest(folder, {"method": "mem", "epsilon": 8, "splits": {"train": split}})
+    return images
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """`make run`'s layout in a temporary folder: metrics/, runs/<name>/train_loss.csv, a
+    protected set and the private grid at their default paths."""
+    from mme import paths
+    from mme.protection import grid
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("clean", "protected"):
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(METRICS))
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "train_loss.csv").write_text("step,loss\n0,3.0\n1,2.5\n")
+    clean = np.full((2, 3, 16, 16), 120, np.uint8)
+    grid.save_grid(paths.PRIVATE / "grid.png", clean, clean + 8, ["a", "b"], 8.0)
+    images = _protected_set(paths.PROTECTED)
+    argv = ["report", "--params", "none", "--dataset", str(paths.PROTECTED), "--html", "r.html"]
+    argv += ["--metrics", "metrics/clean.json", "metrics/protected.json"]
+    private = (paths.PRIVATE / "grid.png").read_bytes()
+    return {"argv": argv, "page": tmp_path / "r.html", "public": images, "private": private}
+
+
+def test_html_report_by_default_is_complete_without_private_pixels(workspace: dict) -> None:
+    """Issue 22 / 20: the default page missed the loss curves and the grid; the grid shows clean
+    photos, so the default page shows the protected samples (public) instead."""
+    from mme.track import htmlreport
+
+    assert cli.main(workspace["argv"]) == 0
+    page = workspace["page"].read_text()
+    assert page.count("training loss of") == 2 and "no train_loss.csv" not in page
+    assert all(_b64(png) in page for png in workspace["public"])
+    assert "zq a &lt;b&gt;1&lt;/b&gt;" in page  # captions escaped
+    assert _b64(workspace["private"]) not in page and htmlreport.PRIVATE_BANNER not in page
+    assert "--include-private" in page
+
+
+def test_html_report_with_private_grid_says_so(workspace: dict) -> None:
+    from mme.track import htmlreport
+
+    assert cli.main([*workspace["argv"], "--include-private"]) == 0
+    page = workspace["page"].read_text()
+    assert _b64(workspace["private"]) in page
+    assert page.index(htmlreport.PRIVATE_BANNER) < page.index("<h2>Comparison</h2>")
+
+
+def test_html_report_grid_needs_include_private(workspace: dict, capsys) -> None:
+    assert cli.main([*workspace["argv"], "--grid", "data/private/mem/grid.png"]) == 2
+    assert "--include-private" in capsys.readouterr().err
+    assert not workspace["page"].exists()
+
+
+def test_mlflow_rows_find_their_loss_curve_in_the_checkpoint_folder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "somewhere" / "victim"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train_loss.csv").write_text("step,loss\n0,1\n")
+    (row,) = report.rows_from_runs([_run(checkpoint=str(run_dir / "checkpoint.pt"))])
+    assert report.loss_csv(row, tmp_path / "runs") == run_dir / "train_loss.csv"
+    (other,) = report.rows_from_runs([_run()])
+    assert report.loss_csv(other, tmp_path / "runs") is None
+
+
+@pytest.mark.parametrize("label", ["a|b", "x | y\nz", "back\\slash|"])
+def test_markdown_table_escapes_labels(label: str) -> None:
+    """A ``|`` in a run label (an MLflow param, a file name) broke the table into more cells."""
+    import re
+
+    table = report.markdown_table([report.Row({"run": label}, METRICS)])
+    header, _, row = table.splitlines()
+    assert len(re.findall(r"(?<!\\)\|", row)) == len(re.findall(r"\|", header))
+
+
+@pytest.mark.parametrize("label", ["../../etc/x", "a/b", ".hidden", "nul\x00"])
+def test_recall_file_names_stay_in_their_folder(tmp_path: Path, label: str) -> None:
+    (path,) = report.write_recall_csvs([report.Row({"run": label}, METRICS)], tmp_path / "r")
+    assert path.parent == tmp_path / "r" and not path.name.startswith(".")

@@ -177,13 +177,15 @@ def test_same_seed_same_training(
 
 
 def test_manifest_sha256_is_the_dataset_version(tmp_path: Path) -> None:
-    import hashlib
-
+    """The train run logs the dataset version of its shards (its definition: test_manifest)."""
     assert shards.manifest_sha256(tmp_path) is None
     assert victim.data_provenance(tmp_path)["data_manifest_sha256"] is None
-    shards.write_json_atomic(tmp_path / "manifest.json", {"splits": {}})
-    want = hashlib.sha256((tmp_path / "manifest.json").read_bytes()).hexdigest()
-    assert shards.manifest_sha256(tmp_path) == want
+    record = {"name": "train-000000.tar", "count": 1, "sha256": "0" * 64}
+    shards.write_json_atomic(
+        tmp_path / "manifest.json", {"splits": {"train": {"shards": [record]}}}
+    )
+    want = shards.manifest_sha256(tmp_path)
+    assert want is not None and len(want) == 64
     assert victim.data_provenance(tmp_path)["data_manifest_sha256"] == want
 
 

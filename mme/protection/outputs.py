@@ -71,7 +71,7 @@ def write_outputs(
         size = store.clean.shape[-1]
         meta = {
             "id": s.id,
-            "source": Path(cfg.clean).name,  # the clean set's name, never a local path
+            "source": Path(cfg.clean).name,  # a name, not a local path: public, any folder
             "sha256": shards.sha256_bytes(png),
             "width": size,
             "height": size,

@@ -3,9 +3,10 @@
 One row per (dataset, dataset version, victim): the latest finished ``evaluate`` run in MLflow
 (read through :mod:`mme.track.tracking`), with image->text and text->image R@1/5/10, ``rsum`` and
 ``rsum`` over its chance level; ``attack`` names the ``mme attack`` transform of the training
-data (``—`` for none). ``dataset`` is the clean test folder's name, the dataset version
-is the sha256 of the training data's ``manifest.json`` (the ``data_manifest_sha256`` param every
-stage logs), so clean and protected training sets of one dataset line up in one table.
+data (``—`` for none). ``dataset`` is the clean test folder's name, the dataset version is
+the content of the training data's shards as its ``manifest.json`` records them (the
+``data_manifest_sha256`` param every stage logs; the same in any folder), so clean and
+protected training sets of one dataset line up in one table.
 
 ``--metrics FILE`` builds the table from ``mme evaluate`` metrics files instead (label = file
 stem; the DVC ``report`` stage, which must not depend on the MLflow store), and
@@ -21,13 +22,21 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mme import fsio, guard, paths, shards
-from mme.config import ReportConfig, VictimConfig, add_params_argument, load_section
+from mme.config import (
+    ConfigError,
+    ReportConfig,
+    VictimConfig,
+    add_params_argument,
+    load_section,
+)
+from mme.manifest import read_manifest
 from mme.track import plots, tracking
 
 KS = (1, 5, 10)
@@ -48,10 +57,11 @@ class Row:
 
     labels: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
+    run_dir: Path | None = None  # the victim's run folder (its checkpoint's), when known
 
 
 def dataset_version(folder: Path) -> str | None:
-    """sha256 of ``folder/manifest.json``, or None (:func:`mme.shards.manifest_sha256`)."""
+    """The dataset version of ``folder``, or None (:func:`mme.shards.manifest_sha256`)."""
     return shards.manifest_sha256(folder)
 
 
@@ -111,7 +121,9 @@ def _run_row(run: dict[str, Any]) -> Row:
         "victim": p.get("victim_model", "?"),
         "epochs": p.get("epochs", "?"),
     }
-    return Row(labels, dict(run["metrics"]))
+    checkpoint = p.get("checkpoint")
+    run_dir = Path(checkpoint).parent if checkpoint else None
+    return Row(labels, dict(run["metrics"]), run_dir)
 
 
 def _sort_key(row: Row) -> tuple:
@@ -160,20 +172,35 @@ def rows_from_metrics(paths: list[Path]) -> list[Row]:
     return [Row({"run": metrics_label(p)}, json.loads(Path(p).read_text())) for p in paths]
 
 
+def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the table, as plain text (label columns, then the metrics)."""
+    label_cols = list(rows[0].labels) if rows else []
+    header = [*label_cols, *(c[0] for c in METRIC_COLUMNS)]
+    cells = []
+    for row in rows:
+        line = [str(row.labels.get(c, "")) for c in label_cols]
+        for _, key, fmt in METRIC_COLUMNS:
+            value = row.metrics.get(key)
+            line.append("—" if value is None else format(value, fmt))
+        cells.append(line)
+    return header, cells
+
+
+def markdown_cell(text: str) -> str:
+    """A cell that cannot break the table: ``|`` escaped, line breaks as spaces (labels come
+    from MLflow params and file names, i.e. from anyone)."""
+    return " ".join(text.replace("\\", "\\\\").replace("|", "\\|").split())
+
+
 def markdown_table(rows: list[Row]) -> str:
     """The rows as a Markdown table (empty string for no rows)."""
     if not rows:
         return ""
-    label_cols = list(rows[0].labels)
-    header = [*label_cols, *(c[0] for c in METRIC_COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(label_cols)]
-    lines[1] += "---:|" * len(METRIC_COLUMNS)
-    for row in rows:
-        cells = [str(row.labels.get(c, "")) for c in label_cols]
-        for _, key, fmt in METRIC_COLUMNS:
-            value = row.metrics.get(key)
-            cells.append("—" if value is None else format(value, fmt))
-        lines.append("| " + " | ".join(cells) + " |")
+    header, cells = table_cells(rows)
+    n_labels = len(header) - len(METRIC_COLUMNS)
+    lines = ["| " + " | ".join(map(markdown_cell, header)) + " |"]
+    lines.append("|" + "---|" * n_labels + "---:|" * len(METRIC_COLUMNS))
+    lines += ["| " + " | ".join(map(markdown_cell, line)) + " |" for line in cells]
     return "\n".join(lines)
 
 
@@ -184,8 +211,16 @@ def recall_curve(row: Row) -> list[dict[str, float]]:
 
 
 def row_label(row: Row) -> str:
-    """A row's labels joined by ``-`` (file names, legends)."""
+    """A row's labels joined by ``-`` (legends; :func:`file_label` for file names)."""
     return "-".join(str(v) for v in row.labels.values())
+
+
+def file_label(row: Row) -> str:
+    """:func:`row_label` as one file-name component: path separators and control characters
+    become ``_``, no leading dot, at most 200 characters (labels come from MLflow params: a
+    ``/`` there must not write outside the folder)."""
+    name = re.sub(r"[/\\\x00-\x1f\x7f]", "_", row_label(row)).lstrip(".")[:200]
+    return name or "_"
 
 
 def write_recall_csvs(rows: list[Row], folder: Path) -> list[Path]:
@@ -194,7 +229,7 @@ def write_recall_csvs(rows: list[Row], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for row in rows:
-        path = folder / (row_label(row) + ".csv")
+        path = folder / (file_label(row) + ".csv")
         with fsio.atomic_open(path, "w") as f:
             writer = csv.DictWriter(f, fieldnames=["k", "i2t", "t2i"])
             writer.writeheader()
@@ -242,23 +277,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--html",
         type=Path,
         default=None,
-        help="also write one self-contained page: table, recall and loss curves, poison grid",
+        help="also write one self-contained page: table, recall and loss curves, protected "
+        "samples (public pixels only, unless --include-private)",
+    )
+    parser.add_argument(
+        "--include-private",
+        action="store_true",
+        help="--html: also embed the poison grid (clean | noise | protected: PRIVATE pixels); "
+        "the page then says so",
     )
     parser.add_argument(
         "--grid",
         type=Path,
         default=None,
-        help="grid.png for --html (default: the first report dataset folder that has one)",
+        help=f"--include-private: this grid.png (default: {paths.PRIVATE / 'grid.png'})",
     )
     parser.add_argument(
         "--runs-dir",
         type=Path,
         default=paths.RUNS,
-        help="--html: loss curves from RUNS_DIR/<label>/train_loss.csv (default: runs)",
+        help="--html: loss curves of runs without a known run folder from "
+        "RUNS_DIR/<label>/train_loss.csv (default: runs)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.grid is not None and not args.include_private:
+        raise ConfigError("--grid shows clean photos and noise (private): add --include-private")
     overrides = {"experiment": args.experiment, "datasets": args.dataset, "out": args.out}
     cfg: ReportConfig = load_section("report", args.params, overrides)
     with guard.claim("mme report", *_outputs(args, cfg.out)):
@@ -299,19 +344,42 @@ def _report(args: argparse.Namespace, cfg: ReportConfig) -> int:
             {row_label(row): row.metrics for row in rows}, args.recall_dir / "recall.png"
         )
     if args.html is not None:
-        write_page(args, cfg, rows, table)
+        write_page(args, cfg, rows)
     return 0
 
 
-def write_page(args: argparse.Namespace, cfg: ReportConfig, rows: list[Row], table: str) -> None:
-    """``--html``: the page of :mod:`mme.track.htmlreport`."""
+def loss_csv(row: Row, runs_dir: Path) -> Path | None:
+    """The victim's ``train_loss.csv``: in its run folder (an MLflow row's checkpoint folder),
+    else in ``runs_dir/<label>/`` (``metrics/clean.json`` is labelled ``clean``: ``runs/clean``)."""
+    folders = [row.run_dir] if row.run_dir is not None else []
+    folders.append(Path(runs_dir) / file_label(row))
+    return next((f / "train_loss.csv" for f in folders if (f / "train_loss.csv").is_file()), None)
+
+
+def protected_folder(datasets: list[Path]) -> Path | None:
+    """The first of ``datasets`` whose manifest says it is protected (public: as published)."""
+    for folder in datasets:
+        try:
+            if read_manifest(Path(folder)).protected:
+                return Path(folder)
+        except (FileNotFoundError, ConfigError):
+            continue
+    return None
+
+
+def write_page(args: argparse.Namespace, cfg: ReportConfig, rows: list[Row]) -> None:
+    """``--html``: the page of :mod:`mme.track.htmlreport`; the private grid only if asked."""
     from mme.track import htmlreport
 
-    labels = [row_label(r) for r in rows]
-    grids = [args.grid] if args.grid else [Path(d) / "grid.png" for d in cfg.datasets]
-    grid = next((g for g in grids if g.is_file()), None)
-    curves = {label: r.metrics for label, r in zip(labels, rows, strict=True)}
-    losses = htmlreport.find_loss_csvs(labels, args.runs_dir)
-    args.html.parent.mkdir(parents=True, exist_ok=True)
-    htmlreport.write_html(args.html, table, curves, losses, grid)
+    header, cells = table_cells(rows)
+    losses = {row_label(r): loss_csv(r, args.runs_dir) for r in rows}
+    page = htmlreport.Page(
+        header,
+        cells,
+        curves={row_label(r): r.metrics for r in rows},
+        loss_csvs={label: path for label, path in losses.items() if path is not None},
+        samples=protected_folder(cfg.datasets),
+        grid=(args.grid or paths.PRIVATE / "grid.png") if args.include_private else None,
+    )
+    htmlreport.write_html(args.html, page)
     print(f"mme report: wrote {args.html}", file=sys.stderr)
