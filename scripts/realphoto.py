@@ -205,12 +205,56 @@ class Table:
             for col in self.columns:
                 if col != "none":
                     self.add_attack(row, col, [f"poison/{row}"])
+            self.add_native(row)
             for half in ("a", "b"):
                 self.add_half(row, half)
         for half in ("a", "b"):
             self.add_half("clean", half)
         for col in set(CLEAN_COLUMNS) & set(self.columns):
             self.add_attack("clean", col, self.deps("prepare"))
+
+    def add_native(self, row: str) -> None:
+        """Issue 19: the set as a data owner publishes it (each photo at its own size, noise
+        mapped onto it: ``mme export --native``), read back by ``prepare --source folder``."""
+        folder, shards = self.work / "native" / row / "folder", self.native(row)
+        export = mme(
+            "export",
+            "--protected",
+            str(self.protected(row)),
+            "--native",
+            "--clean",
+            str(self.clean),
+            "--private",
+            str(self.work / "priv" / row),
+            "--format",
+            "folder",
+            "--out",
+            str(folder),
+        )
+        prepare = mme(
+            "prepare",
+            "--params",
+            "none",
+            "--source",
+            "folder",
+            "--input",
+            str(folder),
+            "--out",
+            str(shards),
+            "--shard-size",
+            "500",
+        )
+        self.add(
+            Job(
+                f"native/{row}",
+                ["bash", "-c", f"{' '.join(export)} && {' '.join(prepare)}"],
+                shards / "manifest.json",
+                [f"poison/{row}"],
+            )
+        )
+
+    def native(self, row: str) -> Path:
+        return self.work / "native" / row / "shards"
 
     def add_attack(self, row: str, col: str, deps: list[str]) -> None:
         """``mme attack`` of ``col`` on ``row``'s published set (the clean set for ``clean``)."""
@@ -296,6 +340,9 @@ class Table:
                 data = self.attacked(row, col)
                 if (data / "manifest.json").exists():
                     names.append(self.victim_job(data, f"{row}|{col}", [], []))
+            native = self.native(row)
+            if self.rows[row] is not None and (native / "manifest.json").exists():
+                names.append(self.victim_job(native, f"{row}|native", [], []))
             data = self.protected(row)
             if (data / "manifest.json").exists():
                 names.append(self.victim_job(data, f"{row}|cross", ["--model", "mme-tiny-rn"], []))
@@ -410,7 +457,7 @@ def render(table: Table) -> str:
             return "not run"
         return f"{r:.2f}× ({100 * r / c:.0f} %)" if c else f"{r:.2f}×"
 
-    head = ["row", *table.columns, "cross-arch (tiny-rn)", "fine-tuned"]
+    head = ["row", *table.columns, "native size", "cross-arch (tiny-rn)", "fine-tuned"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, flags in table.rows.items():
         cols = [
@@ -419,7 +466,12 @@ def render(table: Table) -> str:
             else "–"
             for c in table.columns
         ]
-        cols += [cell(f"{row}|cross", "clean|cross"), cell(f"{row}|finetune", "clean|finetune")]
+        native = cell(f"{row}|native", "clean|none") if flags is not None else "–"
+        cols += [
+            native,
+            cell(f"{row}|cross", "clean|cross"),
+            cell(f"{row}|finetune", "clean|finetune"),
+        ]
         lines.append(f"| {row} | " + " | ".join(cols) + " |")
     pre = ratio("pretrain")
     if pre is not None:
