@@ -14,7 +14,9 @@ one timed image pass says the probe fits :data:`BUDGET_S`. Then, for the ``n`` i
   process pools);
 - the rounds: ``rounds × u × (M · min(B, n) + S · n)`` image passes, ``u`` the probe's plain
   rounds' mean divided by their passes (``M``, ``S``, ``B``: surrogate steps, PGD steps,
-  batch), plus ``trigger_rounds × n ×`` the extra time per image of the probe's trigger round.
+  batch), plus ``trigger_rounds × n ×`` the extra time per image of the probe's trigger round;
+  the small run has two rounds, so that the first round's one-off warm-up is told apart from
+  the trigger update (which grows with the photos) and counted once.
 
 With fewer than ``3 × SMALL`` photos one run is made and everything outside the rounds counts
 per image. The estimate is protect's own wall time (what ``done in`` prints), not the
@@ -38,7 +40,10 @@ from mme.config import ConfigError, PoisonConfig
 BUDGET_S = 20.0  # what the probe may take (predicted from one timed image pass)
 MAX_IMAGES = 16  # photos in the probe (its per-image figures come from 16 - SMALL)
 MAX_STEPS = 8  # surrogate / PGD steps per probe round
-SMALL = 2  # photos in the first, short probe run
+# Photos in the first, short probe run: as many as the before/after picture and grid.png show
+# in both runs, so that the difference of the two runs is per-photo work only (a picture row
+# at full size counted per photo made a 40-photo estimate 40 % long).
+SMALL = 3
 ROUNDS = 3  # probe rounds: the first with the trigger update, the mean of the others plain
 
 
@@ -83,7 +88,8 @@ def schedule(pcfg: PoisonConfig, k: int, per_pass: float) -> tuple[int, dict[str
         else:
             k -= 1
     trig = 1 if pcfg.trigger_rounds > 0 else 0
-    return k, {**steps, "rounds": ROUNDS, "trigger_rounds": trig, "grid_samples": min(k, 6)}
+    grid = min(SMALL, pcfg.grid_samples)  # the same in both runs (see SMALL)
+    return k, {**steps, "rounds": ROUNDS, "trigger_rounds": trig, "grid_samples": grid}
 
 
 def one_pass(pcfg: PoisonConfig) -> tuple[float, float]:
@@ -150,23 +156,27 @@ def run_probe(cfg: ProtectConfig, items: list[tuple[str, bytes, list[str]]]) -> 
     k, overrides = schedule(pcfg, min(len(items), MAX_IMAGES), guess)
     base = pcfg.model_dump(exclude={*FIXED, "work"})
     t0 = time.perf_counter()
-    rest_a = 0.0
-    if k >= 3 * SMALL:  # first: it also pays what only the first run in a process pays
-        least = {"rounds": 1, "trigger_rounds": 0, "surrogate_steps": 0, "pgd_steps": 1}
-        rest_a = _timed_run(cfg, items[:SMALL], base | overrides | least)[0]
-    rest_b, rounds, _ = _timed_run(cfg, items[:k], base | overrides)
+    rest_a, rounds_a = 0.0, [0.0, 0.0]
     two = k >= 3 * SMALL  # else too few photos apart: everything counts per image
-    per_image = (rest_b - rest_a) / (k - SMALL) if two else rest_b / k
-    per_image = max(0.0, per_image)
+    if two:  # two rounds: the first one's extra time is warm-up + trigger update of SMALL photos
+        rest_a, rounds_a, _ = _timed_run(cfg, items[:SMALL], base | overrides | {"rounds": 2})
+    rest_b, rounds, _ = _timed_run(cfg, items[:k], base | overrides)
+    per_image = max(0.0, (rest_b - rest_a) / (k - SMALL) if two else rest_b / k)
     plain = sum(rounds[1:]) / (len(rounds) - 1) if len(rounds) > 1 else 0.0
+    # The first round of a run also pays one-off costs (the model's first passes); what grows
+    # with the photos is the trigger update. Two runs tell them apart; the rest is paid once.
+    extra_a, extra_b = rounds_a[0] - rounds_a[1], rounds[0] - plain
+    per_trigger = (extra_b - extra_a) / (k - SMALL) if two else extra_b / k
+    per_trigger = max(0.0, per_trigger) if overrides["trigger_rounds"] else 0.0
+    warm_up = max(0.0, extra_a - SMALL * per_trigger) if two else 0.0
     probe = pcfg.model_copy(update=overrides)
     return Timings(
         images=k,
-        setup=max(0.0, rest_a - SMALL * per_image) if two else 0.0,
+        setup=max(0.0, rest_a - SMALL * per_image) + warm_up if two else 0.0,
         per_image=per_image,
         per_pass=plain
         / max(1, passes(probe.surrogate_steps, probe.pgd_steps, probe.batch_size, k)),
-        per_trigger_image=max(0.0, rounds[0] - plain) / k if overrides["trigger_rounds"] else 0.0,
+        per_trigger_image=per_trigger,
         probe_seconds=time.perf_counter() - t0,
     )
 
