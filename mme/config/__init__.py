@@ -34,6 +34,7 @@ from mme.config.profiles import (
     VICTIM_PROFILES,
 )
 from mme.config.schema import (
+    KEYED_FIELDS,
     PHASES,
     SECTIONS,
     AttackConfig,
@@ -51,6 +52,7 @@ from mme.config.schema import (
 
 __all__ = [
     "DEFAULT_PARAMS",
+    "KEYED_FIELDS",
     "NO_PARAMS",
     "PHASES",
     "CPU_PROFILE",
