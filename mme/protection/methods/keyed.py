@@ -95,7 +95,8 @@ class KeyedNoise(torch.nn.Module):
         idx = torch.tensor(rows, dtype=torch.long).reshape(-1, 2).T
         count = torch.tensor([max(len(k), 1) for k in keys], dtype=torch.float32)
         weight = 1.0 / count[idx[0]].sqrt()
-        mix = torch.sparse_coo_tensor(idx, weight, (len(keys), len(init)))
+        shape = (len(keys), len(init))
+        mix = torch.sparse_coo_tensor(idx, weight, shape, check_invariants=True)
         self.register_buffer("mix", mix.coalesce(), persistent=False)  # (N, V)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
