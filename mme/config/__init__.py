@@ -16,6 +16,7 @@ from mme.config.flags import (
     section_from_args,
     show_default,
 )
+from mme.config.keyed import KEYED_FIELDS
 from mme.config.params import (
     DEFAULT_PARAMS,
     NO_PARAMS,
@@ -34,7 +35,6 @@ from mme.config.profiles import (
     VICTIM_PROFILES,
 )
 from mme.config.schema import (
-    KEYED_FIELDS,
     PHASES,
     SECTIONS,
     AttackConfig,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mme import paths
+from mme.config.keyed import KeyedSettings
 from mme.config.profiles import VICTIM_PROFILES
 from mme.config.specs import parse_spec
 
@@ -83,7 +84,7 @@ class DataConfig(Section):
         return self
 
 
-class PoisonConfig(Section):
+class PoisonConfig(Section, KeyedSettings):
     """``poison:`` section — MEM and the baselines (paper values in comments)."""
 
     method: Literal["mem", "em", "errmax", "random", "keyed"] = Field(
@@ -178,28 +179,6 @@ class PoisonConfig(Section):
     nproc: int = Field(
         1, ge=1, description="processes (GPUs) per node (dvc.yaml: torchrun --nproc_per_node)"
     )
-    # method keyed only (mme/protection/methods/keyed.py); it uses rounds, surrogate_*, epsilon,
-    # batch_size, eot and seed too, and ignores the trigger, PGD and caption-shuffle settings
-    key_min_captions: int = Field(
-        2, ge=1, description="keyed: a word is key for an image in at least this many captions"
-    )
-    key_min_images: int | Literal["auto"] = Field(
-        "auto",
-        description="keyed: a key word needs this many images (auto: round(images/300) in 2..20)",
-    )
-    pattern_grid: int = Field(16, ge=1, le=64, description="keyed: pattern cells per side g")
-    pattern_steps: int = Field(40, ge=0, description="keyed: Adam steps on the patterns a round")
-    pattern_lr: float = Field(0.05, gt=0, description="keyed: Adam lr of the patterns")
-    pattern_init: float = Field(
-        2.0, ge=0, description="keyed: scale of the random +-1 initial patterns"
-    )
-
-    @field_validator("key_min_images")
-    @classmethod
-    def _at_least_one_image(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("must be at least 1 (or auto)")
-        return value
 
     @field_validator("epsilon", "step_size")
     @classmethod
@@ -235,18 +214,6 @@ class PoisonConfig(Section):
         if not 1 <= lo <= hi <= 100:
             raise ValueError(f"eot_jpeg_quality = {(lo, hi)}: need 1 <= lo <= hi <= 100")
         return self
-
-
-# the settings of method keyed only: left out of the manifest and the resume hash of the other
-# methods, so their protected sets keep the bytes they had before keyed existed
-KEYED_FIELDS = (
-    "key_min_captions",
-    "key_min_images",
-    "pattern_grid",
-    "pattern_steps",
-    "pattern_lr",
-    "pattern_init",
-)
 
 
 class AttackConfig(Section):
