@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mme import cli, imageops, shards
 from mme.config import KEYED_FIELDS, ConfigError, DataConfig, PoisonConfig, section_from_args
@@ -154,3 +155,35 @@ def test_other_methods_do_not_name_the_keyed_settings(clean, tmp_path, fast):
 def test_keyed_without_any_key_word_is_refused(clean, tmp_path, fast):
     with pytest.raises(ConfigError, match="no word is in 2\\+ captions of 99\\+ images"):
         run(clean, tmp_path, **fast | {"key_min_images": 99})
+
+
+def caption_folder(out: Path) -> None:
+    """6 photos whose captions share key words ("dog", "grass") and 2 with none."""
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(out / f"p{i}.png")
+        caps = ["a dog on grass", "the dog runs on grass"] if i < 6 else [f"unique{i}", "words"]
+        (out / f"p{i}.txt").write_text("\n".join(caps) + "\n")
+
+
+def test_protect_with_keyed_leaves_images_without_key_words_unprotected(tmp_path):
+    """`mme protect --method keyed`: the set verifies; an image none of whose words is key
+    has no noise and is counted unprotected (verify would otherwise find it unchanged)."""
+    caption_folder(tmp_path / "photos")
+    tiny = {"rounds": "1", "surrogate-steps": "1", "pattern-steps": "2", "batch-size": "4"}
+    flags = [f"--{k}={v}" for k, v in tiny.items()]
+    argv = ["protect", str(tmp_path / "photos"), str(tmp_path / "pub"), "--method", "keyed"]
+    argv += [*flags, "--model", "mme-tiny-vit", "--device", "cpu", "--threads", "1"]
+    assert cli.main(argv) == 0
+    noise_dir = tmp_path / "pub.private" / "noise"
+    flags = json.loads((noise_dir / "triggers.json").read_text())
+    keys = json.loads((noise_dir / "keys.json").read_text())
+    assert keys["vocab"] == ["dog", "grass"] and sum(flags["protected"]) == 6
+    assert flags["protected"] == [bool(k) for k in keys["keys"]]
+    verify = ["verify", "--run", str(tmp_path / "pub.private"), "--native", str(tmp_path / "pub")]
+    assert cli.main(verify) == 0
+    for i in range(8):  # the captions come back as they were
+        assert (tmp_path / "pub" / f"p{i}.txt").read_text() == (
+            tmp_path / "photos" / f"p{i}.txt"
+        ).read_text()

@@ -16,8 +16,9 @@ images as now protected (the δ in the store); (2) ``pattern_steps`` (40) Adam s
 ``pattern_lr``, 0.05) on θ minimising the same contrastive loss, through the ``eot`` draws, on
 batches of protected images with one random caption each: every step moves the patterns of all
 words in the batch; (3) δ of every protected image is written to the store (pixel units,
-rounded) for the next round and the output. The trigger, PGD and caption-shuffle settings do
-not apply. One process only (the patterns are shared by all images).
+rounded) for the next round and the output. An image without a key word gets no noise and is
+counted unprotected. The trigger, PGD and caption-shuffle settings do not apply. One process
+only (the patterns are shared by all images).
 """
 
 from __future__ import annotations
@@ -131,14 +132,26 @@ class Keyed(Loop):
     def run_round(self, r: int) -> dict[str, float]:
         """Round ``r``: surrogate (M steps) -> patterns (Adam) -> noise of every image."""
         t0 = time.perf_counter()
-        if r == 0:  # the surrogate's first round sees the initial patterns, as later ones do
-            self.write_noise()
+        if r == 0:  # after init_state drew the subset; a resumed run restores it as it was
+            self.protect_keyed_only()
+            self.write_noise()  # the first surrogate steps see the initial patterns
         stats = {"surrogate_loss": train_surrogate(self, surrogate_steps(self), noisy=True)}
         stats["pattern_loss"] = update_patterns(self)
         self.write_noise()
         stats["mean_abs_noise_px"] = self.mean_abs_noise()
         stats["round_seconds"] = time.perf_counter() - t0
         return stats
+
+    def protect_keyed_only(self) -> None:
+        """An image without a key word gets no noise (δ = 0): it is marked unprotected, so
+        ``triggers.json``, the manifest's ``n_protected`` and ``mme verify`` say so."""
+        has_keys = torch.tensor([bool(k) for k in self.keys])
+        self.store.protect = self.store.protect & has_keys
+        if not self.store.protect.any():
+            raise ConfigError(
+                "poison.method = keyed: no image of the protected subset has a key word; raise"
+                " protect_fraction or lower key_min_captions / key_min_images"
+            )
 
     @torch.no_grad()
     def write_noise(self) -> None:
