@@ -187,3 +187,15 @@ def test_protect_with_keyed_leaves_images_without_key_words_unprotected(tmp_path
         assert (tmp_path / "pub" / f"p{i}.txt").read_text() == (
             tmp_path / "photos" / f"p{i}.txt"
         ).read_text()
+
+
+def test_protect_dry_run_with_keyed_is_timed(tmp_path, capsys):
+    """The dry run's probe times a few photos: too few to share a key word under the run's
+    thresholds (3 images here, 2 in its first probe run), which must not stop the estimate."""
+    caption_folder(tmp_path / "photos")
+    argv = ["protect", str(tmp_path / "photos"), str(tmp_path / "pub"), "--dry-run"]
+    argv += ["--method", "keyed", "--key-min-images", "3", "--rounds", "1", "--batch-size", "4"]
+    argv += ["--model", "mme-tiny-vit", "--device", "cpu", "--threads", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pattern steps" in out and "PGD" not in out and "not estimated" not in out

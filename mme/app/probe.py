@@ -83,7 +83,10 @@ def schedule(pcfg: PoisonConfig, k: int, per_pass: float) -> tuple[int, dict[str
         else:
             k -= 1
     trig = 1 if pcfg.trigger_rounds > 0 else 0
-    return k, {**steps, "rounds": ROUNDS, "trigger_rounds": trig, "grid_samples": min(k, 6)}
+    # keyed: the probe's few photos share no key word the run's thresholds would keep, and an
+    # image without one is skipped (not timed); any repeated word is a key word there
+    keys = {"key_min_captions": 1, "key_min_images": 1} if pcfg.method == "keyed" else {}
+    return k, {**steps, "rounds": ROUNDS, "trigger_rounds": trig, "grid_samples": min(k, 6)} | keys
 
 
 def one_pass(pcfg: PoisonConfig) -> tuple[float, float]:
