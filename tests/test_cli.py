@@ -44,7 +44,7 @@ def test_choices_come_from_the_types_and_defaults_are_readable(capsys):
     with pytest.raises(SystemExit):
         cli.main(["poison", "--help"])
     out = capsys.readouterr().out
-    assert "{mem,em,errmax,random}" in out and "{auto,cpu,cuda}" in out
+    assert "{mem,em,errmax,random,keyed}" in out and "{auto,cpu,cuda}" in out
     assert "--augment, --no-augment" in out and "EOT: optimise" in out  # on/off keeps its text
     assert "(default: data/protected/mem)" in out.replace("\n", " ").replace("  ", " ") or (
         "data/protected/mem" in out

@@ -167,14 +167,24 @@ def test_estimate_adds_the_phases():
     n = 20  # 3 rounds x (10 x 8 + 4 x 20) passes x 0.01 + 2 x 20 x 0.1 + 2 + 20 x 0.5
     assert probe.estimate(t, pcfg, n) == pytest.approx(3 * 160 * 0.01 + 4.0 + 2.0 + 10.0)
     assert probe.estimate(t, pcfg.model_copy(update={"method": "random"}), n) == 12.0
+    keyed = pcfg.model_copy(update={"method": "keyed", "pattern_steps": 5})
+    # keyed: 3 rounds x (10 + 5) batches of min(8, 20) images, no trigger update
+    assert probe.estimate(t, keyed, n) == pytest.approx(3 * 120 * 0.01 + 2.0 + 10.0)
+
+
+def test_probe_schedule_shrinks_the_pattern_steps_of_keyed():
+    pcfg = PoisonConfig(method="keyed", surrogate_steps=60, pattern_steps=40, batch_size=128)
+    k, over = probe.schedule(pcfg, 16, per_pass=2.0)
+    assert "pgd_steps" not in over and over["pattern_steps"] >= 1
+    assert 2.0 * (probe.ROUNDS * probe.passes(pcfg.model_copy(update=over), k) + k) <= 20 or (
+        k == 2 and over["pattern_steps"] == 1
+    )
 
 
 def test_probe_schedule_fits_its_budget():
     pcfg = PoisonConfig(surrogate_steps=60, pgd_steps=8, batch_size=128, trigger_rounds=3)
     k, over = probe.schedule(pcfg, 16, per_pass=2.0)  # a slow surrogate: shrink
-    cost = 2.0 * (
-        probe.ROUNDS * probe.passes(over["surrogate_steps"], over["pgd_steps"], 128, k) + k
-    )
+    cost = 2.0 * (probe.ROUNDS * probe.passes(pcfg.model_copy(update=over), k) + k)
     assert cost <= probe.BUDGET_S or (k == 2 and over["pgd_steps"] == 1)
     assert over["rounds"] == probe.ROUNDS and over["trigger_rounds"] == 1
     k, over = probe.schedule(pcfg, 16, per_pass=0.001)  # fast: as the run, capped

@@ -77,7 +77,7 @@ class ProtectPlan(BaseModel):
                 "  1 prepare  -> clean shards in the private area",
                 f"  2 poison   {s['method']}: surrogate {self.model}, eps {s['epsilon']:g}/255, "
                 f"{s['rounds']} rounds x {s['surrogate_steps']} surrogate steps, "
-                f"{s['pgd_steps']} PGD steps, batch {s['batch_size']}, {s['threads']} threads",
+                f"{_inner_steps(s)}, batch {s['batch_size']}, {s['threads']} threads",
                 "  3 verify   every protected image against its original",
                 f"  4 publish  -> {self.output}/ (publish this): {self._publishes()}",
                 f"  private    {self.private}/ (never publish)",
@@ -119,6 +119,13 @@ class ProtectPlan(BaseModel):
             f"through every stage took {p['probe_s']:.0f} s here: {p['per_pass_ms']:.0f} ms per "
             f"image pass, {p['per_image_s']:.2f} s per image for the rest)"
         )
+
+
+def _inner_steps(settings: dict[str, Any]) -> str:
+    """The per-round optimisation of the method, for the plan: keyed has no PGD."""
+    if settings["method"] == "keyed":
+        return f"{settings['pattern_steps']} pattern steps"
+    return f"{settings['pgd_steps']} PGD steps"
 
 
 def _size(n: int) -> str:

@@ -14,7 +14,8 @@ one timed image pass says the probe fits :data:`BUDGET_S`. Then, for the ``n`` i
   process pools);
 - the rounds: ``rounds × u × (M · min(B, n) + S · n)`` image passes, ``u`` the probe's plain
   rounds' mean divided by their passes (``M``, ``S``, ``B``: surrogate steps, PGD steps,
-  batch), plus ``trigger_rounds × n ×`` the extra time per image of the probe's trigger round;
+  batch; keyed: ``(M + pattern steps) · min(B, n)``), plus ``trigger_rounds × n ×`` the extra
+  time per image of the probe's trigger round;
   the small run has two rounds, so that the first round's one-off warm-up is told apart from
   the trigger update (which grows with the photos) and counted once.
 
@@ -58,38 +59,43 @@ class Timings(BaseModel):
     probe_seconds: float  # the probe's own wall time
 
 
-def passes(surrogate_steps: int, pgd_steps: int, batch: int, n: int) -> int:
-    """Image passes of one plain round: M surrogate batches of min(B, n), S PGD steps over n."""
-    return surrogate_steps * min(batch, n) + pgd_steps * n
+def passes(pcfg: PoisonConfig, n: int) -> int:
+    """Image passes of one plain round: M surrogate batches of min(B, n), then S PGD steps over
+    the n images (keyed: ``pattern_steps`` batches of min(B, n))."""
+    if pcfg.method == "keyed":
+        return (pcfg.surrogate_steps + pcfg.pattern_steps) * min(pcfg.batch_size, n)
+    return pcfg.surrogate_steps * min(pcfg.batch_size, n) + pcfg.pgd_steps * n
 
 
 def estimate(t: Timings, pcfg: PoisonConfig, n: int) -> float:
     """Seconds for ``n`` images with ``pcfg`` (module doc)."""
     rounds = 0.0
     if pcfg.method != "random":
-        per_round = t.per_pass * passes(pcfg.surrogate_steps, pcfg.pgd_steps, pcfg.batch_size, n)
         trig = min(pcfg.trigger_rounds, pcfg.rounds) if pcfg.method == "mem" else 0
-        rounds = pcfg.rounds * per_round + trig * n * t.per_trigger_image
+        rounds = pcfg.rounds * t.per_pass * passes(pcfg, n) + trig * n * t.per_trigger_image
     return t.setup + n * t.per_image + rounds
 
 
 def schedule(pcfg: PoisonConfig, k: int, per_pass: float) -> tuple[int, dict[str, int]]:
     """``(k, poison overrides)`` of a probe predicted to fit :data:`BUDGET_S`."""
+    inner = "pattern_steps" if pcfg.method == "keyed" else "pgd_steps"  # at least 1
     steps = {"surrogate_steps": min(pcfg.surrogate_steps, MAX_STEPS),
-             "pgd_steps": min(pcfg.pgd_steps, MAX_STEPS)}  # fmt: skip
+             inner: min(getattr(pcfg, inner), MAX_STEPS)}  # fmt: skip
 
     def cost() -> float:
-        p = passes(steps["surrogate_steps"], steps["pgd_steps"], pcfg.batch_size, k)
-        return per_pass * (ROUNDS * p + k)
+        return per_pass * (ROUNDS * passes(pcfg.model_copy(update=steps), k) + k)
 
     while cost() > BUDGET_S and (k > 2 or max(steps.values()) > 1):
         if max(steps.values()) > 1:
-            steps = {key: max(1 if key == "pgd_steps" else 0, v // 2) for key, v in steps.items()}
+            steps = {key: max(1 if key == inner else 0, v // 2) for key, v in steps.items()}
         else:
             k -= 1
     trig = 1 if pcfg.trigger_rounds > 0 else 0
     grid = min(SMALL, pcfg.grid_samples)  # the same in both runs (see SMALL)
-    return k, {**steps, "rounds": ROUNDS, "trigger_rounds": trig, "grid_samples": grid}
+    # keyed: the probe's few photos share no key word the run's thresholds would keep, and an
+    # image without one is skipped (not timed); any repeated word is a key word there
+    keys = {"key_min_captions": 1, "key_min_images": 1} if pcfg.method == "keyed" else {}
+    return k, {**steps, "rounds": ROUNDS, "trigger_rounds": trig, "grid_samples": grid} | keys
 
 
 def one_pass(pcfg: PoisonConfig) -> tuple[float, float]:
@@ -174,8 +180,7 @@ def run_probe(cfg: ProtectConfig, items: list[tuple[str, bytes, list[str]]]) -> 
         images=k,
         setup=max(0.0, rest_a - SMALL * per_image) + warm_up if two else 0.0,
         per_image=per_image,
-        per_pass=plain
-        / max(1, passes(probe.surrogate_steps, probe.pgd_steps, probe.batch_size, k)),
+        per_pass=plain / max(1, passes(probe, k)),
         per_trigger_image=per_trigger,
         probe_seconds=time.perf_counter() - t0,
     )

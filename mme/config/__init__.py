@@ -16,6 +16,7 @@ from mme.config.flags import (
     section_from_args,
     show_default,
 )
+from mme.config.keyed import KEYED_FIELDS
 from mme.config.params import (
     DEFAULT_PARAMS,
     NO_PARAMS,
@@ -51,6 +52,7 @@ from mme.config.schema import (
 
 __all__ = [
     "DEFAULT_PARAMS",
+    "KEYED_FIELDS",
     "NO_PARAMS",
     "PHASES",
     "CPU_PROFILE",

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mme import paths
+from mme.config.keyed import KeyedSettings
 from mme.config.profiles import VICTIM_PROFILES
 from mme.config.specs import parse_spec
 
@@ -83,11 +84,13 @@ class DataConfig(Section):
         return self
 
 
-class PoisonConfig(Section):
+class PoisonConfig(Section, KeyedSettings):
     """``poison:`` section — MEM and the baselines (paper values in comments)."""
 
-    method: Literal["mem", "em", "errmax", "random"] = Field(
-        "mem", description="mem (image noise + text trigger) or a baseline"
+    method: Literal["mem", "em", "errmax", "random", "keyed"] = Field(
+        "mem",
+        description="mem (image noise + text trigger), a baseline, or keyed (noise from "
+        "per-word patterns of the captions' key words, captions unchanged)",
     )
     clean: Path = Field(paths.CLEAN, description="clean shards from prepare")
     out: Path = Field(paths.PROTECTED, description="PUBLIC: protected shards + manifest only")
@@ -293,6 +296,21 @@ class VictimConfig(Section):
     keep_pairs: bool = Field(False, description="keep the expanded one-caption-per-sample shards")
     nproc: int = Field(
         1, ge=1, description="processes (GPUs) per node (dvc.yaml: torchrun --nproc_per_node)"
+    )
+    # method keyed only (mme/protection/methods/keyed.py); it uses rounds, surrogate_*, epsilon,
+    # batch_size, eot and seed too, and ignores the trigger, PGD and caption-shuffle settings
+    key_min_captions: int = Field(
+        2, ge=1, description="keyed: a word is key for an image in at least this many captions"
+    )
+    key_min_images: int | Literal["auto"] = Field(
+        "auto",
+        description="keyed: a key word needs this many images (auto: round(images/300) in 2..20)",
+    )
+    pattern_grid: int = Field(16, ge=1, le=64, description="keyed: pattern cells per side g")
+    pattern_steps: int = Field(40, ge=0, description="keyed: Adam steps on the patterns a round")
+    pattern_lr: float = Field(0.05, gt=0, description="keyed: Adam lr of the patterns")
+    pattern_init: float = Field(
+        2.0, ge=0, description="keyed: scale of the random +-1 initial patterns"
     )
 
     @model_validator(mode="before")

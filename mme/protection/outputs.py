@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from mme import __version__, fsio, imageops, shards
-from mme.config import PoisonConfig
+from mme.config import KEYED_FIELDS, PoisonConfig
 from mme.manifest import Manifest
-from mme.protection.methods.mem import MEM
+from mme.protection.methods.loop import Loop
 from mme.protection.methods.store import PairStore
 from mme.protection.methods.triggers import protected_caption, trigger_text
 from mme.protection.pools import protected_pngs
@@ -43,7 +43,7 @@ def result_excluded(has_trigger: bool, cfg: PoisonConfig | None = None) -> set[s
     # clean, out, private: local paths (the public manifest names none, docs/threat-model.md)
     # noise_seed: the random baseline's noise would be regenerated from it
     keys = {"clean", "out", "private", "write_workers", "work", "nproc", "seed", "noise_seed"}
-    keys |= at_later_defaults(cfg) if cfg is not None else set(LATER_DEFAULTS)
+    keys |= at_later_defaults(cfg) if cfg is not None else {*LATER_DEFAULTS, *KEYED_FIELDS}
     return keys | (set() if has_trigger else {"trigger_len", *LATER_DEFAULTS})
 
 
@@ -148,7 +148,7 @@ def output_manifest(
     store: PairStore,
     records: list[dict[str, Any]],
     n_captions: int,
-    mem: MEM,
+    mem: Loop,
 ) -> dict[str, Any]:
     """The protected set's description. Only what the data depends on: no wall times, so the
     same inputs give the same bytes, hence the same dataset version (its sha256: what

@@ -1,4 +1,4 @@
-"""``mme poison``: protect the train split of a clean shard folder (MEM or a baseline).
+"""``mme poison``: protect the train split of a clean shard folder (MEM, keyed or a baseline).
 
 Two outputs, kept apart by design (see docs/threat-model.md):
 
@@ -10,7 +10,8 @@ Two outputs, kept apart by design (see docs/threat-model.md):
 - PRIVATE ``cfg.private``: ``noise.npy`` (int8 pixel units, row order = ``triggers.json["ids"]``;
   protected - noise = clean), ``triggers.json`` (which images are protected), ``grid.png``
   (clean | noise amplified | protected) and ``work/`` (memory-mapped pixels and noise, per-round
-  checkpoints) until success, so ``--resume`` continues a killed run.
+  checkpoints) until success, so ``--resume`` continues a killed run. Method keyed adds
+  ``keys.json`` (its key words per image) and ``patterns.npy`` (its learnt patterns).
 
 Both folders are locked for the run (a second ``mme poison`` on them stops at once) and must be
 disjoint from each other and from the clean input, which is never modified.
@@ -31,8 +32,10 @@ import torch
 from tqdm import tqdm
 
 from mme import arguments, cpuisa, distributed, fsio, guard, models, shards
-from mme.config import ConfigError, PoisonConfig, section_from_args
+from mme.config import KEYED_FIELDS, ConfigError, PoisonConfig, section_from_args
 from mme.manifest import Manifest, read_manifest, write_manifest
+from mme.protection.methods.keyed import Keyed
+from mme.protection.methods.loop import Loop
 from mme.protection.methods.mem import MEM, RoundHook
 from mme.protection.methods.store import PairStore
 from mme.protection.outputs import (
@@ -54,6 +57,7 @@ from mme.protection.workstore import (
     init_state,
     load_pairs,
     open_store,
+    train_captions,
     trigger_vocabulary,
 )
 
@@ -110,6 +114,8 @@ def check_world(cfg: PoisonConfig, world: distributed.World, n: int) -> None:
             f"poison.batch_size = {cfg.batch_size} ({n} train images): {world.size} processes"
             f" split every surrogate batch, so it needs at least {world.size} images"
         )
+    if world.active and cfg.method == "keyed":  # its patterns are shared by every image
+        raise ConfigError("poison.method = keyed runs in one process (nproc 1, no torchrun)")
 
 
 # The loop runs with exactly ``poison.threads`` torch threads: CPU kernels split reductions by
@@ -120,8 +126,24 @@ def check_world(cfg: PoisonConfig, world: distributed.World, n: int) -> None:
 fixed_threads = models.torch_threads
 
 
+def make_loop(
+    cfg: PoisonConfig,
+    model: torch.nn.Module,
+    store: PairStore,
+    device: torch.device,
+    allowed: torch.Tensor,
+    world: distributed.World,
+) -> Loop:
+    """The method's rounds: :class:`Keyed` (it reads the captions for its key words) or
+    :class:`MEM` (MEM and the baselines)."""
+    if cfg.method == "keyed":
+        caps = train_captions(cfg.clean)
+        return Keyed(model, store, cfg, device, allowed, world=world, captions=caps)
+    return MEM(model, store, cfg, device, allowed, world=world)
+
+
 def run_rounds(
-    mem: MEM,
+    mem: Loop,
     store: PairStore,
     cfg: PoisonConfig,
     start: int,
@@ -194,7 +216,7 @@ def _poison(
     if not world.main:
         store = open_store(cfg, work, tokenizer, size, n)
     allowed = trigger_vocabulary(cfg, store, tokenizer, model.token_embedding.num_embeddings)
-    mem = MEM(model, store, cfg, device, allowed, world=world)
+    mem = make_loop(cfg, model, store, device, allowed, world)
     start = resume_from(work, mem, store, cfg) if resume else 0
     if start == 0:
         init_state(store, cfg, allowed, world)
@@ -209,7 +231,7 @@ def _poison(
 def _rounds_and_outputs(
     cfg: PoisonConfig,
     clean_manifest: Manifest,
-    mem: MEM,
+    mem: Loop,
     store: PairStore,
     tokenizer: Any,
     start: int,
@@ -230,6 +252,7 @@ def _rounds_and_outputs(
         # while shards are being replaced no manifest may describe the folder
         (Path(cfg.out) / "manifest.json").unlink(missing_ok=True)
         records, n_captions = write_outputs(cfg, store, tokenizer)
+        mem.write_private(Path(cfg.private))  # keyed: its key words and patterns
         manifest = output_manifest(cfg, clean_manifest, store, records, n_captions, mem)
         # the manifest is what makes the folder a dataset: written last, only once verified
         manifest["verify"] = verify_outputs(cfg, manifest, on_verified)
@@ -268,6 +291,7 @@ def poison_params(cfg: PoisonConfig) -> dict[str, Any]:
         "threads": cfg.threads,
         "cpu_isa": cfg.cpu_isa,
         "data_manifest_sha256": shards.manifest_sha256(cfg.clean),
+        **({k: getattr(cfg, k) for k in KEYED_FIELDS} if cfg.method == "keyed" else {}),
     }
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from mme import distributed, fsio, shards
-from mme.config import ConfigError, PoisonConfig
-from mme.protection.methods.mem import MEM
+from mme.config import KEYED_FIELDS, ConfigError, PoisonConfig
+from mme.protection.methods.loop import Loop
 from mme.protection.methods.store import PairStore
 
 CKPT = "checkpoint.pt"
@@ -39,7 +39,10 @@ LATER_DEFAULTS = {"trigger_position": "start", "trigger_vocab": "any"}
 
 
 def at_later_defaults(cfg: PoisonConfig) -> set[str]:
-    return {k for k, v in LATER_DEFAULTS.items() if getattr(cfg, k) == v}
+    """The later settings left out of ``cfg``'s manifest and resume hash: those at their
+    defaults, and the keyed method's own for any other method."""
+    keep = set() if cfg.method == "keyed" else set(KEYED_FIELDS)
+    return keep | {k for k, v in LATER_DEFAULTS.items() if getattr(cfg, k) == v}
 
 
 def config_hash(cfg: PoisonConfig) -> str:
@@ -72,7 +75,7 @@ def prepare_work(cfg: PoisonConfig, resume: bool, world: distributed.World) -> P
 
 def save_checkpoint(
     work: Path,
-    mem: MEM,
+    mem: Loop,
     store: PairStore,
     r: int,
     cfg: PoisonConfig,
@@ -94,7 +97,7 @@ def save_checkpoint(
         torch.save(ckpt, f)
 
 
-def resume_from(work: Path, mem: MEM, store: PairStore, cfg: PoisonConfig) -> int:
+def resume_from(work: Path, mem: Loop, store: PairStore, cfg: PoisonConfig) -> int:
     """Restore the last finished round; returns the round to start with."""
     path = work / CKPT
     if not path.exists():

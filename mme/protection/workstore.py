@@ -67,6 +67,11 @@ def load_pairs(cfg: PoisonConfig, work: Path, tokenizer: Any, size: int) -> Pair
     return open_store(cfg, work, tokenizer, size, n)
 
 
+def train_captions(clean: Path) -> list[list[str]]:
+    """Every train image's captions, in the store's row order (method keyed's key words)."""
+    return [s.captions for s in shards.iter_samples(clean, "train")]
+
+
 def random_places(cfg: PoisonConfig) -> bool:
     return cfg.method == "mem" and cfg.trigger_position == "random"
 

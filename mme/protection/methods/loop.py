@@ -10,6 +10,7 @@ checks that the ranks agree before a checkpoint keeps rank 0's state for all of 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,9 @@ class Loop:
             what = "the surrogate, its optimiser or the random streams"
             distributed.check_same(self.world, what, distributed.digest(state))
         return state
+
+    def write_private(self, folder: Path) -> None:
+        """The method's own private files besides the noise (none for MEM and the baselines)."""
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
