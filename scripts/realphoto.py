@@ -60,6 +60,32 @@ ROWS: dict[str, list[str] | None] = {
         "--trigger-position",
         "start",
     ],
+    # keyed (issue 18): captions unchanged, noise from per-word patterns; the research
+    # prototype's best schedule (research/LOG.md kem-g16r10): T=10, M=60, 40 pattern steps, g=16
+    "keyed": [
+        "--method",
+        "keyed",
+        "--model",
+        "mme-tiny-vit",
+        "--rounds",
+        "10",
+        "--surrogate-steps",
+        "60",
+        "--surrogate-lr",
+        "0.001",
+        "--pattern-steps",
+        "40",
+        "--pattern-grid",
+        "16",
+        "--pattern-lr",
+        "0.05",
+        "--pattern-init",
+        "2",
+        "--key-min-captions",
+        "2",
+        "--key-min-images",
+        "auto",
+    ],
 }
 COLUMNS = [
     "none",
