@@ -86,6 +86,32 @@ ROWS: dict[str, list[str] | None] = {
         "--key-min-images",
         "auto",
     ],
+    # keyed on the short schedule of params.yaml (make run) and of mme protect's cpu profile:
+    # T=6, M=40, 30 pattern steps
+    "keyed-fast": [
+        "--method",
+        "keyed",
+        "--model",
+        "mme-tiny-vit",
+        "--rounds",
+        "6",
+        "--surrogate-steps",
+        "40",
+        "--surrogate-lr",
+        "0.001",
+        "--pattern-steps",
+        "30",
+        "--pattern-grid",
+        "16",
+        "--pattern-lr",
+        "0.05",
+        "--pattern-init",
+        "2",
+        "--key-min-captions",
+        "2",
+        "--key-min-images",
+        "auto",
+    ],
 }
 COLUMNS = [
     "none",
