@@ -150,7 +150,7 @@ def test_mlflow_parent_run_per_pipeline_run(repo: Path) -> None:
         r["run_name"] for r in runs if r["tags"].get("mlflow.parentRunId") == parent["run_id"]
     }
     assert children == {
-        "poison-mem",
+        "poison-keyed",  # the stage run is named after the method
         "train-clean",
         "train-protected",
         "evaluate-clean",
