@@ -64,7 +64,7 @@ if [[ $what == multigpu ]]; then
   # the same on gloo (how it was checked). Rows go to $OUT/multigpu.md; exit 1 on any FAIL.
   DEVICE=${DEVICE:-cuda} NPROC=${NPROC:-2} TOL=${TOL:-2e-2}  # bf16 on CUDA: rounding ~1e-3
   N_TRAIN=${N_TRAIN:-64}
-  POISON_ARGS=${POISON_ARGS:---rounds 3 --surrogate-steps 4 --batch-size 16 --trigger-rounds 2 \
+  POISON_ARGS=${POISON_ARGS:---method mem --rounds 3 --surrogate-steps 4 --batch-size 16 --trigger-rounds 2 \
 --candidates 4 --pgd-steps 4 --eot resize,jpeg,crop}
   if [[ $DEVICE == cuda ]]; then
     gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")

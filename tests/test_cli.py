@@ -136,7 +136,7 @@ def test_without_params_file_poison_is_not_the_paper_schedule_on_a_tiny_model(tm
     cfg = config.load_section("poison", None)
     assert (cfg.rounds, cfg.surrogate_steps) != (20, 200)
     assert cfg.model == config.PHOTO_PROFILE["model"] != "mme-tiny-vit"
-    assert config.load_section("poison", config.DEFAULT_PARAMS.resolve()).rounds == 3  # repo's
+    assert config.load_section("poison", config.DEFAULT_PARAMS.resolve()).rounds == 6  # repo's
 
 
 def test_tracking_switches_off_in_one_line_without_mlflow(monkeypatch, capsys):

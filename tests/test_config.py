@@ -118,6 +118,7 @@ def test_the_tiny_profile_is_params_yaml_made_small():
     )
     sizes = {"n_train", "n_test", "rounds", "surrogate_steps", "batch_size", "trigger_rounds"}
     sizes |= {"candidates", "pgd_steps", "epochs", "warmup", "threads", "experiment"}
+    sizes |= {"pattern_steps"}
     assert tiny.keys() == full.keys()
     changed = {
         (s, k)

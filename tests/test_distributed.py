@@ -26,7 +26,7 @@ from mme.config import ConfigError, DataConfig, PoisonConfig
 from mme.ingest.prepare import prepare
 
 FLAGS = (
-    "--params none --rounds 2 --surrogate-steps 2 --batch-size 8"
+    "--params none --method mem --rounds 2 --surrogate-steps 2 --batch-size 8"
     " --trigger-rounds 1 --candidates 2 --pgd-steps 2 --device cpu --grid-samples 2"
     " --write-workers 1 --threads 1"
 ).split()  # EOT on: the default

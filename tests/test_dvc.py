@@ -80,7 +80,7 @@ def test_repro_outputs_and_metrics(repo: Path) -> None:
         assert (repo / "reports" / "recall" / f"{name}.csv").exists()
     assert "| clean |" in (repo / "reports" / "table.md").read_text()
     attacked = json.loads((repo / "data" / "attacked" / "jpeg90" / "manifest.json").read_text())
-    assert attacked["attack"] == "jpeg:90" and attacked["method"] == "mem"
+    assert attacked["attack"] == "jpeg:90" and attacked["method"] == "keyed"  # the default method
     assert json.loads((repo / "metrics" / "attacked-jpeg90.json").read_text())["n_images"] == 32
     assert "| attacked-jpeg90 |" in (repo / "reports" / "table.md").read_text()
     assert "Data and pipelines are up to date" in dvc(repo, "status")
@@ -150,7 +150,7 @@ def test_mlflow_parent_run_per_pipeline_run(repo: Path) -> None:
         r["run_name"] for r in runs if r["tags"].get("mlflow.parentRunId") == parent["run_id"]
     }
     assert children == {
-        "poison-mem",
+        "poison-keyed",  # the stage run is named after the method
         "train-clean",
         "train-protected",
         "evaluate-clean",

@@ -243,3 +243,26 @@ def test_verify_needs_its_folders_or_a_protect_run(capsys):
     assert cli.main(["verify"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--run" in err[0] and "--clean" in err[0]
+
+
+@pytest.mark.parametrize(
+    "batch, k, n, timed, expect",
+    [
+        (128, 16, 100, (0.010, 0.007), 0.7),  # the run's batch 100 is faster per image
+        (128, 16, 16, None, 1.0),  # the same batch: nothing to time
+        (8, 16, 100, None, 1.0),  # the batch is the same (B) in both
+        (128, 16, 100, (0.010, 0.012), 1.0),  # never more than the probe's own time
+    ],
+)
+def test_probe_scales_pass_time_to_the_runs_batch(monkeypatch, batch, k, n, timed, expect):
+    """The 100-photo cpu-profile run took 176 s where the probe's batch-16 passes said 252 s."""
+    calls = []
+
+    def fake(pcfg, batches=(2,)):
+        calls.append(batches)
+        return 0.0, list(timed)
+
+    monkeypatch.setattr(probe, "one_pass", fake)
+    pcfg = PoisonConfig(batch_size=batch)
+    assert probe.batch_factor(pcfg, k, n) == pytest.approx(expect)
+    assert calls == ([(min(batch, k), min(batch, n))] if timed else [])

@@ -209,7 +209,7 @@ def plan(cfg: ProtectConfig, probe: bool = True) -> ProtectPlan:
     timings, error = None, None
     if probe and good:
         try:
-            timings = probing.run_probe(cfg, good)
+            timings = probing.run_probe(cfg, good, found.images)
         except ConfigError as err:  # e.g. too few photos for the method: the run would stop
             error = str(err)
     free_at = next(p for p in (cfg.private_dir, *cfg.private_dir.parents) if p.exists())

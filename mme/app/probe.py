@@ -45,6 +45,7 @@ MAX_STEPS = 8  # surrogate / PGD steps per probe round
 # in both runs, so that the difference of the two runs is per-photo work only (a picture row
 # at full size counted per photo made a 40-photo estimate 40 % long).
 SMALL = 3
+MAX_BATCH = 128  # the largest batch timed for batch_factor
 ROUNDS = 3  # probe rounds: the first with the trigger update, the mean of the others plain
 
 
@@ -98,8 +99,9 @@ def schedule(pcfg: PoisonConfig, k: int, per_pass: float) -> tuple[int, dict[str
     return k, {**steps, "rounds": ROUNDS, "trigger_rounds": trig, "grid_samples": grid} | keys
 
 
-def one_pass(pcfg: PoisonConfig) -> tuple[float, float]:
-    """``(model set-up seconds, seconds of one image's forward + backward)`` measured here."""
+def one_pass(pcfg: PoisonConfig, batches: tuple[int, ...] = (2,)) -> tuple[float, list[float]]:
+    """``(model set-up seconds, [seconds of one image's forward + backward at each batch size]``
+    measured here (synthetic pixels and text; the best of two calls after a first one)."""
     import torch
 
     from mme import models
@@ -107,18 +109,31 @@ def one_pass(pcfg: PoisonConfig) -> tuple[float, float]:
     t0 = time.perf_counter()
     device = models.resolve_device(pcfg.device)
     model, tokenizer = models.create_model(pcfg.model, pcfg.pretrained, device)
-    setup = time.perf_counter() - t0
-    size, b = models.image_size(model), 2
-    x = torch.rand(b, 3, size, size, device=device, requires_grad=True)
-    text = tokenizer(["a photo of a thing"] * b).to(device)
-    best = float("inf")
+    setup, size, out = time.perf_counter() - t0, models.image_size(model), []
     with models.torch_threads(pcfg.threads):
-        for _ in range(2):  # the first call pays one-off costs
-            t0 = time.perf_counter()
-            img = model.encode_image(models.preprocess_images(x, model))
-            (img.float().sum() + model.encode_text(text).float().sum()).backward()
-            best = min(best, time.perf_counter() - t0)
-    return setup, best / b
+        for b in batches:
+            x = torch.rand(b, 3, size, size, device=device, requires_grad=True)
+            text = tokenizer(["a photo of a thing"] * b).to(device)
+            best = float("inf")
+            for i in range(3):  # the first call pays one-off costs
+                t0 = time.perf_counter()
+                img = model.encode_image(models.preprocess_images(x, model))
+                (img.float().sum() + model.encode_text(text).float().sum()).backward()
+                best = min(best, time.perf_counter() - t0) if i else best
+            out.append(best / b)
+    return setup, out
+
+
+def batch_factor(pcfg: PoisonConfig, k: int, n: int) -> float:
+    """Per-image time of a pass at the run's batch (min(B, n), capped at :data:`MAX_BATCH`) over
+    that at the probe's (min(B, k)): a CPU does an image of a large batch faster (100 photos at
+    batch 100 took 0.7x the probe's per-image time at batch 16), so the probe's rounds alone
+    would overestimate a larger run."""
+    small, large = min(pcfg.batch_size, k), min(pcfg.batch_size, n, MAX_BATCH)
+    if large <= small:
+        return 1.0
+    _, (t_small, t_large) = one_pass(pcfg, (small, large))
+    return min(1.0, t_large / t_small)
 
 
 def write_inputs(folder: Path, items: list[tuple[str, bytes, list[str]]]) -> None:
@@ -153,12 +168,14 @@ def _timed_run(
     return sum(result.stage_seconds.values()) - sum(rounds), rounds, wall
 
 
-def run_probe(cfg: ProtectConfig, items: list[tuple[str, bytes, list[str]]]) -> Timings:
+def run_probe(
+    cfg: ProtectConfig, items: list[tuple[str, bytes, list[str]]], n: int | None = None
+) -> Timings:
     """Time the probe on ``items`` (``(extension, bytes, captions)`` of good photos): a run of
     :data:`SMALL` photos and one of ``k`` (two points: what each image adds, what is paid once)
-    with the shortened schedule (module doc)."""
+    with the shortened schedule (module doc); ``n``: the run's photos (default: the items)."""
     pcfg = poison_config(cfg)
-    _, guess = one_pass(pcfg)
+    _, (guess,) = one_pass(pcfg)
     k, overrides = schedule(pcfg, min(len(items), MAX_IMAGES), guess)
     base = pcfg.model_dump(exclude={*FIXED, "work"})
     t0 = time.perf_counter()
@@ -180,7 +197,7 @@ def run_probe(cfg: ProtectConfig, items: list[tuple[str, bytes, list[str]]]) -> 
         images=k,
         setup=max(0.0, rest_a - SMALL * per_image) + warm_up if two else 0.0,
         per_image=per_image,
-        per_pass=plain / max(1, passes(probe, k)),
+        per_pass=plain / max(1, passes(probe, k)) * batch_factor(pcfg, k, n or len(items)),
         per_trigger_image=per_trigger,
         probe_seconds=time.perf_counter() - t0,
     )

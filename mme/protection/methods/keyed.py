@@ -122,7 +122,8 @@ class Keyed(Loop):
         if not self.vocab:
             raise ConfigError(
                 f"poison.method = keyed: no word is in {cfg.key_min_captions}+ captions of"
-                f" {self.min_images}+ images; lower key_min_captions or key_min_images"
+                f" {self.min_images}+ images; lower key_min_captions or key_min_images, or use"
+                " method mem (--method mem: a trigger in the captions), which needs no shared words"
             )
         init = initial_patterns(len(self.vocab), cfg.pattern_grid, self.gen) * cfg.pattern_init
         size = self.store.clean.shape[-1]
