@@ -228,7 +228,9 @@ def test_orientation_applied_exif_removed_and_lossy_damage_caught(tmp_path):
     Image.fromarray(pixels(50, 50, seed=3)).save(photos / "flat.png")
     for name in ("phone", "flat"):
         (photos / f"{name}.txt").write_text(f"a {name} photo of noise\n")
-    result = protect(ProtectConfig(input=photos, output=tmp_path / "pub", poison=TINY_POISON))
+    # mem: per-pixel noise that q 85 4:2:0 damages (keyed's smooth colour cast survives it)
+    mem = TINY_POISON | {"method": "mem"}
+    result = protect(ProtectConfig(input=photos, output=tmp_path / "pub", poison=mem))
     assert result.verified and result.formats == {"JPEG": 1, "PNG": 1}
     with Image.open(tmp_path / "pub" / "phone.jpg") as im:
         assert im.size == (40, 60) and not im.getexif() and "exif" not in im.info
