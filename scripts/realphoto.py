@@ -495,6 +495,18 @@ def metrics(work: Path, key: str | None) -> dict | None:
     return json.loads(path.read_text()) if path and path.exists() else None
 
 
+# Why a cell has no victim (written instead of "not run"). The keyed rows' image countermeasures
+# were measured on the research prototype (research/LOG.md, kem-g16r10 = the keyed row's
+# schedule): jpeg:75 44 %, img2dataset 43 %, iss 18 % of clean.
+NOT_RUN = "not run (CPU time)"
+WHY: dict[tuple[str, str], str] = {
+    **{(r, "oracle-strip"): "= none: no trigger, set unchanged" for r in ("keyed", "keyed-fast")},
+    ("keyed", "jpeg:75"): f"{NOT_RUN}; prototype 44 %",
+    ("keyed", "img2dataset"): f"{NOT_RUN}; prototype 43 %",
+    ("keyed", "iss"): f"{NOT_RUN}; prototype 18 %",
+}
+
+
 def render(table: Table) -> str:
     """The Markdown table: rsum/chance and % of the matching clean victim, per cell."""
     victims = table.record.get("victims", {})
@@ -506,7 +518,7 @@ def render(table: Table) -> str:
     def cell(tag: str, ref: str) -> str:
         r, c = ratio(tag), ratio(ref)
         if r is None:
-            return "not run"
+            return WHY.get(tuple(tag.split("|", 1)), NOT_RUN)  # type: ignore[arg-type]
         return f"{r:.2f}× ({100 * r / c:.0f} %)" if c else f"{r:.2f}×"
 
     head = ["row", *table.columns, "native size", "cross-arch (tiny-rn)", "fine-tuned"]
