@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class KeyedSettings(BaseModel):
+    """Method keyed only (mme/protection/methods/keyed.py); it uses rounds, surrogate_*,
+    epsilon, batch_size, eot and seed of PoisonConfig too, and ignores the trigger, PGD and
+    caption-shuffle settings."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     key_min_captions: int = Field(

@@ -297,21 +297,7 @@ class VictimConfig(Section):
     nproc: int = Field(
         1, ge=1, description="processes (GPUs) per node (dvc.yaml: torchrun --nproc_per_node)"
     )
-    # method keyed only (mme/protection/methods/keyed.py); it uses rounds, surrogate_*, epsilon,
-    # batch_size, eot and seed too, and ignores the trigger, PGD and caption-shuffle settings
-    key_min_captions: int = Field(
-        2, ge=1, description="keyed: a word is key for an image in at least this many captions"
-    )
-    key_min_images: int | Literal["auto"] = Field(
-        "auto",
-        description="keyed: a key word needs this many images (auto: round(images/300) in 2..20)",
-    )
-    pattern_grid: int = Field(16, ge=1, le=64, description="keyed: pattern cells per side g")
-    pattern_steps: int = Field(40, ge=0, description="keyed: Adam steps on the patterns a round")
-    pattern_lr: float = Field(0.05, gt=0, description="keyed: Adam lr of the patterns")
-    pattern_init: float = Field(
-        2.0, ge=0, description="keyed: scale of the random +-1 initial patterns"
-    )
+    # method keyed's own settings come from KeyedSettings (mme/config/keyed.py)
 
     @model_validator(mode="before")
     @classmethod
