@@ -36,6 +36,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 VICTIM = ["--epochs", "2", "--batch-size", "128", "--lr", "1e-3", "--threads", "1"]
+
+
+def keyed_flags(rounds: int, surrogate_steps: int, pattern_steps: int) -> list[str]:
+    """`mme poison` flags of a keyed row: its schedule, the rest as the keyed defaults."""
+    return [
+        *("--method", "keyed", "--model", "mme-tiny-vit", "--rounds", str(rounds)),
+        *("--surrogate-steps", str(surrogate_steps), "--surrogate-lr", "0.001"),
+        *("--pattern-steps", str(pattern_steps), "--pattern-grid", "16", "--pattern-lr", "0.05"),
+        *("--pattern-init", "2", "--key-min-captions", "2", "--key-min-images", "auto"),
+    ]
+
+
 # name -> extra `mme poison` flags (on top of params.yaml's poison section); None: clean data
 ROWS: dict[str, list[str] | None] = {
     "clean": None,
@@ -61,58 +73,14 @@ ROWS: dict[str, list[str] | None] = {
         "start",
     ],
     # keyed (issue 18): captions unchanged, noise from per-word patterns; the research
-    # prototype's best schedule (research/LOG.md kem-g16r10): T=10, M=60, 40 pattern steps, g=16
-    "keyed": [
-        "--method",
-        "keyed",
-        "--model",
-        "mme-tiny-vit",
-        "--rounds",
-        "10",
-        "--surrogate-steps",
-        "60",
-        "--surrogate-lr",
-        "0.001",
-        "--pattern-steps",
-        "40",
-        "--pattern-grid",
-        "16",
-        "--pattern-lr",
-        "0.05",
-        "--pattern-init",
-        "2",
-        "--key-min-captions",
-        "2",
-        "--key-min-images",
-        "auto",
-    ],
+    # prototype's best schedule (docs/research-log.md kem-g16r10): T=10, M=60, 40 pattern steps
+    "keyed": keyed_flags(10, 60, 40),
     # keyed on the short schedule of params.yaml (make run) and of mme protect's cpu profile:
     # T=6, M=40, 30 pattern steps
-    "keyed-fast": [
-        "--method",
-        "keyed",
-        "--model",
-        "mme-tiny-vit",
-        "--rounds",
-        "6",
-        "--surrogate-steps",
-        "40",
-        "--surrogate-lr",
-        "0.001",
-        "--pattern-steps",
-        "30",
-        "--pattern-grid",
-        "16",
-        "--pattern-lr",
-        "0.05",
-        "--pattern-init",
-        "2",
-        "--key-min-captions",
-        "2",
-        "--key-min-images",
-        "auto",
-    ],
+    "keyed-fast": keyed_flags(6, 40, 30),
 }
+
+
 COLUMNS = [
     "none",
     "oracle-strip",
