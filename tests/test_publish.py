@@ -161,15 +161,51 @@ def test_profile_values_then_flags():
 
 
 def test_estimate_adds_the_phases():
-    t = probe.Timings(images=4, setup=2.0, per_image=0.5, per_pass=0.01, per_trigger_image=0.1,
-                      probe_seconds=1.0)  # fmt: skip
+    t = probe.Timings(images=4, setup=2.0, per_image=0.5, per_surrogate_pass=0.02,
+                      per_noise_pass=0.01, per_round_image=0.001, per_round=0.3,
+                      per_trigger_image=0.1, probe_seconds=1.0)  # fmt: skip
     pcfg = PoisonConfig(rounds=3, surrogate_steps=10, pgd_steps=4, batch_size=8, trigger_rounds=2)
-    n = 20  # 3 rounds x (10 x 8 + 4 x 20) passes x 0.01 + 2 x 20 x 0.1 + 2 + 20 x 0.5
-    assert probe.estimate(t, pcfg, n) == pytest.approx(3 * 160 * 0.01 + 4.0 + 2.0 + 10.0)
+    n = 20  # 3 rounds x (10 x 8 surrogate + 4 x 20 PGD passes, 20 images' rest, a checkpoint)
+    each = 10 * 8 * 0.02 + 4 * 20 * 0.01 + 20 * 0.001 + 0.3
+    assert probe.estimate(t, pcfg, n) == pytest.approx(3 * each + 2 * 20 * 0.1 + 2.0 + 10.0)
     assert probe.estimate(t, pcfg.model_copy(update={"method": "random"}), n) == 12.0
     keyed = pcfg.model_copy(update={"method": "keyed", "pattern_steps": 5})
-    # keyed: 3 rounds x (10 + 5) batches of min(8, 20) images, no trigger update
-    assert probe.estimate(t, keyed, n) == pytest.approx(3 * 120 * 0.01 + 2.0 + 10.0)
+    # keyed: 3 rounds x (10 surrogate + 5 pattern batches of min(8, 20) images), no trigger
+    each = 10 * 8 * 0.02 + 5 * 8 * 0.01 + 20 * 0.001 + 0.3
+    assert probe.estimate(t, keyed, n) == pytest.approx(3 * each + 2.0 + 10.0)
+    errmax = pcfg.model_copy(update={"method": "errmax"})  # one maximising PGD pass at the end
+    each = 10 * 8 * 0.02 + 20 * 0.001 + 0.3
+    assert probe.estimate(t, errmax, n) == pytest.approx(3 * each + 4 * 20 * 0.01 + 2.0 + 10.0)
+
+
+def test_probe_prices_each_step_from_its_own_time():
+    """The CI failures of stops 23 and 24 (dry run ~6 s and ~7 s for 4.2 s and 5.0 s runs):
+    one pass rate for all steps of a round made keyed's cheap pattern steps cost as much as the
+    probe's mix of surrogate and pattern steps (1 : 8 in the probe, 1 : 30 in the run)."""
+    probe_cfg = PoisonConfig(method="keyed", surrogate_steps=1, pattern_steps=8, batch_size=8)
+    first = {"surrogate_seconds": 0.5, "pattern_seconds": 0.6, "round_seconds": 1.2}
+    keyed = {"surrogate_seconds": 0.16, "pattern_seconds": 0.32, "round_seconds": 0.5}
+    steps = probe.step_times(probe_cfg, [first, keyed, keyed], k=16)
+    assert steps["per_surrogate_pass"] == pytest.approx(0.16 / 8)  # not the first round's
+    assert steps["per_noise_pass"] == pytest.approx(0.32 / 64)
+    assert steps["per_round_image"] == pytest.approx(0.02 / 16)
+    assert steps["per_trigger_image"] == 0.0
+    mem = PoisonConfig(surrogate_steps=2, pgd_steps=3, batch_size=8, trigger_rounds=1)
+    first = {"surrogate_seconds": 1.0, "trigger_seconds": 3.2, "pgd_seconds": 1.0,
+             "round_seconds": 5.3}  # fmt: skip
+    plain = {"surrogate_seconds": 0.32, "pgd_seconds": 0.48, "round_seconds": 0.9}
+    steps = probe.step_times(mem, [first, plain], k=16)
+    assert steps["per_surrogate_pass"] == pytest.approx(0.32 / 16)
+    assert steps["per_noise_pass"] == pytest.approx(0.48 / 48)
+    assert steps["per_trigger_image"] == pytest.approx(3.2 / 16)
+    # the run, 40 images: 1 x 8 surrogate + 30 x 8 pattern passes, one round
+    run = probe_cfg.model_copy(update={"rounds": 1, "pattern_steps": 30})
+    t = probe.Timings(images=16, setup=0.0, per_image=0.0, per_round=0.0, probe_seconds=0.0,
+                      **probe.step_times(probe_cfg, [keyed, keyed], k=16))  # fmt: skip
+    each = 8 * 0.16 / 8 + 240 * 0.32 / 64 + 40 * 0.02 / 16
+    assert probe.estimate(t, run, 40) == pytest.approx(each)
+    mixed = 0.48 / (9 * 8)  # what one rate for both steps said per pass: 17 % more
+    assert mixed * 31 * 8 > 1.15 * each
 
 
 def test_probe_schedule_shrinks_the_pattern_steps_of_keyed():
@@ -189,6 +225,8 @@ def test_probe_schedule_fits_its_budget():
     assert over["rounds"] == probe.ROUNDS and over["trigger_rounds"] == 1
     k, over = probe.schedule(pcfg, 16, per_pass=0.001)  # fast: as the run, capped
     assert k == 16 and over["surrogate_steps"] == probe.MAX_STEPS and over["pgd_steps"] == 8
+    k, over = probe.schedule(pcfg, 16, per_pass=100.0)  # far too slow: one step of each kind
+    assert k == 2 and over["surrogate_steps"] == 1 and over["pgd_steps"] == 1
 
 
 # ---------------------------------------------------------------------- flags, signature

@@ -116,8 +116,9 @@ class ProtectPlan(BaseModel):
         p = self.probe or {}
         return (
             f"~{_duration(self.estimate_seconds)} on {self.device} (a probe of {p['k']} photos "
-            f"through every stage took {p['probe_s']:.0f} s here: {p['per_pass_ms']:.0f} ms per "
-            f"image pass, {p['per_image_s']:.2f} s per image for the rest)"
+            f"through every stage took {p['probe_s']:.0f} s here; per image: "
+            f"{p['surrogate_ms']:.0f} ms a surrogate step, {p['noise_ms']:.0f} ms a noise step, "
+            f"{p['per_image_s']:.2f} s the rest)"
         )
 
 

@@ -30,7 +30,9 @@ from mme.protection.workstore import random_places
 VerifiedHook = Callable[[Any], None]
 
 
-TIMING_KEYS = ("round_seconds",)  # per-round stats that vary run to run: MLflow only
+# per-round stats that vary run to run (wall times of the round and its steps): MLflow only
+TIMING_KEYS = ("round_seconds", "surrogate_seconds", "trigger_seconds", "pgd_seconds",
+               "pattern_seconds")  # fmt: skip
 
 
 PRIVATE_FILES = ("noise.npy", "triggers.json", "grid.png")

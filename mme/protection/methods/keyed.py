@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from mme import fsio
 from mme.config import ConfigError
-from mme.protection.methods.loop import Loop
+from mme.protection.methods.loop import Loop, timed
 from mme.protection.methods.surrogate import surrogate_steps, train_surrogate
 
 # function words only: colours, counts of things and places are content and stay keys
@@ -136,8 +136,9 @@ class Keyed(Loop):
         if r == 0:  # after init_state drew the subset; a resumed run restores it as it was
             self.protect_keyed_only()
             self.write_noise()  # the first surrogate steps see the initial patterns
-        stats = {"surrogate_loss": train_surrogate(self, surrogate_steps(self), noisy=True)}
-        stats["pattern_loss"] = update_patterns(self)
+        stats: dict[str, float] = {}
+        timed(stats, "surrogate", lambda: train_surrogate(self, surrogate_steps(self), noisy=True))
+        timed(stats, "pattern", lambda: update_patterns(self))
         self.write_noise()
         stats["mean_abs_noise_px"] = self.mean_abs_noise()
         stats["round_seconds"] = time.perf_counter() - t0

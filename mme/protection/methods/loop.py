@@ -10,6 +10,8 @@ checks that the ranks agree before a checkpoint keeps rank 0's state for all of 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,15 @@ def split_batches(order: torch.Tensor, batch_size: int, min_last: int = 2) -> li
     if len(batches) > 1 and len(batches[-1]) < min_last:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
+
+
+def timed(stats: dict[str, float], step: str, run: Callable[[], float]) -> None:
+    """``stats[step_loss] = run()`` and ``stats[step_seconds]``, its wall time: the steps' passes
+    cost differently (a surrogate step also trains the text tower), and the dry run's time probe
+    (:mod:`mme.app.probe`) prices each step apart."""
+    t0 = time.perf_counter()
+    stats[f"{step}_loss"] = run()
+    stats[f"{step}_seconds"] = time.perf_counter() - t0
 
 
 class Loop:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from mme.protection.methods.loop import Loop
+from mme.protection.methods.loop import Loop, timed
 from mme.protection.methods.noise_step import update_noise
 from mme.protection.methods.surrogate import surrogate_steps, train_surrogate
 from mme.protection.methods.trigger_step import update_triggers
@@ -47,15 +47,15 @@ class MEM(Loop):
         cfg, t0 = self.cfg, time.perf_counter()
         stats: dict[str, float] = {}
         if cfg.method == "errmax":  # surrogate on clean pairs; one maximising pass at the end
-            stats["surrogate_loss"] = self.train_surrogate(surrogate_steps(self), noisy=False)
+            timed(stats, "surrogate", lambda: self.train_surrogate(surrogate_steps(self), False))
             if r == cfg.rounds - 1:
-                stats["pgd_loss"] = self.update_noise(minimize=False, shuffle=False)
+                timed(stats, "pgd", lambda: self.update_noise(minimize=False, shuffle=False))
         else:
-            stats["surrogate_loss"] = self.train_surrogate(surrogate_steps(self), noisy=True)
+            timed(stats, "surrogate", lambda: self.train_surrogate(surrogate_steps(self), True))
             if self.with_trigger and r < cfg.trigger_rounds:
-                stats["trigger_loss"] = self.update_triggers()
+                timed(stats, "trigger", self.update_triggers)
             shuffle = self.with_trigger and cfg.shuffle_captions
-            stats["pgd_loss"] = self.update_noise(minimize=True, shuffle=shuffle)
+            timed(stats, "pgd", lambda: self.update_noise(minimize=True, shuffle=shuffle))
         if "pgd_loss" in stats:
             self.store.swap()  # the new noise becomes the current one
         stats["mean_abs_noise_px"] = self.mean_abs_noise()
