@@ -9,8 +9,8 @@ environment before ``import torch``:
   bytes of a protected set.
 
 Every entry point calls :func:`prepare_process_env`: the CLI (``mme.cli.main``), the lazy Python
-API (``mme.__getattr__``), the Prefect flows (``flows/__init__.py``) and the tests
-(``tests/conftest.py``). It is idempotent.
+API (``mme.__getattr__``), the dry run's time probe (``python -m mme.app.probe``), the Prefect
+flows (``flows/__init__.py``) and the tests (``tests/conftest.py``). It is idempotent.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ as 800x600 JPEG and some as PNG, come back under the same names, sizes and forma
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -144,6 +145,25 @@ def test_dry_run_estimate_is_within_30_percent_of_the_run(accepted, capsys):
     assert "profile    cpu" in text
     estimate = float(re.search(r"time +~(\d+) s", text).group(1))
     assert 0.7 * real <= estimate <= 1.3 * real, (estimate, real, text)
+
+
+def test_dry_run_probe_pins_its_own_process(tmp_path, monkeypatch):
+    """The probe runs in a fresh interpreter (`python -m mme.app.probe`), an entry point of its
+    own: it pins the CPU kernels (poison.cpu_isa) before torch loads, as `mme protect` does,
+    whatever its caller's environment holds."""
+    from mme import cpuisa
+    from mme.app import probe
+
+    for key in cpuisa.PINS["avx2"]:
+        monkeypatch.delenv(key, raising=False)
+    items = []
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (60 * i, 90, 200)).save(buf, "PNG")
+        items.append(("png", buf.getvalue(), ["a blue photo of a sky", f"a blue sky {i}"]))
+    cfg = ProtectConfig(input=tmp_path / "in", output=tmp_path / "out", poison=TINY_POISON)
+    timings = probe.run_probe(cfg, items)
+    assert timings.images == 4 and timings.per_surrogate_pass > 0 and timings.per_noise_pass > 0
 
 
 def test_dry_run_without_a_usable_photo_lists_why_and_exits_2(tmp_path, capsys):

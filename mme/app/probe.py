@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
-from mme import fsio
+from mme import env, fsio
 from mme.app.settings import FIXED, ProtectConfig, poison_config
 from mme.config import ConfigError, PoisonConfig
 
@@ -275,8 +275,10 @@ def main(argv: list[str]) -> int:
     request = json.loads((folder / "request.json").read_text())
     items = [(it["ext"], (folder / f"{i:03d}.bin").read_bytes(), it["captions"])
              for i, it in enumerate(request["items"])]  # fmt: skip
+    cfg = ProtectConfig.model_validate(request["cfg"])
+    env.prepare_process_env(poison_config(cfg).cpu_isa)  # an entry point: before torch loads
     try:
-        timings = _probe_here(ProtectConfig.model_validate(request["cfg"]), items, request["n"])
+        timings = _probe_here(cfg, items, request["n"])
         answer: dict[str, Any] = {"timings": timings.model_dump()}
     except ConfigError as err:
         answer = {"error": str(err)}
