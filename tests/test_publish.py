@@ -179,7 +179,7 @@ def test_estimate_adds_the_phases():
 
 
 def test_probe_prices_each_step_from_its_own_time():
-    """The CI failures of stops 23 and 24 (dry run ~6 s and ~7 s for 4.2 s and 5.0 s runs):
+    """The last two CI failures (dry run ~6 s and ~7 s for runs of 4.2 s and 5.0 s), in part:
     one pass rate for all steps of a round made keyed's cheap pattern steps cost as much as the
     probe's mix of surrogate and pattern steps (1 : 8 in the probe, 1 : 30 in the run)."""
     probe_cfg = PoisonConfig(method="keyed", surrogate_steps=1, pattern_steps=8, batch_size=8)

@@ -242,7 +242,7 @@ def run_probe(
     caller's process may hold what a run does not (imports, threads, torch settings of earlier
     work). In a pytest process after 690 tests the probe's per-photo cost came out 0.044 s
     against 0.02 to 0.03 s in a fresh one, and the 40-photo estimate of tests/test_protect.py
-    1.2 to 1.4 times the run (CI, stops 23 and 24)."""
+    1.2 to 1.4 times the run (the last two CI runs)."""
     import mme
 
     with tempfile.TemporaryDirectory(prefix="mme-probe-") as tmp:
