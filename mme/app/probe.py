@@ -1,12 +1,13 @@
 """The time estimate of ``mme protect --dry-run``: a short timed run of the real stages.
 
 A few of the input's own photos go through the whole of ``mme protect`` in a temporary folder
-(prepare, poison with the run's method and settings on a shortened schedule, verify, publish) on
-this machine, with the run's device and threads, twice: with :data:`SMALL` photos and with ``k``
-(up to :data:`MAX_IMAGES`). Each stage is timed, and each poison round through poison's round
-hook. The second run has :data:`ROUNDS` rounds (the first with the trigger update when the run
-has one) of at most :data:`MAX_STEPS` surrogate and PGD steps; ``k`` and the steps shrink until
-one timed image pass says the probe fits :data:`BUDGET_S`. Then, for the ``n`` images of the run:
+(prepare, poison with the run's method and settings on a shortened schedule, verify, publish) in
+a fresh interpreter on this machine, with the run's device and threads, twice: with
+:data:`SMALL` photos and with ``k`` (up to :data:`MAX_IMAGES`). Each stage is timed, and each
+poison round through poison's round hook. The second run has :data:`ROUNDS` rounds (the first
+with the trigger update when the run has one) of at most :data:`MAX_STEPS` surrogate and noise
+steps; ``k`` and the steps shrink until one timed image pass says the probe fits
+:data:`BUDGET_S`. Then, for the ``n`` images of the run:
 
 - per image (times ``n``): what the two runs' time outside the rounds and their checkpoints
   differs by, per photo (prepare, poison's loading, writing and verification, publish);
