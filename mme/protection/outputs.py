@@ -30,9 +30,9 @@ from mme.protection.workstore import random_places
 VerifiedHook = Callable[[Any], None]
 
 
-# per-round stats that vary run to run (wall times of the round and its steps): MLflow only
-TIMING_KEYS = ("round_seconds", "surrogate_seconds", "trigger_seconds", "pgd_seconds",
-               "pattern_seconds")  # fmt: skip
+# per-round stats that vary run to run, the wall times of the round and of each step
+# (loop.timed names them "<step>_seconds"): MLflow only, never in the manifest's bytes
+TIMING_SUFFIX = "_seconds"
 
 
 PRIVATE_FILES = ("noise.npy", "triggers.json", "grid.png")
@@ -175,7 +175,9 @@ def output_manifest(
         "n_protected": int(store.protect.sum()),
         "distinct_triggers": len({tuple(t) for t in first}) if cfg.method == "mem" else 0,
         "splits": {"train": {"images": store.n, "captions": n_captions, "shards": records}},
-        "rounds": [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in mem.history],
+        "rounds": [
+            {k: v for k, v in h.items() if not k.endswith(TIMING_SUFFIX)} for h in mem.history
+        ],
     }
 
 

@@ -44,14 +44,14 @@ class MEM(Loop):
 
     def run_round(self, r: int) -> dict[str, float]:
         """Round ``r``: surrogate (M steps) -> triggers (HotFlip, r < H) -> noise (S PGD steps)."""
-        cfg, t0 = self.cfg, time.perf_counter()
+        cfg, t0, m = self.cfg, time.perf_counter(), surrogate_steps(self)
         stats: dict[str, float] = {}
         if cfg.method == "errmax":  # surrogate on clean pairs; one maximising pass at the end
-            timed(stats, "surrogate", lambda: self.train_surrogate(surrogate_steps(self), False))
+            timed(stats, "surrogate", lambda: self.train_surrogate(m, noisy=False))
             if r == cfg.rounds - 1:
                 timed(stats, "pgd", lambda: self.update_noise(minimize=False, shuffle=False))
         else:
-            timed(stats, "surrogate", lambda: self.train_surrogate(surrogate_steps(self), True))
+            timed(stats, "surrogate", lambda: self.train_surrogate(m, noisy=True))
             if self.with_trigger and r < cfg.trigger_rounds:
                 timed(stats, "trigger", self.update_triggers)
             shuffle = self.with_trigger and cfg.shuffle_captions
