@@ -463,15 +463,10 @@ def metrics(work: Path, key: str | None) -> dict | None:
     return json.loads(path.read_text()) if path and path.exists() else None
 
 
-# Why a cell has no victim (written instead of "not run"). The keyed rows' image countermeasures
-# were measured on the research prototype (research/LOG.md, kem-g16r10 = the keyed row's
-# schedule): jpeg:75 44 %, img2dataset 43 %, iss 18 % of clean.
+# Why a cell has no victim (written instead of "not run")
 NOT_RUN = "not run (CPU time)"
 WHY: dict[tuple[str, str], str] = {
-    **{(r, "oracle-strip"): "= none: no trigger, set unchanged" for r in ("keyed", "keyed-fast")},
-    ("keyed", "jpeg:75"): f"{NOT_RUN}; prototype 44 %",
-    ("keyed", "img2dataset"): f"{NOT_RUN}; prototype 43 %",
-    ("keyed", "iss"): f"{NOT_RUN}; prototype 18 %",
+    (r, "oracle-strip"): "= none: no trigger, set unchanged" for r in ("keyed", "keyed-fast")
 }
 
 
